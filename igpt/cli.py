@@ -1,0 +1,111 @@
+"""Command lines generated from the config dataclasses: every field becomes ``--section.field``.
+
+Nested dataclasses become dotted prefixes (``--model.size S --train.steps 100``); a field's ``help`` metadata is
+its help text; ``bool`` fields take ``--x`` / ``--no-x``; ``Literal`` fields list their choices. Values are
+checked by the dataclasses' own ``__post_init__``, so the CLI and the Python API enforce the same invariants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+T = TypeVar("T")
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; leaves other types alone."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, defaults: Any) -> None:
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _base_type(hints[f.name])
+        name = f"{prefix}{f.name}"
+        default = getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            _add_fields(parser, tp, f"{name}.", default)
+            continue
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        kw["help"] += f" (default: {default!r})"
+        if tp is bool:
+            parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
+        elif get_origin(tp) is Literal:
+            parser.add_argument(f"--{name}", choices=list(get_args(tp)), **kw)
+        elif tp in (int, float, str):
+            parser.add_argument(f"--{name}", type=tp, metavar=tp.__name__.upper(), **kw)
+        else:
+            raise TypeError(f"no command-line form for field {name} of type {tp}")
+
+
+def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", help="JSON file with (part of) the config tree; flags override it")
+    _add_fields(parser, cls, "", cls())
+    return parser
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a config tree from nested dicts; unknown keys are an error, not silently dropped.
+
+    Keys not given take the dataclass's own defaults (nested configs use their class defaults, so a derived
+    field such as ``model.n_layer`` is always derived from the ``model.size`` actually chosen)."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
+    kwargs = {}
+    for k, v in data.items():
+        tp = _base_type(hints[k])
+        kwargs[k] = from_dict(tp, v) if dataclasses.is_dataclass(tp) and isinstance(v, dict) else v
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> T:
+    parser = build_parser(cls, prog=prog)
+    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    base: dict[str, Any] = {}
+    config_file = ns.pop("config", None)
+    if config_file:
+        with open(config_file) as fh:
+            base = json.load(fh)
+    try:
+        return from_dict(cls, _merge(base, _nest(ns)))
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        parser.error(str(e))
+        raise  # unreachable: parser.error exits

@@ -1,0 +1,177 @@
+"""Typed configuration. Every command-line flag is generated from these dataclasses (see ``igpt.cli``).
+
+A field's ``help`` states what it means and the invariant ``__post_init__`` enforces, so a bad value fails at
+start-up with a message naming the field, before any work is done.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+# One named table of model sizes. The paper's four (Chen et al. 2020, Table 1 / appendix) and small ones that
+# train on a CPU in tests. XL's heads are our choice (the paper does not state them): 24 heads give a head
+# dimension of 128, the size flash-attention kernels are tuned for (S: 64, M: 128, L: 96), and it is the head
+# dimension of GPT-3 6.7B. Head count does not change the parameter count.
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "debug": dict(n_layer=2, d_model=64, n_head=2, resolution=32),
+    "tiny": dict(n_layer=4, d_model=128, n_head=4, resolution=32),
+    "small": dict(n_layer=8, d_model=256, n_head=8, resolution=32),
+    "S": dict(n_layer=24, d_model=512, n_head=8, resolution=32),
+    "M": dict(n_layer=36, d_model=1024, n_head=8, resolution=32),
+    "L": dict(n_layer=48, d_model=1536, n_head=16, resolution=32),
+    "XL": dict(n_layer=60, d_model=3072, n_head=24, resolution=64),
+}
+
+# The paper's parameter counts (millions), which tests check our sizes against.
+PAPER_PARAMS_M = {"S": 76, "M": 455, "L": 1362, "XL": 6801}
+
+
+@dataclass
+class ModelConfig:
+    size: str = _help(f"named size from MODEL_SIZES: one of {', '.join(MODEL_SIZES)}", default="debug")
+    n_layer: int | None = _help("blocks; default from the size table; >= 1", default=None)
+    d_model: int | None = _help("width; default from the size table; divisible by n_head", default=None)
+    n_head: int | None = _help("attention heads; default from the size table; >= 1", default=None)
+    resolution: int | None = _help(
+        "input resolution IR (images are IR x IR, context IR^2); default from the size table "
+        "(32 for S/M/L, 64 for XL); the paper uses 32, 48 or 64; 1..64",
+        default=None,
+    )
+    n_colors: int = _help("palette size (vocabulary without SOS); 2..65535", default=512)
+    objective: Literal["ar", "bert"] = _help("pretraining objective: autoregressive or BERT", default="ar")
+    bert_mask_prob: float = _help("BERT: probability each position is masked; in (0, 1)", default=0.15)
+    activation_checkpointing: bool = _help("recompute each block's activations in backward", default=False)
+
+    def __post_init__(self) -> None:
+        if self.size not in MODEL_SIZES:
+            raise ValueError(f"model.size: unknown size {self.size!r}; choose one of {sorted(MODEL_SIZES)}")
+        for k, v in MODEL_SIZES[self.size].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
+            raise ValueError("model: n_layer, n_head and d_model must be >= 1")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if not 1 <= self.resolution <= 64:
+            raise ValueError(f"model.resolution must be in 1..64, got {self.resolution}")
+        if not 2 <= self.n_colors <= 65535:
+            raise ValueError(f"model.n_colors must be in 2..65535, got {self.n_colors}")
+        if self.objective not in ("ar", "bert"):
+            raise ValueError(f"model.objective must be 'ar' or 'bert', got {self.objective!r}")
+        if not 0.0 < self.bert_mask_prob < 1.0:
+            raise ValueError(f"model.bert_mask_prob must be in (0, 1), got {self.bert_mask_prob}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        return cls(size=name, **overrides)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.resolution**2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_colors + 1
+
+    @property
+    def sos_id(self) -> int:
+        return self.n_colors
+
+    def param_count(self) -> int:
+        """Closed form, equal to ``IGPT(cfg).num_params()`` (tested)."""
+        d = self.d_model
+        per_block = 12 * d * d + 2 * d  # q, k, v, proj (4 d^2) + MLP (8 d^2) + two norm gains
+        return self.n_layer * per_block + (self.vocab_size + self.n_ctx + self.n_colors) * d + d
+
+    def train_flops_per_token(self) -> float:
+        """Model FLOPs per trained token (forward + backward = 3x forward; attention included, causal not halved)."""
+        d, n = self.d_model, self.n_layer
+        return 3 * (2 * 12 * n * d * d + 2 * 2 * n * self.n_ctx * d + 2 * d * self.n_colors)
+
+
+@dataclass
+class PaletteConfig:
+    path: str | None = _help("load this palette (.npy, (K, 3) float32 in [-1, 1]) instead of fitting one", default=None)
+    sample_pixels: int = _help("pixels sampled for k-means; >= n_colors", default=1_000_000)
+    max_iter: int = _help("k-means iterations (Lloyd); >= 1", default=100)
+    seed: int = _help("k-means and sampling seed", default=0)
+
+    def __post_init__(self) -> None:
+        if self.sample_pixels < 1 or self.max_iter < 1:
+            raise ValueError("palette.sample_pixels and palette.max_iter must be >= 1")
+        if self.path is not None and not Path(self.path).exists():
+            raise FileNotFoundError(f"palette.path does not exist: {self.path}")
+
+
+DEFAULT_DATA = str(Path(__file__).parent / "data" / "cifar10_sample.parquet")
+
+
+@dataclass
+class DataConfig:
+    path: str = _help(
+        "Parquet file or folder with columns key, image (encoded bytes), label; default: the CIFAR-10 sample "
+        "shipped inside the package (1,000 train + 200 test images)",
+        default=DEFAULT_DATA,
+    )
+    max_images: int = _help("use at most this many images (0: all)", default=0)
+
+    def __post_init__(self) -> None:
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"data.path does not exist: {self.path}")
+        if self.max_images < 0:
+            raise ValueError("data.max_images must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _help("optimizer steps; >= 1", default=20)
+    batch_size: int = _help("images per step; >= 1", default=16)
+    lr: float = _help("peak learning rate; > 0", default=3e-3)
+    beta1: float = _help("Adam beta1 (paper: 0.9); in [0, 1)", default=0.9)
+    beta2: float = _help("Adam beta2 (paper: 0.95); in [0, 1)", default=0.95)
+    weight_decay: float = _help("decoupled weight decay (paper: none); >= 0", default=0.0)
+    warmup_steps: int = _help("linear warm-up steps, then cosine decay to 0; 0 <= warmup <= steps", default=5)
+    seed: int = _help("seed of init, data order and masks", default=0)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("train.steps and train.batch_size must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"train.lr must be a positive number, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError("train.weight_decay must be >= 0")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("train.warmup_steps must be in [0, train.steps]")
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str | None = _help(
+        "MLflow tracking URI (http://host:port, sqlite:///abs/path.db); default: sqlite store in the output folder",
+        default=None,
+    )
+    experiment: str = _help("MLflow experiment name", default="igpt")
+    run_name: str | None = _help("MLflow run name; default: the job's name", default=None)
+
+
+@dataclass
+class MainJobConfig:
+    """The README's main job: fit a palette, tokenize images, train a few steps, log to MLflow."""
+
+    name: str = _help("run name (the submitter names runs; never a timestamp)", default="quickstart")
+    output_dir: str = _help("folder for the run's files (palette, tokens, MLflow store)", default="runs")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    palette: PaletteConfig = field(default_factory=PaletteConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)

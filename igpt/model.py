@@ -1,0 +1,199 @@
+"""The iGPT decoder, as the official release (openai/image-gpt, ``src/model.py``) builds it, in plain PyTorch.
+
+Where it differs from GPT-2, and why (each follows the release):
+- Layer norm has no mean-centring and no bias: ``x * rsqrt(mean(x^2) + 1e-5) * g``.
+- No biases anywhere; activation ``x * sigmoid(1.702 x)`` ("gelu2", the sigmoid approximation of GELU).
+- The output matrix is untied from the input embedding and starts at zero, so every colour starts equally likely.
+- A start-of-sequence token: the AR input is ``[SOS, x_0, ..., x_{n-2}]`` predicting ``x_0 .. x_{n-1}``. The release
+  keeps SOS as its own vector; like Hugging Face ``transformers`` we keep it as row 512 of the embedding
+  (vocabulary 513), so converted checkpoints line up.
+- BERT objective: no SOS, no causal mask; masked positions have their *content* embedding zeroed (the position
+  embedding is still added), and the loss counts masked positions only.
+
+This file knows nothing of Ray or DeepSpeed: parallelism wraps the module from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from igpt.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """The release's ``norm``: scale by the root mean square, multiply by a gain; no centring, no bias."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def gelu2(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = (w(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for w in (self.q, self.k, self.v))
+        # SDPA dispatches to flash / memory-efficient kernels on GPUs; the scale is 1/sqrt(head_dim) as released.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(gelu2(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln_2 = RMSNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class IGPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)  # 512 colours + SOS (id 512)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.d_model)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = RMSNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_colors, bias=False)  # untied; SOS is never predicted
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The release's initialisers: wte N(0, 0.02), wpe N(0, 0.01), q/k/v N(0, 1/sqrt(d)),
+        attention output N(0, 1/sqrt(d * n_layer)), MLP N(0, 0.02), output matrix 0, norm gains 1."""
+        d, n_layer = self.cfg.d_model, self.cfg.n_layer
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.01)
+        for blk in self.h:
+            for w in (blk.attn.q, blk.attn.k, blk.attn.v):
+                nn.init.normal_(w.weight, std=1 / math.sqrt(d))
+            nn.init.normal_(blk.attn.proj.weight, std=1 / math.sqrt(d * n_layer))
+            nn.init.normal_(blk.mlp.fc.weight, std=0.02)
+            nn.init.normal_(blk.mlp.proj.weight, std=0.02)
+            blk.ln_1.weight.fill_(1.0)
+            blk.ln_2.weight.fill_(1.0)
+        self.ln_f.weight.fill_(1.0)
+        nn.init.zeros_(self.head.weight)
+
+    # ---- the network ------------------------------------------------------------------------------------
+    def _embed(self, idx: torch.Tensor, content_mask: torch.Tensor | None) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {t} tokens exceeds the context of {self.cfg.n_ctx}")
+        h = self.wte(idx)
+        if content_mask is not None:
+            h = h * (~content_mask).unsqueeze(-1).to(h.dtype)  # zero the content, keep the position below
+        return h + self.wpe(torch.arange(t, device=idx.device))
+
+    def _blocks(self, h: torch.Tensor, causal: bool) -> torch.Tensor:
+        for blk in self.h:
+            if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(blk, h, causal, use_reentrant=False)
+            else:
+                h = blk(h, causal)
+        return self.ln_f(h)
+
+    def forward(self, idx: torch.Tensor, causal: bool = True, content_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, 512) for raw input ids (B, T) in [0, 513); ``content_mask`` (B, T) bool zeroes the
+        content embedding of those positions. Use :meth:`ar_inputs` / :meth:`loss` for the objectives."""
+        return self.head(self._blocks(self._embed(idx, content_mask), causal))
+
+    # ---- objectives -------------------------------------------------------------------------------------
+    def ar_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Colour tokens (B, T) -> AR input ids ``[SOS, x_0 .. x_{T-2}]``."""
+        sos = torch.full_like(tokens[:, :1], self.cfg.sos_id)
+        return torch.cat([sos, tokens[:, :-1]], 1)
+
+    def bert_mask(self, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Each position masked independently with probability ``bert_mask_prob``, as released."""
+        u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
+        return u < self.cfg.bert_mask_prob
+
+    def loss(
+        self, tokens: torch.Tensor, objective: str | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy in nats per predicted token.
+
+        ``ar``: next-token loss over every position. ``bert``: loss over masked positions only, averaged per
+        image then over the batch (as released); ``mask`` defaults to a fresh :meth:`bert_mask`.
+        """
+        objective = objective or self.cfg.objective
+        if objective == "ar":
+            logits = self(self.ar_inputs(tokens), causal=True)
+            return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten().long())
+        if objective == "bert":
+            mask = self.bert_mask(tokens) if mask is None else mask
+            logits = self(tokens, causal=False, content_mask=mask)
+            ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens.long(), reduction="none")  # (B, T)
+            m = mask.to(ce.dtype)
+            return ((ce * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        raise ValueError(f"unknown objective {objective!r}; expected 'ar' or 'bert'")
+
+    # ---- linear-probe features -------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(
+        self,
+        tokens: torch.Tensor,
+        layers: list[int] | None = None,
+        objective: str | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> dict[int, torch.Tensor]:
+        """For each requested layer l (0-based; default all), the sequence-mean of ``ln_1(h_l)``, the input of
+        block l after its first norm: (B, d) each, all from a single forward pass. The pass runs as the model
+        was trained: AR models see the SOS-shifted input under a causal mask, BERT models the unshifted input
+        with no mask (and ``mask`` zeroed, if given)."""
+        objective = objective or self.cfg.objective
+        layers = list(range(self.cfg.n_layer)) if layers is None else list(layers)
+        for l in layers:
+            if not 0 <= l < self.cfg.n_layer:
+                raise ValueError(f"layer {l} out of range [0, {self.cfg.n_layer})")
+        taps: dict[int, torch.Tensor] = dict.fromkeys(layers)  # type: ignore[arg-type]
+        if objective == "ar":
+            h = self._embed(self.ar_inputs(tokens), None)
+        else:
+            h = self._embed(tokens, mask)
+        # stop after the deepest requested block: later layers cannot change the taps
+        deepest = max(layers) + 1
+        for i, blk in enumerate(self.h[:deepest]):
+            if i in taps:
+                taps[i] = blk.ln_1(h).mean(1)  # the paper's probe feature: pooled input after the first norm
+            h = blk(h, objective == "ar")
+        return taps
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

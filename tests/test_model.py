@@ -1,0 +1,175 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from igpt.config import PAPER_PARAMS_M, ModelConfig
+from igpt.model import IGPT
+
+
+def small(**kw) -> IGPT:
+    torch.manual_seed(0)
+    m = IGPT(ModelConfig(size="debug", resolution=kw.pop("resolution", 8), **kw))
+    # the released init zeroes the output matrix: every logit starts equal, which would make several of the
+    # checks below vacuous, so give it random weights
+    torch.nn.init.normal_(m.head.weight, std=0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("name", ["S", "M", "L", "XL"])
+def test_paper_sizes_match_the_paper_parameter_counts(name):
+    cfg = ModelConfig.from_name(name)
+    with torch.device("meta"):
+        model = IGPT(cfg)
+    n = model.num_params()
+    assert n == cfg.param_count()
+    paper = PAPER_PARAMS_M[name] * 1e6
+    assert abs(n - paper) / paper < 0.01, (name, n, paper)
+
+
+def test_release_initialisation():
+    torch.manual_seed(0)
+    m = IGPT(ModelConfig(size="small"))
+    d, n_layer = m.cfg.d_model, m.cfg.n_layer
+    assert torch.count_nonzero(m.head.weight) == 0  # zero-initialised, untied output matrix
+    assert m.head.weight.data_ptr() != m.wte.weight.data_ptr() and m.head.weight.shape == (512, d)
+    assert m.wte.weight.shape == (513, d)
+    assert abs(m.wte.weight.std().item() - 0.02) < 0.002
+    assert abs(m.wpe.weight.std().item() - 0.01) < 0.001
+    assert abs(m.h[0].attn.q.weight.std().item() - d**-0.5) < 0.1 * d**-0.5
+    assert abs(m.h[0].attn.proj.weight.std().item() - (d * n_layer) ** -0.5) < 0.1 * (d * n_layer) ** -0.5
+    assert all(b is None for mod in m.modules() if isinstance(mod, torch.nn.Linear) for b in [mod.bias])
+    assert all(torch.all(p == 1) for n, p in m.named_parameters() if "ln" in n)
+
+
+def test_norm_and_activation_are_the_releases():
+    m = small()
+    x = torch.randn(2, 3, m.cfg.d_model) + 3.0  # a mean far from 0: a centring norm would differ
+    with torch.no_grad():
+        m.h[0].ln_1.weight.uniform_(0.5, 1.5)
+    expected = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * m.h[0].ln_1.weight
+    torch.testing.assert_close(m.h[0].ln_1(x), expected)
+    from igpt.model import gelu2
+
+    torch.testing.assert_close(gelu2(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_ar_is_causal():
+    m = small()
+    x = torch.randint(0, 512, (2, 64))
+    y = x.clone()
+    y[:, 40:] = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        a, b = m(m.ar_inputs(x)), m(m.ar_inputs(y))
+    # input position i sees tokens < i; the logits at positions 0..40 predict tokens 0..40 from tokens < 40.
+    torch.testing.assert_close(a[:, :41], b[:, :41], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 41:], b[:, 41:])
+
+
+def test_ar_loss_is_next_token_cross_entropy():
+    m = small()
+    x = torch.randint(0, 512, (3, 64))
+    logits = m(torch.cat([torch.full((3, 1), 512), x[:, :-1]], 1))
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), x.reshape(-1))
+    torch.testing.assert_close(m.loss(x, "ar"), ref)
+    assert abs(IGPT(m.cfg).loss(x, "ar").item() - torch.log(torch.tensor(512.0)).item()) < 1e-5  # zero head
+
+
+def test_bert_masks_content_not_position_and_scores_masked_positions_only():
+    m = small(objective="bert")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 512, (64, 64))
+    mask = m.bert_mask(x, g)
+    assert abs(mask.float().mean().item() - 0.15) < 0.02  # each position with probability 0.15
+
+    # the content embedding of masked positions is zeroed, the position embedding kept
+    emb = m._embed(x, mask)
+    pos = m.wpe.weight[:64].expand_as(emb)
+    torch.testing.assert_close(emb[mask], pos[mask])
+    torch.testing.assert_close(emb[~mask], (m.wte(x) + pos)[~mask])
+    # the masked input carries no information about the masked tokens
+    y = torch.where(mask, torch.randint(0, 512, x.shape), x)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, causal=False, content_mask=mask), m(y, causal=False, content_mask=mask))
+
+    # the loss is the release's: cross-entropy over masked positions, averaged per image, then over images
+    logits = m(x, causal=False, content_mask=mask)
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x, reduction="none")
+    ref = torch.stack([ce[i][mask[i]].mean() for i in range(len(x))]).mean()
+    torch.testing.assert_close(m.loss(x, "bert", mask=mask), ref)
+
+    # no causal mask: a later token changes earlier outputs
+    z = x.clone()
+    z[:, -1] = (z[:, -1] + 1) % 512
+    keep = torch.zeros_like(mask)
+    with torch.no_grad():
+        assert not torch.allclose(m(x, causal=False, content_mask=keep)[:, 0], m(z, causal=False, content_mask=keep)[:, 0])
+
+
+def test_bert_loss_gradient_comes_from_masked_positions_only():
+    m = small(objective="bert").train()
+    x = torch.randint(0, 512, (4, 64))
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, 5] = True
+    mask[0, 9] = True
+    seen = {}
+
+    def keep_logits(mod, inp, out):
+        out.retain_grad()
+        seen["logits"] = out
+
+    m.head.register_forward_hook(keep_logits)
+    m.loss(x, "bert", mask=mask).backward()
+    has_grad = seen["logits"].grad.abs().sum(-1) > 0
+    assert torch.equal(has_grad, mask)
+
+
+def test_features_are_pooled_ln1_inputs_from_one_pass():
+    m = small(resolution=8)
+    x = torch.randint(0, 512, (3, 64))
+    feats = m.features(x, layers=[0, 1])
+    assert set(feats) == {0, 1} and all(f.shape == (3, m.cfg.d_model) for f in feats.values())
+    # by hand
+    with torch.no_grad():
+        h = m._embed(m.ar_inputs(x), None)
+        ref0 = m.h[0].ln_1(h).mean(1)
+        h = m.h[0](h, True)
+        ref1 = m.h[1].ln_1(h).mean(1)
+    torch.testing.assert_close(feats[0], ref0)
+    torch.testing.assert_close(feats[1], ref1)
+    # one forward pass: each block runs once however many layers are asked for
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, b in enumerate(m.h)]
+    m.features(x, layers=[0, 1])
+    assert calls == [0, 1]
+    calls.clear()
+    m.features(x, layers=[0])
+    assert calls == [0]  # nothing past the deepest requested layer
+    for hk in hooks:
+        hk.remove()
+    with pytest.raises(ValueError, match="out of range"):
+        m.features(x, layers=[2])
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 512, (2, 64))
+    grads = []
+    for ckpt in (False, True):
+        m = small(activation_checkpointing=ckpt).train()
+        m.loss(x).backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_sequence_longer_than_context_is_an_error():
+    m = small(resolution=4)
+    with pytest.raises(ValueError, match="exceeds the context"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_model_imports_neither_ray_nor_deepspeed():
+    code = "import sys, igpt.model; print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
