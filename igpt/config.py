@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from igpt.sources import DatasetSpec
+
 
 def _help(text: str, **kw):
     return field(metadata={"help": text}, **kw)
@@ -175,3 +177,65 @@ class MainJobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class TransformConfig:
+    recipe: Literal["imagenet", "cifar", "none"] = _help(
+        "imagenet: shorter side U[256,384] + random 224 crop (train) / centre crop (eval), box-filtered to IR; "
+        "cifar: reflect-pad 4 + random crop + flip (train) / none (eval); none: box-resize to IR only",
+        default="cifar",
+    )
+    resolution: int = _help("input resolution IR: images come out IR x IR; 1..64", default=32)
+    augment: bool = _help("train-time randomness (random crops and flips); off for eval splits", default=False)
+    seed: int = _help("seed of every per-record random choice", default=0)
+    epoch: int = _help("epoch number mixed into the per-record seed (new crops every epoch)", default=0)
+    draft: bool = _help("decode large JPEGs at reduced DCT scale when the crop stays >= 2x IR wide", default=True)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.resolution <= 64:
+            raise ValueError(f"transform.resolution must be in 1..64, got {self.resolution}")
+        if self.recipe not in ("imagenet", "cifar", "none"):
+            raise ValueError(f"transform.recipe must be imagenet, cifar or none, got {self.recipe!r}")
+
+
+@dataclass
+class IngestLimits:
+    max_error_rate: float = _help("stop when more than this fraction of records is skipped; in [0, 1]", default=0.01)
+    min_records: int = _help("judge the error rate only after this many records (and at the end)", default=1000)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"limits.max_error_rate must be in [0, 1], got {self.max_error_rate}")
+
+
+@dataclass
+class FitPaletteJobConfig:
+    """Sample pixels across a dataset with Ray Data and fit the k-means palette."""
+
+    name: str = _help("run name (also the output folder under output_dir)", default="palette")
+    output_dir: str = _help("folder for outputs (the palette, its table, swatch, report)", default="runs")
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    palette: PaletteConfig = field(default_factory=PaletteConfig)
+    n_colors: int = _help("palette size; 2..65535", default=512)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class QuantizeJobConfig:
+    """Write token shards (Parquet: key, label, tokens uint16[IR^2]) of one split."""
+
+    name: str = _help("run name (also the output folder under output_dir)", default="tokens")
+    output_dir: str = _help("folder for outputs: <output_dir>/<name>/<split>/tokens-NNNNN.parquet", default="runs")
+    palette_path: str = _help("palette .npy from fit_palette (required)", default="")
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    rows_per_shard: int = _help("rows per output Parquet file; >= 1", default=10_000)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard < 1:
+            raise ValueError("rows_per_shard must be >= 1")

@@ -12,14 +12,21 @@ class BadImage(ValueError):
     """A record that cannot be turned into an RGB image; ``str(e)`` is the reason recorded in error reports."""
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes to an RGB PIL image (greyscale, CMYK, RGBA, palette... all become RGB)."""
+def open_image(data: bytes) -> Image.Image:
+    """Identify encoded image bytes (no pixel decoding yet, so callers may still ask for a reduced-scale draft)."""
     if not data:
         raise BadImage("empty record (zero bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # decode now, so truncation surfaces here and not later
+        return Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Decode an opened image and make it RGB (greyscale, CMYK, RGBA, palette, 16-bit... all become RGB)."""
+    try:
+        img.load()  # decode now, so truncation surfaces here and not later
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
     if img.width < 1 or img.height < 1:
         raise BadImage(f"image has no pixels ({img.width}x{img.height})")
@@ -30,7 +37,18 @@ def decode_rgb(data: bytes) -> Image.Image:
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        # 16-bit / 32-bit greyscale: scale to 8 bits instead of clipping (PIL's convert clips at 255)
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        grey = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     return img.convert("RGB")
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, or raise :class:`BadImage` with the reason."""
+    return to_rgb(open_image(data))
 
 
 def to_resolution(img: Image.Image, resolution: int) -> np.ndarray:

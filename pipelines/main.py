@@ -23,7 +23,7 @@ from igpt.images import BadImage, decode_rgb, to_resolution
 from igpt.model import IGPT
 from igpt.optim import lr_factor
 from igpt.palette import Palette
-from igpt.tracking import default_tracking_uri, ensure_experiment
+from igpt.tracking import default_tracking_uri, ensure_experiment, flatten
 
 
 def load_images(cfg: MainJobConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[tuple[str, str]]]:
@@ -110,7 +110,7 @@ def run(cfg: MainJobConfig) -> dict:
 
     with mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or cfg.name) as mrun:
         mlflow.set_tag("igpt.job", "main")
-        mlflow.log_params({f"{k}": v for k, v in _flatten(cli.to_dict(cfg)).items()})
+        mlflow.log_params({f"{k}": v for k, v in flatten(cli.to_dict(cfg)).items()})
         mlflow.log_params({"model.params": model.num_params(), "data.skipped": len(skipped)})
         mlflow.log_dict(cli.to_dict(cfg), "config.json")
         mlflow.log_artifact(str(palette_path), "palette")
@@ -153,16 +153,6 @@ def run(cfg: MainJobConfig) -> dict:
     if uri.startswith("sqlite:"):
         print(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
     return summary
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

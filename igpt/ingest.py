@@ -1,0 +1,221 @@
+"""Records -> augmented, tokenized rows, through Ray Data; every record that fails is counted and listed.
+
+``tokenize(ds, ...)`` maps the reader's records (see ``igpt.sources``) to rows ``key, label, tokens`` (uint16,
+IR^2 per image). A record that cannot be decoded or transformed is skipped *alone* (never its block or shard)
+and its key and reason go to an :class:`ErrorLog` actor, which also counts every record seen, so the driver can
+report read/tokenized/skipped and stop a run whose error rate passes a threshold.
+
+The palette's 2^24 lookup table (32 MiB) travels once through Ray's object store; each worker process maps it
+read-only and keeps it for all its batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from igpt import transforms
+from igpt.images import BadImage
+
+
+@ray.remote(num_cpus=0)
+class ErrorLog:
+    """Counts records seen and keeps (key, reason) of every skipped one."""
+
+    def __init__(self):
+        self.read = 0
+        self.errors: list[tuple[str, str]] = []
+
+    def add(self, n_read: int, errors: list[tuple[str, str]]) -> None:
+        self.read += n_read
+        self.errors.extend(errors)
+
+    def stats(self) -> tuple[int, int]:
+        return self.read, len(self.errors)
+
+    def all_errors(self) -> list[tuple[str, str]]:
+        return sorted(self.errors)
+
+
+_LUT_CACHE: dict[str, np.ndarray] = {}
+
+
+def _lut(ref_box: list) -> np.ndarray:
+    ref = ref_box[0]
+    key = ref.hex()
+    if key not in _LUT_CACHE:
+        _LUT_CACHE.clear()
+        _LUT_CACHE[key] = ray.get(ref)
+    return _LUT_CACHE[key]
+
+
+@dataclass
+class TransformSpec:
+    recipe: transforms.Recipe
+    resolution: int
+    train: bool
+    seed: int = 0
+    epoch: int = 0
+    draft: bool = True
+
+
+def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec) -> np.ndarray:
+    """One record -> uint8 (IR, IR, 3) under the transform; raises BadImage."""
+    if raw_size:
+        arr = np.frombuffer(row_image, np.uint8)
+        if arr.size != raw_size * raw_size * 3:
+            raise BadImage(f"raw record has {arr.size} bytes, expected {raw_size}x{raw_size}x3")
+        image = arr.reshape(raw_size, raw_size, 3)
+    else:
+        image = row_image
+    return transforms.apply(image, t.recipe, t.resolution, t.train, t.seed, t.epoch, key, t.draft)
+
+
+class _Tokenize:
+    def __init__(self, lut_box: list, t: TransformSpec, log):
+        self.lut_box, self.t, self.log = lut_box, t, log
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        lut = _lut(self.lut_box)
+        ir = self.t.resolution
+        keys, labels, toks, errors = [], [], [], []
+        cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
+        for key, label, image, raw_size, err in zip(*cols):
+            if err:
+                errors.append((key, err))
+                continue
+            try:
+                px = record_pixels(image, raw_size, key, self.t)
+            except BadImage as e:
+                errors.append((key, str(e)))
+                continue
+            idx = (px[..., 0].astype(np.int32) << 16) | (px[..., 1].astype(np.int32) << 8) | px[..., 2]
+            toks.append(lut[idx].reshape(-1))
+            keys.append(key)
+            labels.append(label)
+        ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
+        flat = np.concatenate(toks) if toks else np.zeros(0, np.uint16)
+        return pa.table({
+            "key": pa.array(keys, pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "tokens": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint16()), ir * ir),
+        })
+
+
+def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int = 256):
+    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2])."""
+    return ds.map_batches(_Tokenize([lut_ref], t, log), batch_format="pyarrow", batch_size=batch_size)
+
+
+class _SamplePixels:
+    def __init__(self, per_image: int, t: TransformSpec, log):
+        self.per_image, self.t, self.log = per_image, t, log
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out, errors = [], []
+        cols = [batch[c].to_pylist() for c in ("key", "image", "raw_size", "error")]
+        for key, image, raw_size, err in zip(*cols):
+            if err:
+                errors.append((key, err))
+                continue
+            try:
+                px = record_pixels(image, raw_size, key, self.t).reshape(-1, 3)
+            except BadImage as e:
+                errors.append((key, str(e)))
+                continue
+            rng = transforms.record_rng(self.t.seed, self.t.epoch, key, stream=1)  # independent of crop draws
+            k = min(self.per_image, len(px))
+            out.append(px[rng.choice(len(px), size=k, replace=False)])
+        ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
+        flat = np.concatenate(out) if out else np.zeros((0, 3), np.uint8)
+        return pa.table({"rgb": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.uint8()), 3)})
+
+
+def sample_pixels(ds, per_image: int, t: TransformSpec, log, batch_size: int = 256):
+    """Dataset of sampled pixels (column rgb: fixed_size_list<uint8>[3]), ``per_image`` from each record."""
+    return ds.map_batches(_SamplePixels(per_image, t, log), batch_format="pyarrow", batch_size=batch_size)
+
+
+@dataclass
+class RunCounts:
+    """What a job reports at the end: images read, tokenized, skipped, time, rate; and the skipped records."""
+
+    read: int = 0
+    produced: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.read / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (f"read {self.read:,} | tokenized {self.produced:,} | skipped {self.skipped:,} | "
+                f"{self.seconds:.1f} s | {self.images_per_s:,.0f} images/s")
+
+
+class ErrorRateExceeded(RuntimeError):
+    pass
+
+
+def check_error_rate(read: int, skipped: int, max_rate: float, min_records: int, final: bool = False) -> None:
+    """Stop a run whose skipped fraction passes ``max_rate`` (judged once ``min_records`` are read, and at the end)."""
+    if read and (final or read >= min_records) and skipped / read > max_rate:
+        raise ErrorRateExceeded(
+            f"{skipped} of {read} records ({100 * skipped / read:.2f}%) could not be read, over the limit of "
+            f"{100 * max_rate:.2f}% (max_error_rate); see the error report for keys and reasons")
+
+
+class error_report:
+    """Context for a job's read loop: ``check()`` after each batch stops the run once the error rate passes the
+    limit; on leaving (normally or not) the report of every skipped record is written to ``path`` and logged to
+    the active MLflow run, then the final rate is judged."""
+
+    def __init__(self, log, path, limits):
+        self.log, self.path, self.limits = log, path, limits
+        self.read = self.skipped = 0
+
+    def __enter__(self):
+        return self
+
+    def check(self, final: bool = False) -> None:
+        self.read, self.skipped = ray.get(self.log.stats.remote())
+        check_error_rate(self.read, self.skipped, self.limits.max_error_rate, self.limits.min_records, final)
+
+    def __exit__(self, exc_type, exc, tb):
+        import mlflow
+
+        self.errors = ray.get(self.log.all_errors.remote())
+        self.read, self.skipped = ray.get(self.log.stats.remote())
+        write_error_report(self.path, self.errors)
+        if mlflow.active_run():
+            mlflow.log_artifact(str(self.path))
+        if exc_type is None:
+            self.check(final=True)
+        return False
+
+
+def write_error_report(path, errors: list[tuple[str, str]]) -> None:
+    """Tab-separated ``key<TAB>reason`` lines, one per skipped record, with a header."""
+    from pathlib import Path
+
+    lines = ["key\treason"] + [f"{k}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}" for k, r in errors]
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def swatch(centres: np.ndarray, cell: int = 16):
+    """A picture of the palette: the colours as a 16-wide grid of squares, ordered by luminance."""
+    from PIL import Image
+
+    rgb = np.rint(127.5 * (np.asarray(centres, np.float64) + 1)).clip(0, 255).astype(np.uint8)
+    order = np.argsort(rgb @ np.array([0.299, 0.587, 0.114]))
+    cols = 16
+    rows = -(-len(rgb) // cols)
+    grid = np.full((rows * cols, 3), 255, np.uint8)
+    grid[: len(rgb)] = rgb[order]
+    img = grid.reshape(rows, cols, 3).repeat(cell, 0).repeat(cell, 1)
+    return Image.fromarray(img)

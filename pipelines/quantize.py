@@ -1,0 +1,101 @@
+"""Write token shards of one split: Parquet files of ``key, label, tokens`` (uint16, IR^2 per image).
+
+    python -m pipelines.quantize --palette_path runs/palette/palette.npy \\
+        --data.path ../shared/datasets/cifar10 --data.split test --name cifar10-32
+    ray job submit --working-dir . -- python -m pipelines.quantize ...
+
+For eval splits and for anyone who wants a fixed tokenized copy; training tokenizes on the fly with fresh
+augmentations every epoch (``igpt.ingest.tokenize``). Records stream through Ray Data in their input order and
+the shards are cut every ``rows_per_shard`` rows, so the same job with the same seed writes byte-identical files.
+Shards are written into ``<split>.partial/`` and moved to ``<split>/`` only when the split is complete.
+Every skipped record is listed with its reason in ``<split>.errors.tsv`` (also an MLflow artifact).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from igpt import cli, ingest, sources
+from igpt.config import QuantizeJobConfig
+from igpt.palette import Palette
+from igpt.raysetup import init_ray
+from igpt.tracking import start_run
+
+
+def run(cfg: QuantizeJobConfig) -> dict:
+    import mlflow
+
+    if not cfg.palette_path:
+        raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
+    palette = Palette.load(cfg.palette_path)  # missing file: a clear error before any work
+    plan = sources.check(cfg.data)
+    out = Path(cfg.output_dir) / cfg.name
+    final_dir, partial = out / cfg.data.split, out / f"{cfg.data.split}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # deterministic row order -> byte-identical shards
+    t0 = time.perf_counter()
+    t = cfg.transform
+    tspec = ingest.TransformSpec(t.recipe, t.resolution, t.augment, t.seed, t.epoch, t.draft)
+    log = ingest.ErrorLog.remote()
+    lut_ref = ray.put(palette.lut)
+    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg))
+    with run_:
+        mlflow.log_artifact(cfg.palette_path, "palette")
+        ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
+        written, shard, pending = 0, 0, []
+        schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
+                            ("tokens", pa.list_(pa.uint16(), t.resolution**2))])
+
+        def flush(rows: list[pa.Table]) -> None:
+            nonlocal shard
+            pq.write_table(pa.concat_tables(rows).cast(schema), partial / f"tokens-{shard:05d}.parquet")
+            shard += 1
+
+        with ingest.error_report(log, out / f"{cfg.data.split}.errors.tsv", cfg.limits) as guard:
+            buffered = 0
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                pending.append(batch)
+                buffered += batch.num_rows
+                while buffered >= cfg.rows_per_shard:
+                    table = pa.concat_tables(pending)
+                    flush([table.slice(0, cfg.rows_per_shard)])
+                    rest = table.slice(cfg.rows_per_shard)
+                    pending, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+                    written += cfg.rows_per_shard
+                guard.check()
+            if buffered:
+                flush(pending)
+                written += buffered
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(final_dir, ignore_errors=True)
+        partial.rename(final_dir)  # the split appears complete or not at all
+        counts = ingest.RunCounts(guard.read, written, guard.skipped, seconds, guard.errors)
+        summary = {"split": cfg.data.split, "images_read": counts.read, "tokenized": counts.produced,
+                   "skipped": counts.skipped, "seconds": round(seconds, 2),
+                   "images_per_s": round(counts.images_per_s, 1), "shards": shard, "output": str(final_dir),
+                   "run_id": run_.info.run_id, "tracking_uri": uri}
+        (out / f"{cfg.data.split}.summary.json").write_text(json.dumps(summary, indent=2))
+        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_artifact(str(out / f"{cfg.data.split}.summary.json"))
+    print(counts.line())
+    print(f"{shard} shard(s) in {final_dir}; skipped records listed in {out / f'{cfg.data.split}.errors.tsv'}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(cli.parse(QuantizeJobConfig, argv, prog="python -m pipelines.quantize"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
