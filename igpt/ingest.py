@@ -92,12 +92,15 @@ class _Tokenize:
             except BadImage as e:
                 errors.append((key, str(e)))
                 continue
-            idx = (px[..., 0].astype(np.int32) << 16) | (px[..., 1].astype(np.int32) << 8) | px[..., 2]
-            toks.append(lut[idx].reshape(-1))
+            toks.append(px)
             keys.append(key)
             labels.append(label)
         ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
-        flat = np.concatenate(toks) if toks else np.zeros(0, np.uint16)
+        if toks:  # one vectorised lookup for the whole batch
+            px = np.stack(toks)
+            flat = lut[(px[..., 0].astype(np.int32) << 16) | (px[..., 1].astype(np.int32) << 8) | px[..., 2]].reshape(-1)
+        else:
+            flat = np.zeros(0, np.uint16)
         return pa.table({
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels, pa.int64()),
@@ -126,7 +129,8 @@ class _SamplePixels:
             except BadImage as e:
                 errors.append((key, str(e)))
                 continue
-            rng = transforms.record_rng(self.t.seed, self.t.epoch, key, stream=1)  # independent of crop draws
+            rng = np.random.default_rng(np.frombuffer(  # own stream, independent of the crop draws
+                transforms.record_rng(self.t.seed, self.t.epoch, key, stream=1)._u, np.uint64))
             k = min(self.per_image, len(px))
             out.append(px[rng.choice(len(px), size=k, replace=False)])
         ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out

@@ -27,3 +27,15 @@ def cifar_images():
     """400 real CIFAR-10 test images, uint8 (400, 32, 32, 3)."""
     table = cifar_table(400)
     return np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in table.column("image").to_pylist()])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime for the whole session (starting one costs ~5 s)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

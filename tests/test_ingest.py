@@ -1,0 +1,149 @@
+"""Palette fitting and tokenization through a real local Ray runtime and a real MLflow store."""
+
+import hashlib
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from igpt import ingest, sources
+from igpt.config import FitPaletteJobConfig, IngestLimits, PaletteConfig, QuantizeJobConfig, TrackingConfig, TransformConfig
+from igpt.images import decode_rgb
+from igpt.palette import Palette
+from igpt.sources import DatasetSpec
+from pipelines import fit_palette, quantize
+
+from . import fixtures
+from .conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def palette_file(tmp_path_factory, ray_local):
+    """A palette fitted by the fit_palette job on the real CIFAR-10 sample (train split)."""
+    out = tmp_path_factory.mktemp("pal")
+    cfg = FitPaletteJobConfig(name="pal", output_dir=str(out),
+                              data=DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/"),
+                              palette=PaletteConfig(sample_pixels=100_000, max_iter=10))
+    summary = fit_palette.run(cfg)
+    return Path(summary["palette"]), summary, out
+
+
+def test_fit_palette_job_samples_across_the_data_and_logs_artifacts(palette_file):
+    path, summary, out = palette_file
+    assert np.load(path).shape == (512, 3) and np.load(path).dtype == np.float32
+    assert summary["images_read"] == 1000 and summary["skipped"] == 0
+    assert summary["pixels"] == 100_000 and summary["pixels_per_image"] == 100
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"palette.npy", "swatch.png", "errors.tsv", "summary.json", "config.json"} <= arts
+    assert Image.open(out / "pal" / "swatch.png").size == (16 * 16, 32 * 16)
+
+
+def bad_shard(path: Path) -> dict:
+    """A Parquet shard of good CIFAR-10 records and every kind of bad one the issue lists."""
+    good = pq.read_table(SAMPLE).slice(0, 40)
+    keys, images = good["key"].to_pylist(), good["image"].to_pylist()
+    truncated = images[0][: len(images[0]) // 2]
+    rgb20 = np.random.default_rng(0).integers(0, 256, (20, 20, 3), np.uint8)
+    extra = {
+        "bad/truncated.jpg": truncated,
+        "bad/zero-bytes.jpg": b"",
+        "bad/text.txt": b"this is not an image\n",
+        "odd/grey.png": fixtures.encode(rgb20, "PNG", "L"),
+        "odd/cmyk.jpg": fixtures.encode(rgb20, "JPEG", "CMYK"),
+        "odd/small-20x20.png": fixtures.encode(rgb20, "PNG"),
+    }
+    # bad records sit in the middle of the shard: the good ones after them must survive
+    keys = keys[:20] + list(extra) + keys[20:]
+    images = images[:20] + list(extra.values()) + images[20:]
+    pq.write_table(pa.table({"key": keys, "image": pa.array(images, pa.binary()), "label": list(range(len(keys)))}),
+                   path, row_group_size=16)
+    return {"keys": keys, "images": images, "bad": {"bad/truncated.jpg", "bad/zero-bytes.jpg", "bad/text.txt"}}
+
+
+def quantize_cfg(palette_path, data_path, out, **kw):
+    return QuantizeJobConfig(name="tok", output_dir=str(out), palette_path=str(palette_path),
+                             data=DatasetSpec(str(data_path), "parquet", "train"), rows_per_shard=17,
+                             limits=IngestLimits(max_error_rate=kw.pop("max_error_rate", 0.5), min_records=10), **kw)
+
+
+def test_bad_records_are_skipped_alone_listed_and_counted(tmp_path, palette_file):
+    shard = bad_shard(tmp_path / "train-00000.parquet")
+    summary = quantize.run(quantize_cfg(palette_file[0], tmp_path / "train-00000.parquet", tmp_path / "out"))
+    n = len(shard["keys"])
+    assert summary["images_read"] == n
+    assert summary["skipped"] == 3 and summary["tokenized"] == n - 3
+    assert summary["images_read"] == summary["tokenized"] + summary["skipped"]
+
+    out = tmp_path / "out" / "tok"
+    table = pq.read_table(out / "train")
+    assert table.schema.field("tokens").type == pa.list_(pa.uint16(), 1024)
+    got = dict(zip(table["key"].to_pylist(), table["tokens"].to_pylist()))
+    assert set(got) == set(shard["keys"]) - shard["bad"]  # every good record, including the odd modes
+    palette = Palette.load(palette_file[0])
+    for key, data in zip(shard["keys"], shard["images"]):
+        if key in got:  # tokens are the palette's quantization of the (box-resized) RGB image
+            img = decode_rgb(data).resize((32, 32), Image.BOX) if key.startswith("odd/") else decode_rgb(data)
+            assert got[key] == palette.quantize(np.asarray(img)).reshape(-1).tolist(), key
+
+    report = (out / "train.errors.tsv").read_text().splitlines()
+    assert report[0] == "key\treason" and len(report) == 4
+    reasons = dict(line.split("\t", 1) for line in report[1:])
+    assert set(reasons) == shard["bad"]
+    assert "zero bytes" in reasons["bad/zero-bytes.jpg"]
+    assert "cannot decode" in reasons["bad/text.txt"] and "cannot decode" in reasons["bad/truncated.jpg"]
+    client = MlflowClient(summary["tracking_uri"])
+    assert "train.errors.tsv" in {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert not (out / "train.partial").exists()
+
+
+def test_error_rate_over_the_limit_stops_the_run(tmp_path, palette_file):
+    bad_shard(tmp_path / "train-00000.parquet")
+    cfg = quantize_cfg(palette_file[0], tmp_path / "train-00000.parquet", tmp_path / "out", max_error_rate=0.01)
+    with pytest.raises(ingest.ErrorRateExceeded, match="over the limit"):
+        quantize.run(cfg)
+    out = tmp_path / "out" / "tok"
+    assert not (out / "train").exists()  # no half-written split
+    assert len((out / "train.errors.tsv").read_text().splitlines()) >= 2  # the report is still written
+    runs = mlflow.search_runs(experiment_names=["igpt"], output_format="list")
+    assert runs[0].info.status == "FAILED"
+
+
+def test_same_seed_gives_byte_identical_shards(tmp_path, palette_file):
+    digests = []
+    for i in range(2):
+        cfg = quantize_cfg(palette_file[0], SAMPLE, tmp_path / f"o{i}",
+                           transform=TransformConfig(recipe="cifar", augment=True, seed=3))
+        cfg.data.key_prefix = "test/"
+        quantize.run(cfg)
+        files = sorted((tmp_path / f"o{i}" / "tok" / "train").glob("*.parquet"))
+        assert len(files) == -(-200 // 17)
+        digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
+    assert digests[0] == digests[1]
+
+
+def test_training_stream_changes_crops_every_epoch(palette_file, ray_local):
+    palette = Palette.load(palette_file[0])
+    lut = ray.put(palette.lut)
+    spec = DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/", max_images=64)
+    tokens = {}
+    for epoch in (0, 0, 1):
+        log = ingest.ErrorLog.remote()
+        t = ingest.TransformSpec("cifar", 32, True, seed=0, epoch=epoch)
+        rows = ingest.tokenize(sources.read(spec), lut, t, log).take_all()
+        tokens.setdefault(epoch, []).append({r["key"]: np.asarray(r["tokens"]) for r in rows})
+        assert ray.get(log.stats.remote()) == (64, 0)
+    a, b = tokens[0]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # replayable
+    c = tokens[1][0]
+    changed = sum(not np.array_equal(a[k], c[k]) for k in a)
+    assert changed > 48  # new crops/flips for (nearly) every image in a new epoch
