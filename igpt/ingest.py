@@ -108,8 +108,11 @@ class _Tokenize:
         })
 
 
-def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int = 256):
-    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2])."""
+def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None):
+    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2]).
+
+    ``batch_size=None`` works block by block: a fixed batch size would make Ray bundle the reader's small
+    work units (one Parquet row group each) into one task and serialise the whole read."""
     return ds.map_batches(_Tokenize([lut_ref], t, log), batch_format="pyarrow", batch_size=batch_size)
 
 
@@ -138,7 +141,7 @@ class _SamplePixels:
         return pa.table({"rgb": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.uint8()), 3)})
 
 
-def sample_pixels(ds, per_image: int, t: TransformSpec, log, batch_size: int = 256):
+def sample_pixels(ds, per_image: int, t: TransformSpec, log, batch_size: int | None = None):
     """Dataset of sampled pixels (column rgb: fixed_size_list<uint8>[3]), ``per_image`` from each record."""
     return ds.map_batches(_SamplePixels(per_image, t, log), batch_format="pyarrow", batch_size=batch_size)
 

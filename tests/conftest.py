@@ -36,6 +36,9 @@ def ray_local():
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    from igpt.raysetup import configure_data
+
+    configure_data()
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
