@@ -251,8 +251,16 @@ def read(spec: DatasetSpec, plan: Plan | None = None):
         # single task and block of a 50k-row CIFAR-10 split, leaving the other cores idle).
         import pyarrow.parquet as pq
 
-        units = [{"file": f, "row_group": g} for f in plan.files
-                 for g in range(pq.ParquetFile(f, filesystem=plan.fs).num_row_groups)]
+        units, left = [], spec.max_images or float("inf")
+        for f in plan.files:
+            meta = pq.ParquetFile(f, filesystem=plan.fs).metadata
+            for g in range(meta.num_row_groups):
+                # max_images is cut here, exactly, when rows map 1:1 to records (no key_prefix): a Limit
+                # operator after the read would split the fused read+tokenize stage (measured 30% slower)
+                take = meta.row_group(g).num_rows if spec.key_prefix else min(meta.row_group(g).num_rows, left)
+                if take > 0:
+                    units.append({"file": f, "row_group": g, "rows": int(take)})
+                    left -= 0 if spec.key_prefix else take
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(_ParquetRows(spec, plan.fs), batch_size=1, batch_format="pyarrow")
     elif fmt == "imagefolder":
@@ -268,7 +276,7 @@ def read(spec: DatasetSpec, plan: Plan | None = None):
         chunks = [{"path": plan.files[0], "labels": plan.files[1] if len(plan.files) > 1 else "",
                    "start": s, "count": min(STL_CHUNK, plan.count - s)} for s in range(0, plan.count, STL_CHUNK)]
         ds = ray.data.from_items(chunks).flat_map(_Stl10Rows(spec.path))
-    if spec.max_images:
+    if spec.max_images and not (fmt == "parquet" and not spec.key_prefix):
         ds = ds.limit(spec.max_images)
     return ds
 
@@ -292,8 +300,8 @@ class _ParquetRows:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        f, g = unit["file"][0].as_py(), unit["row_group"][0].as_py()
-        t = pq.ParquetFile(f, filesystem=self.fs).read_row_group(g, columns=[self.k, self.i, self.l])
+        f, g, rows = (unit[c][0].as_py() for c in ("file", "row_group", "rows"))
+        t = pq.ParquetFile(f, filesystem=self.fs).read_row_group(g, columns=[self.k, self.i, self.l]).slice(0, rows)
 
         if self.prefix:
             t = t.filter(pc.starts_with(t[self.k], self.prefix))
