@@ -19,6 +19,7 @@ import ray
 
 from igpt import transforms
 from igpt.images import BadImage
+from igpt.palette import colour_keys
 
 
 @ray.remote(num_cpus=0)
@@ -97,8 +98,7 @@ class _Tokenize:
             labels.append(label)
         ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
         if toks:  # one vectorised lookup for the whole batch
-            px = np.stack(toks)
-            flat = lut[(px[..., 0].astype(np.int32) << 16) | (px[..., 1].astype(np.int32) << 8) | px[..., 2]].reshape(-1)
+            flat = lut[colour_keys(np.stack(toks))].reshape(-1)
         else:
             flat = np.zeros(0, np.uint16)
         return pa.table({

@@ -109,6 +109,16 @@ def build_lut(centres: np.ndarray, cell: int = 8) -> np.ndarray:
     return lut.numpy().view(np.uint16)
 
 
+def colour_keys(px: np.ndarray) -> np.ndarray:
+    """uint8 RGB (..., 3) -> the 24-bit colour ``(r << 16) | (g << 8) | b``: the lookup table's index.
+
+    Written as a byte view (each pixel padded to ``0 r g b`` and read as a big-endian uint32): one copy instead
+    of three casts, two shifts and two ors."""
+    out = np.zeros(px.shape[:-1] + (4,), np.uint8)
+    out[..., 1:] = px
+    return out.view(">u4")[..., 0]
+
+
 def _digest(centres: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(centres, dtype=np.float32).tobytes()).hexdigest()[:16]
 
@@ -169,8 +179,7 @@ class Palette:
         px = np.asarray(pixels_u8)
         if px.dtype != np.uint8 or px.shape[-1] != 3:
             raise ValueError(f"expected uint8 pixels with a last axis of 3, got {px.dtype} {px.shape}")
-        key = (px[..., 0].astype(np.int32) << 16) | (px[..., 1].astype(np.int32) << 8) | px[..., 2]
-        return self.lut[key]
+        return self.lut[colour_keys(px)]
 
     def dequantize(self, tokens: np.ndarray) -> np.ndarray:
         """uint16 tokens (...) -> uint8 RGB (..., 3), the centre colours (as Hugging Face renders them)."""
