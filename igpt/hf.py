@@ -64,7 +64,6 @@ def from_hf(hf_model, objective: str = "ar") -> IGPT:
     """An :class:`IGPT` with the weights of an HF ``ImageGPTForCausalImageModeling``."""
     cfg = config_from_hf(hf_model.config, objective)
     sd = {k: v.detach().float().cpu() for k, v in hf_model.state_dict().items()}
-    d = cfg.d_model
     model = IGPT(cfg)
     model.wte.weight.copy_(sd["transformer.wte.weight"])
     model.wpe.weight.copy_(sd["transformer.wpe.weight"])
@@ -74,10 +73,7 @@ def from_hf(hf_model, objective: str = "ar") -> IGPT:
         p = f"transformer.h.{i}."
         for b in ("attn.c_attn.bias", "attn.c_proj.bias", "mlp.c_fc.bias", "mlp.c_proj.bias"):
             _no_bias(p + b, sd[p + b])
-        qkv = sd[p + "attn.c_attn.weight"]  # (d, 3d), Conv1D layout
-        blk.attn.q.weight.copy_(qkv[:, :d].T)
-        blk.attn.k.weight.copy_(qkv[:, d : 2 * d].T)
-        blk.attn.v.weight.copy_(qkv[:, 2 * d :].T)
+        blk.attn.qkv.weight.copy_(sd[p + "attn.c_attn.weight"].T)  # (d, 3d) Conv1D -> (3d, d), q|k|v in order
         blk.attn.proj.weight.copy_(sd[p + "attn.c_proj.weight"].T)
         blk.mlp.fc.weight.copy_(sd[p + "mlp.c_fc.weight"].T)
         blk.mlp.proj.weight.copy_(sd[p + "mlp.c_proj.weight"].T)
@@ -102,7 +98,7 @@ def to_hf(model: IGPT):
     for i, blk in enumerate(model.h):
         p = f"transformer.h.{i}."
         a = blk.attn
-        new[p + "attn.c_attn.weight"] = torch.cat([a.q.weight.T, a.k.weight.T, a.v.weight.T], 1)
+        new[p + "attn.c_attn.weight"] = a.qkv.weight.T
         new[p + "attn.c_proj.weight"] = a.proj.weight.T
         new[p + "mlp.c_fc.weight"] = blk.mlp.fc.weight.T
         new[p + "mlp.c_proj.weight"] = blk.mlp.proj.weight.T

@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # F.rms_norm is exactly x * rsqrt(mean(x^2) + eps) * weight, in one fused kernel where one exists
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def gelu2(x: torch.Tensor) -> torch.Tensor:
@@ -45,14 +46,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head = cfg.n_head
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.k = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.v = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # q, k, v stacked: one matmul
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (w(x).view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for w in (self.q, self.k, self.v))
+        q, k, v = (y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for y in self.qkv(x).split(d, -1))
         # SDPA dispatches to flash / memory-efficient kernels on GPUs; the scale is 1/sqrt(head_dim) as released.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
@@ -100,8 +99,7 @@ class IGPT(nn.Module):
         nn.init.normal_(self.wte.weight, std=0.02)
         nn.init.normal_(self.wpe.weight, std=0.01)
         for blk in self.h:
-            for w in (blk.attn.q, blk.attn.k, blk.attn.v):
-                nn.init.normal_(w.weight, std=1 / math.sqrt(d))
+            nn.init.normal_(blk.attn.qkv.weight, std=1 / math.sqrt(d))
             nn.init.normal_(blk.attn.proj.weight, std=1 / math.sqrt(d * n_layer))
             nn.init.normal_(blk.mlp.fc.weight, std=0.02)
             nn.init.normal_(blk.mlp.proj.weight, std=0.02)

@@ -37,7 +37,7 @@ def test_release_initialisation():
     assert m.wte.weight.shape == (513, d)
     assert abs(m.wte.weight.std().item() - 0.02) < 0.002
     assert abs(m.wpe.weight.std().item() - 0.01) < 0.001
-    assert abs(m.h[0].attn.q.weight.std().item() - d**-0.5) < 0.1 * d**-0.5
+    assert abs(m.h[0].attn.qkv.weight.std().item() - d**-0.5) < 0.1 * d**-0.5
     assert abs(m.h[0].attn.proj.weight.std().item() - (d * n_layer) ** -0.5) < 0.1 * (d * n_layer) ** -0.5
     assert all(b is None for mod in m.modules() if isinstance(mod, torch.nn.Linear) for b in [mod.bias])
     assert all(torch.all(p == 1) for n, p in m.named_parameters() if "ln" in n)
