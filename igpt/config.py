@@ -239,3 +239,63 @@ class QuantizeJobConfig:
     def __post_init__(self) -> None:
         if self.rows_per_shard < 1:
             raise ValueError("rows_per_shard must be >= 1")
+
+
+CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed runs the model. Unset fields come from the preset, then from DeepSpeed's defaults."""
+
+    preset: str = _help("a preset in cluster/deepspeed/ (S, M, L, XL, cpu) or a path to one; '' for none",
+                        default="")
+    zero_stage: int | None = _help("ZeRO stage 0..3", default=None)
+    precision: Literal["fp32", "bf16", "fp16"] | None = _help("training precision", default=None)
+    offload_optimizer: bool | None = _help("optimizer state on the host (ZeRO >= 1; compiles cpu_adam)", default=None)
+    offload_params: bool | None = _help("parameters on the host (ZeRO 3 only)", default=None)
+    micro_batch: int | None = _help("images per GPU per forward/backward; the global batch is reached by "
+                                    "gradient accumulation and must be a multiple of micro_batch x workers",
+                                    default=None)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"deepspeed.zero_stage must be 0..3, got {self.zero_stage}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError("deepspeed.micro_batch must be >= 1")
+        if self.preset:
+            preset_path(self.preset)  # fails now if it does not exist
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".json" and p.exists():
+        return p
+    p = CLUSTER_DIR / "deepspeed" / f"{name}.json"
+    if not p.exists():
+        known = sorted(x.stem for x in (CLUSTER_DIR / "deepspeed").glob("*.json"))
+        raise FileNotFoundError(f"DeepSpeed preset {name!r} not found; known presets: {known}")
+    return p
+
+
+@dataclass
+class OptimConfig:
+    """The paper's recipe by default: Adam(0.9, 0.95), no weight decay, warm-up one epoch, cosine to 0."""
+
+    lr: float = _help("peak learning rate; > 0", default=1e-3)
+    beta1: float = _help("Adam beta1; in [0, 1)", default=0.9)
+    beta2: float = _help("Adam beta2; in [0, 1)", default=0.95)
+    eps: float = _help("Adam epsilon; > 0", default=1e-8)
+    weight_decay: float = _help("decoupled weight decay (paper: 0); >= 0", default=0.0)
+    global_batch: int = _help("images per optimizer step over all workers (paper: 128; 64 for XL)", default=128)
+    warmup_epochs: float = _help("linear warm-up length in epochs (paper: 1)", default=1.0)
+
+    def __post_init__(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"optim.lr must be a positive number, got {self.lr}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.eps <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
+            raise ValueError("optim.eps must be > 0; optim.weight_decay and optim.warmup_epochs >= 0")
+        if self.global_batch < 1:
+            raise ValueError("optim.global_batch must be >= 1")
