@@ -75,20 +75,27 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+def from_dict(cls: type[T], data: dict[str, Any], base: Any = None) -> T:
     """Build a config tree from nested dicts; unknown keys are an error, not silently dropped.
 
-    Keys not given take the dataclass's own defaults (nested configs use their class defaults, so a derived
-    field such as ``model.n_layer`` is always derived from the ``model.size`` actually chosen)."""
+    Keys not given keep the value of ``base`` (default: ``cls()``, so a nested config keeps the default its
+    parent gave it), except fields a class lists in ``DERIVED``: those are recomputed by its ``__post_init__``
+    (``model.n_layer`` follows the ``model.size`` actually chosen)."""
     hints = get_type_hints(cls)
+    base = cls() if base is None else base
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
     kwargs = {}
-    for k, v in data.items():
-        tp = _base_type(hints[k])
-        kwargs[k] = from_dict(tp, v) if dataclasses.is_dataclass(tp) and isinstance(v, dict) else v
+    for f in dataclasses.fields(cls):
+        current = getattr(base, f.name)
+        if f.name in data:
+            v, tp = data[f.name], _base_type(hints[f.name])
+            nested = dataclasses.is_dataclass(tp) and isinstance(v, dict)
+            kwargs[f.name] = from_dict(tp, v, current if dataclasses.is_dataclass(current) else None) if nested else v
+        elif f.name not in getattr(cls, "DERIVED", ()):
+            kwargs[f.name] = current
     return cls(**kwargs)
 
 

@@ -38,6 +38,8 @@ PAPER_PARAMS_M = {"S": 76, "M": 455, "L": 1362, "XL": 6801}
 
 @dataclass
 class ModelConfig:
+    DERIVED = ("n_layer", "d_model", "n_head", "resolution")  # filled from the size table when not given
+
     size: str = _help(f"named size from MODEL_SIZES: one of {', '.join(MODEL_SIZES)}", default="debug")
     n_layer: int | None = _help("blocks; default from the size table; >= 1", default=None)
     d_model: int | None = _help("width; default from the size table; divisible by n_head", default=None)
@@ -299,3 +301,62 @@ class OptimConfig:
             raise ValueError("optim.eps must be > 0; optim.weight_decay and optim.warmup_epochs >= 0")
         if self.global_batch < 1:
             raise ValueError("optim.global_batch must be >= 1")
+
+
+@dataclass
+class ScalingConfig:
+    workers: int = _help("Ray Train workers (one per GPU on a cluster); >= 1", default=2)
+    use_gpu: bool = _help("one GPU per worker, NCCL; otherwise CPU with gloo", default=False)
+    cpus_per_worker: float = _help("CPUs reserved per worker; leave some for Ray Data on small nodes", default=0.5)
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.cpus_per_worker < 0:
+            raise ValueError("scaling.workers must be >= 1 and scaling.cpus_per_worker >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _help("checkpoint every this many optimizer steps (and at the end); >= 1", default=100)
+    keep: int = _help("checkpoints kept (the newest); >= 2, so a torn newest one leaves a complete one", default=2)
+    max_failures: int = _help("worker failures Ray Train recovers from (restart from the newest complete "
+                              "checkpoint); -1: unlimited", default=3)
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise ValueError("checkpoint.every_steps must be >= 1")
+        if self.keep < 2:
+            raise ValueError("checkpoint.keep must be >= 2")
+
+
+@dataclass
+class PretrainJobConfig:
+    """Pretrain iGPT with Ray Train + DeepSpeed on the augmented, tokenized stream of a dataset."""
+
+    name: str = _help("run name: the run lives in <storage_path>/<name>; re-submitting the same name resumes it",
+                      default="pretrain")
+    storage_path: str = _help("where runs keep checkpoints and state (shared storage on a cluster)",
+                              default="runs/train")
+    palette_path: str = _help("palette .npy from fit_palette (required)", default="")
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    val: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    transform: TransformConfig = field(default_factory=lambda: TransformConfig(augment=True))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    epochs: int = _help("passes over the training split; >= 1", default=1)
+    max_steps: int = _help("stop after this many optimizer steps (0: epochs x steps per epoch)", default=0)
+    eval_every: int = _help("validation loss every this many steps, besides every epoch (0: epochs only)",
+                            default=0)
+    val_images: int = _help("validation images per evaluation (0: the whole split)", default=1000)
+    completions: int = _help("validation images completed from their top half in each epoch's picture",
+                             default=8)
+    fail_at_step: int = _help("testing faults: worker fail_rank exits abruptly at this step, once (-1: never)",
+                              default=-1)
+    fail_rank: int = _help("testing faults: which worker exits", default=1)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.max_steps < 0 or self.eval_every < 0 or self.val_images < 0:
+            raise ValueError("epochs must be >= 1; max_steps, eval_every and val_images >= 0")

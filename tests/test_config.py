@@ -89,3 +89,12 @@ def test_cli_rejects_bad_values_and_unknown_keys(tmp_path, capsys):
 def test_config_round_trips_through_a_dict():
     cfg = cli.parse(MainJobConfig, ["--model.size", "small", "--train.lr", "0.001"])
     assert cli.from_dict(MainJobConfig, cli.to_dict(cfg)) == cfg
+
+
+def test_nested_defaults_of_a_parent_survive_partial_overrides():
+    from igpt.config import PretrainJobConfig
+
+    cfg = cli.parse(PretrainJobConfig, ["--val.path", "x", "--model.size", "tiny"])
+    assert cfg.val.split == "test" and cfg.val.path == "x"  # the parent's default for val, not DatasetSpec()'s
+    assert cfg.transform.augment is True
+    assert cfg.model.n_layer == 4  # derived from the chosen size, not kept from the default size

@@ -1,0 +1,203 @@
+"""The per-worker pretraining loop (runs inside each Ray Train worker; the driver is ``pipelines/pretrain.py``).
+
+Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage, precision, offload from the generated
+config), streams its share of the augmented token stream, and every ``checkpoint.every_steps`` saves its
+DeepSpeed shard plus the client state DeepSpeed does not keep (step, data position, RNG states). Rank 0 writes
+a completion marker last; a checkpoint without it was torn mid-write and is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from igpt.model import IGPT
+from igpt.optim import lr_factor
+
+MARKER = "igpt_complete.json"
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """A run's checkpoint folders, oldest first (``step_00000042``)."""
+    return sorted(p for p in Path(run_dir).glob("step_*") if p.is_dir())
+
+
+def newest_complete(run_dir: Path) -> Path | None:
+    """The newest checkpoint folder with its completion marker; torn ones (no marker) are passed over."""
+    for p in reversed(checkpoint_dirs(run_dir)):
+        if (p / MARKER).exists():
+            return p
+    return None
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+def cpu_peak_flops(seconds: float = 0.3) -> float:
+    """Achievable fp32 matmul FLOP/s of this process's threads, measured: the CPU 'peak' MFU is taken against."""
+    a = torch.randn(1024, 1024)
+    torch.mm(a, a)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        torch.mm(a, a)
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t)
+
+
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def device_peak_flops(use_gpu: bool) -> tuple[float, str]:
+    if use_gpu and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for k, v in GPU_PEAK_BF16.items():
+            if k in name:
+                return v, f"{name}: {v / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
+    peak = cpu_peak_flops()
+    return peak, f"CPU: {peak / 1e9:.1f} GFLOP/s measured fp32 matmul (1024^2) on this worker's threads"
+
+
+def train_loop(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from mlflow.tracking import MlflowClient
+
+    from igpt import cli
+    from igpt.config import PretrainJobConfig
+
+    cfg = cli.from_dict(PretrainJobConfig, config["cfg"])
+    meta = config["meta"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+
+    torch.manual_seed(meta["seed"])  # the same initial weights on every rank
+    model = IGPT(cli.from_dict(type(cfg.model), meta["model"]))
+    total, warmup = meta["total_steps"], meta["warmup_steps"]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=meta["ds_config"],
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)))
+    accum = engine.gradient_accumulation_steps()
+    micro = engine.train_micro_batch_size_per_gpu()
+
+    # ---- resume from the newest complete checkpoint -----------------------------------------------------
+    step, consumed = 0, 0
+    run_dir = Path(meta["run_dir"])
+    ckpt = newest_complete(run_dir)
+    if ckpt is None and ray.train.get_checkpoint() is not None:
+        raise RuntimeError(f"Ray reports a checkpoint but none under {run_dir} is complete")
+    if ckpt is not None:
+        state = json.loads((ckpt / MARKER).read_text())
+        path, client = engine.load_checkpoint(str(ckpt), tag=state["tag"])
+        if path is None:  # DeepSpeed only warns when 'latest' is missing; a checkpoint was expected here
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt} (tag {state['tag']})")
+        step, consumed = client["step"], client["micro_batches"]
+        _set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
+        if rank == 0:
+            print(f"resumed from {ckpt.name}: step {step}, {consumed} micro-batches consumed per worker")
+
+    client = MlflowClient(meta["tracking_uri"]) if rank == 0 else None
+    peak, peak_note = device_peak_flops(cfg.scaling.use_gpu)
+    flops_per_token = model.cfg.train_flops_per_token()
+    n_ctx = model.cfg.n_ctx
+
+    shard = ray.train.get_dataset_shard("train")
+    batches = shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes={"tokens": torch.int64},
+                                       device=device)
+    it = iter(batches)
+    for _ in range(consumed):  # data position: skip what the checkpointed run already trained on
+        next(it)
+
+    def evaluate() -> float:
+        engine.eval()
+        total_loss, n = 0.0, 0
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for b in ray.train.get_dataset_shard("val").iter_torch_batches(
+                    batch_size=micro, dtypes={"tokens": torch.int64}, device=device):
+                x = b["tokens"]
+                mask = engine.module.bert_mask(x.cpu(), g).to(device) if model.cfg.objective == "bert" else None
+                total_loss += engine.module.loss(x, mask=mask).item() * len(x)
+                n += len(x)
+        engine.train()
+        return total_loss / max(n, 1)
+
+    def save(step: int) -> None:
+        tag = f"step{step}"
+        with tempfile.TemporaryDirectory() as tmp:
+            rng = [None] * world
+            dist.all_gather_object(rng, _rng_state())
+            engine.save_checkpoint(tmp, tag=tag, client_state={"step": step, "micro_batches": consumed, "rng": rng})
+            name = f"step_{step:08d}"
+            ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        dist.barrier()  # every rank's upload has returned
+        if rank == 0:  # written last, into the persisted folder: its presence means every rank's files are in
+            tmp_marker = run_dir / name / (MARKER + ".tmp")
+            tmp_marker.write_text(json.dumps({"tag": tag, "step": step, "world_size": world}))
+            tmp_marker.rename(run_dir / name / MARKER)
+        dist.barrier()
+
+    engine.train()
+    steps_per_epoch = meta["steps_per_epoch"]
+    while step < total:
+        t0 = time.perf_counter()
+        losses = []
+        for _ in range(accum):
+            x = next(it)["tokens"]
+            consumed += 1
+            loss = engine.module.loss(x) if model.cfg.objective == "ar" else engine.module.loss(x, "bert")
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+        step += 1
+        mean = torch.stack(losses).mean()
+        dist.all_reduce(mean)
+        mean = (mean / world).item()
+        if step == cfg.fail_at_step and rank == cfg.fail_rank and not (run_dir / "fault_injected").exists():
+            (run_dir / "fault_injected").touch()
+            os._exit(1)  # an abrupt worker death, as a lost node gives
+        if not math.isfinite(mean):
+            if client:
+                client.log_metric(meta["run_id"], "train/nonfinite_loss", 1.0, step=step)
+            raise FloatingPointError(f"loss is {mean} at step {step}: stopping (lower optim.lr, or check the data)")
+        dt = time.perf_counter() - t0
+        if client:
+            tok_s = cfg.optim.global_batch * n_ctx / dt
+            gn = engine.get_global_grad_norm()
+            from mlflow.entities import Metric
+
+            ms = int(time.time() * 1000)
+            vals = {"train/loss": mean, "train/bits_per_dim": mean / math.log(2),
+                    "train/lr": engine.get_lr()[0], "train/tokens_per_s": tok_s,
+                    "train/mfu": tok_s * flops_per_token / (peak * world)}
+            if gn is not None:
+                vals["train/grad_norm"] = float(gn)
+            client.log_batch(meta["run_id"], metrics=[Metric(k, v, ms, step) for k, v in vals.items()])
+            if step == 1:
+                client.set_tag(meta["run_id"], "mfu_peak", peak_note)
+        end_of_epoch = step % steps_per_epoch == 0
+        if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+            val = evaluate()
+            if client:
+                client.log_metric(meta["run_id"], "val/loss", val, step=step)
+                client.log_metric(meta["run_id"], "val/bits_per_dim", val / math.log(2), step=step)
+        if step % cfg.checkpoint.every_steps == 0 or step == total:
+            save(step)

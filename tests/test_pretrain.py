@@ -1,0 +1,80 @@
+"""Pretraining through real Ray Train workers, each a real DeepSpeed engine (CPU, gloo), logging to real MLflow."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from igpt import cli
+from igpt.config import PretrainJobConfig
+from igpt.train_loop import MARKER, newest_complete
+from pipelines import pretrain
+
+from .conftest import SAMPLE, SHARED_CIFAR
+
+
+@pytest.fixture(scope="module")
+def palette_path(tmp_path_factory, cifar_images):
+    from igpt.palette import Palette
+
+    path = tmp_path_factory.mktemp("palette") / "palette.npy"
+    Palette.fit(cifar_images[:100].reshape(-1, 3), max_iter=5).save(path)
+    return path
+
+
+def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobConfig:
+    shared = (SHARED_CIFAR / "train-00000-of-00005.parquet").exists()
+    train = ["--train.path", str(SHARED_CIFAR), "--train.max_images", "2048"] if shared else \
+        ["--train.path", str(SAMPLE), "--train.key_prefix", "train/"]
+    val = ["--val.path", str(SHARED_CIFAR)] if shared else ["--val.path", str(SAMPLE), "--val.key_prefix", "test/"]
+    argv = ["--name", name, "--storage_path", str(tmp_path / "runs"), "--palette_path", str(palette_path),
+            *train, *val, "--val_images", "32", "--model.size", "debug", "--deepspeed.preset", "cpu",
+            "--deepspeed.zero_stage", str(stage), "--deepspeed.precision", "fp32", "--deepspeed.micro_batch", "8",
+            "--optim.global_batch", "16", "--optim.lr", "0.01", "--optim.warmup_epochs", "0.05",
+            "--max_steps", str(max_steps), "--checkpoint.every_steps", "4", "--scaling.workers", "2"]
+    for k, v in extra.items():
+        argv += [f"--{k}", str(v)]
+    return cli.parse(PretrainJobConfig, argv)
+
+
+def history(summary, key):
+    return MlflowClient(summary["tracking_uri"]).get_metric_history(summary["run_id"], key)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, ray_local, stage):
+    summary = pretrain.run(job(tmp_path, palette_path, f"z{stage}", stage, max_steps=12))
+    losses = [m.value for m in sorted(history(summary, "train/loss"), key=lambda m: m.step)]
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < losses[0] - 0.5, losses  # it learns
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("train/bits_per_dim", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"):
+        assert key in run.data.metrics, key
+    assert run.data.params["deepspeed.zero_stage"] == str(stage) and "CPU" in run.data.tags["mfu_peak"]
+    arts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"config.json", "deepspeed_config.json", "palette"} <= arts
+    run_dir = Path(summary["run_dir"])
+    ds = json.loads((run_dir / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 1
+    kept = sorted(p.name for p in run_dir.glob("step_*"))
+    assert kept == ["step_00000008", "step_00000012"]  # every 4 steps and at the end; the newest 2 kept
+    assert all((run_dir / k / MARKER).exists() for k in kept)
+
+
+def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_path, palette_path, ray_local):
+    first = pretrain.run(job(tmp_path, palette_path, "torn", 2, max_steps=8))
+    run_dir = Path(first["run_dir"])
+    assert newest_complete(run_dir).name == "step_00000008"
+    (run_dir / "step_00000008" / MARKER).unlink()  # as if the run died while writing step 8
+    assert newest_complete(run_dir).name == "step_00000004"
+    second = pretrain.run(job(tmp_path, palette_path, "torn", 2, max_steps=10))
+    assert second["resumed"] and second["run_id"] == first["run_id"]  # the same MLflow run continues
+    steps = [m.step for m in history(second, "train/loss")]
+    # steps 1-8 from the first submission, then 5-10 again from the complete step-4 checkpoint
+    assert sorted(steps) == sorted([*range(1, 9), *range(5, 11)])
+    assert newest_complete(run_dir).name == "step_00000010"
