@@ -350,6 +350,9 @@ class PretrainJobConfig:
     eval_every: int = _help("validation loss every this many steps, besides every epoch (0: epochs only)",
                             default=0)
     val_images: int = _help("validation images per evaluation (0: the whole split)", default=1000)
+    deterministic: bool = _help(
+        "replayable data order: Ray Data keeps record order and deals blocks to workers in a fixed way, so a "
+        "resumed or repeated run sees exactly the same batches (costs a little throughput)", default=True)
     completions: int = _help("validation images completed from their top half in each epoch's picture",
                              default=8)
     fail_at_step: int = _help("testing faults: worker fail_rank exits abruptly at this step, once (-1: never)",

@@ -46,6 +46,16 @@ def datasets(cfg: PretrainJobConfig, palette: Palette):
     return train, val, count, log
 
 
+def _execution_options(cfg: PretrainJobConfig):
+    """With ``deterministic``: ordered execution, so the splitter deals the same blocks to the same workers in
+    the same order every time (it gives each block to the worker with the fewest rows so far)."""
+    from ray.data import ExecutionOptions
+
+    opts = ExecutionOptions()
+    opts.preserve_order = cfg.deterministic
+    return opts
+
+
 def run(cfg: PretrainJobConfig) -> dict:
     import mlflow
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -113,7 +123,7 @@ def run(cfg: PretrainJobConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets={"train": train, "val": val},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_execution_options(cfg)),
     )
     try:
         result = trainer.fit()

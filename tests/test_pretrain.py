@@ -5,6 +5,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -78,3 +79,25 @@ def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_
     # steps 1-8 from the first submission, then 5-10 again from the complete step-4 checkpoint
     assert sorted(steps) == sorted([*range(1, 9), *range(5, 11)])
     assert newest_complete(run_dir).name == "step_00000010"
+
+
+def final_params(summary) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = newest_complete(Path(summary["run_dir"]))
+    tag = json.loads((ckpt / MARKER).read_text())["tag"]
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+
+
+def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ray_local):
+    """Rank 1 dies (os._exit) at step 6 of a 10-step run; Ray Train restarts the workers, which resume from the
+    step-4 checkpoint; the final parameters equal those of a run that was never interrupted, bit for bit."""
+    clean = pretrain.run(job(tmp_path, palette_path, "clean", 2, max_steps=10))
+    faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10, fail_at_step=6, fail_rank=1))
+    assert (Path(faulty["run_dir"]) / "fault_injected").exists()  # the fault did happen
+    steps = sorted(m.step for m in history(faulty, "train/loss"))
+    assert steps.count(5) == 2 and steps.count(6) == 2 and steps.count(7) == 1  # steps 5-6 ran twice
+    a, b = final_params(clean), final_params(faulty)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
