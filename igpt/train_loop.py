@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from igpt.model import IGPT
 from igpt.optim import lr_factor
+from igpt.sampling import complete, grid
 
 MARKER = "igpt_complete.json"
+NONFINITE = "nonfinite_loss"  # written when the loss diverges; stops Ray Train's automatic retries
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -100,6 +102,8 @@ def train_loop(config: dict) -> None:
     # ---- resume from the newest complete checkpoint -----------------------------------------------------
     step, consumed = 0, 0
     run_dir = Path(meta["run_dir"])
+    if (run_dir / NONFINITE).exists():  # Ray Train restarts failed workers; retrying a diverged run is futile
+        raise FloatingPointError(f"this run diverged ({(run_dir / NONFINITE).read_text().strip()}); not retrying")
     ckpt = newest_complete(run_dir)
     if ckpt is None and ray.train.get_checkpoint() is not None:
         raise RuntimeError(f"Ray reports a checkpoint but none under {run_dir} is complete")
@@ -139,6 +143,28 @@ def train_loop(config: dict) -> None:
         engine.train()
         return total_loss / max(n, 1)
 
+    centres = np.asarray(meta["palette"], np.float32)
+    res = model.cfg.resolution
+
+    def completions(epoch: int) -> None:
+        """Each epoch: the first validation images, top half given, completed twice; a picture to MLflow."""
+        if not cfg.completions or model.cfg.objective != "ar":
+            return
+        batch = next(iter(ray.train.get_dataset_shard("val").iter_torch_batches(
+            batch_size=cfg.completions, dtypes={"tokens": torch.int64}, device=device)))["tokens"]
+        engine.eval()
+        g = torch.Generator().manual_seed(epoch)
+        half = (res // 2) * res
+        samples = [complete(engine.module, batch, half, generator=g) for _ in range(2)]
+        engine.train()
+        if rank == 0:
+            from igpt.palette import Palette
+
+            pal = Palette(centres)
+            rows = [[pal.dequantize(t[i].cpu().numpy().reshape(res, res)) for t in (batch, *samples)]
+                    for i in range(len(batch))]  # original | completion 1 | completion 2
+            client.log_image(meta["run_id"], grid(rows), f"completions/epoch_{epoch:03d}.png")
+
     def save(step: int) -> None:
         tag = f"step{step}"
         with tempfile.TemporaryDirectory() as tmp:
@@ -164,6 +190,8 @@ def train_loop(config: dict) -> None:
             x = next(it)["tokens"]
             consumed += 1
             loss = engine.module.loss(x) if model.cfg.objective == "ar" else engine.module.loss(x, "bert")
+            if step + 1 == cfg.nan_at_step:
+                loss = loss * float("nan")  # fault injection for tests: a diverged step, gradients included
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
@@ -177,6 +205,7 @@ def train_loop(config: dict) -> None:
         if not math.isfinite(mean):
             if client:
                 client.log_metric(meta["run_id"], "train/nonfinite_loss", 1.0, step=step)
+                (run_dir / NONFINITE).write_text(f"loss {mean} at step {step}\n")
             raise FloatingPointError(f"loss is {mean} at step {step}: stopping (lower optim.lr, or check the data)")
         dt = time.perf_counter() - t0
         if client:
@@ -199,5 +228,7 @@ def train_loop(config: dict) -> None:
             if client:
                 client.log_metric(meta["run_id"], "val/loss", val, step=step)
                 client.log_metric(meta["run_id"], "val/bits_per_dim", val / math.log(2), step=step)
+        if end_of_epoch or step == total:
+            completions(-(-step // steps_per_epoch))
         if step % cfg.checkpoint.every_steps == 0 or step == total:
             save(step)

@@ -21,7 +21,7 @@ from igpt import cli, deepspeed_config, ingest, sources
 from igpt.config import PretrainJobConfig
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.train_loop import train_loop
+from igpt.train_loop import NONFINITE, train_loop
 
 
 def datasets(cfg: PretrainJobConfig, palette: Palette):
@@ -73,6 +73,7 @@ def run(cfg: PretrainJobConfig) -> dict:
         raise ValueError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
     run_dir = Path(cfg.storage_path).resolve() / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / NONFINITE).unlink(missing_ok=True)  # a re-submission is a new attempt (e.g. with a lower lr)
     ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, cfg.optim, cfg.scaling.workers, cfg.scaling.use_gpu)
     model_cfg = cli.to_dict(cfg.model)
     for k, v in model_over.items():  # the preset's model needs (XL: activation checkpointing), unless set
@@ -113,7 +114,7 @@ def run(cfg: PretrainJobConfig) -> dict:
 
     meta = {"total_steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch,
             "ds_config": ds_conf, "model": model_cfg, "seed": cfg.transform.seed, "run_dir": str(run_dir),
-            "run_id": run_id, "tracking_uri": uri}
+            "run_id": run_id, "tracking_uri": uri, "palette": palette.centres.tolist()}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cli.to_dict(cfg), "meta": meta},

@@ -35,7 +35,8 @@ def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobC
             *train, *val, "--val_images", "32", "--model.size", "debug", "--deepspeed.preset", "cpu",
             "--deepspeed.zero_stage", str(stage), "--deepspeed.precision", "fp32", "--deepspeed.micro_batch", "8",
             "--optim.global_batch", "16", "--optim.lr", "0.01", "--optim.warmup_epochs", "0.05",
-            "--max_steps", str(max_steps), "--checkpoint.every_steps", "4", "--scaling.workers", "2"]
+            "--max_steps", str(max_steps), "--checkpoint.every_steps", "4", "--scaling.workers", "2",
+            "--completions", "2"]
     for k, v in extra.items():
         argv += [f"--{k}", str(v)]
     return cli.parse(PretrainJobConfig, argv)
@@ -58,7 +59,14 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
         assert key in run.data.metrics, key
     assert run.data.params["deepspeed.zero_stage"] == str(stage) and "CPU" in run.data.tags["mfu_peak"]
     arts = {a.path for a in client.list_artifacts(summary["run_id"])}
-    assert {"config.json", "deepspeed_config.json", "palette"} <= arts
+    assert {"config.json", "deepspeed_config.json", "palette", "completions"} <= arts
+    pics = [a.path for a in client.list_artifacts(summary["run_id"], "completions")]
+    assert pics == ["completions/epoch_001.png"]
+    local = client.download_artifacts(summary["run_id"], pics[0], str(tmp_path))
+    from PIL import Image
+
+    # 2 images x (original | 2 completions), 32x32 each with 2-pixel gaps, upscaled 4x
+    assert Image.open(local).size == ((3 * 34 + 2) * 4, (2 * 34 + 2) * 4)
     run_dir = Path(summary["run_dir"])
     ds = json.loads((run_dir / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 1
@@ -101,3 +109,16 @@ def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ra
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, palette_path, ray_local):
+    cfg = job(tmp_path, palette_path, "nan", 2, max_steps=6, nan_at_step=3, **{"checkpoint.max_failures": 2})
+    with pytest.raises(Exception, match=r"loss is nan at step 3|diverged \(loss nan at step 3\)"):
+        pretrain.run(cfg)
+    run_dir = tmp_path / "runs" / "nan"
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["train/nonfinite_loss"] == 1.0
+    assert (run_dir / "nonfinite_loss").read_text() == "loss nan at step 3\n"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
