@@ -118,6 +118,10 @@ def train_loop(config: dict) -> None:
             print(f"resumed from {ckpt.name}: step {step}, {consumed} micro-batches consumed per worker")
 
     client = MlflowClient(meta["tracking_uri"]) if rank == 0 else None
+    # steps this MLflow run already has (from an attempt that died after logging them): a resumed run replays
+    # them bit for bit (deterministic data order), so they are not logged twice
+    logged_until = max((m.step for m in client.get_metric_history(meta["run_id"], "train/loss")), default=0) \
+        if client else 0
     peak, peak_note = device_peak_flops(cfg.scaling.use_gpu)
     flops_per_token = model.cfg.train_flops_per_token()
     n_ctx = model.cfg.n_ctx
@@ -208,7 +212,7 @@ def train_loop(config: dict) -> None:
                 (run_dir / NONFINITE).write_text(f"loss {mean} at step {step}\n")
             raise FloatingPointError(f"loss is {mean} at step {step}: stopping (lower optim.lr, or check the data)")
         dt = time.perf_counter() - t0
-        if client:
+        if client and step > logged_until:
             tok_s = cfg.optim.global_batch * n_ctx / dt
             gn = engine.get_global_grad_norm()
             from mlflow.entities import Metric
@@ -225,7 +229,7 @@ def train_loop(config: dict) -> None:
         end_of_epoch = step % steps_per_epoch == 0
         if end_of_epoch or (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
             val = evaluate()
-            if client:
+            if client and step > logged_until:
                 client.log_metric(meta["run_id"], "val/loss", val, step=step)
                 client.log_metric(meta["run_id"], "val/bits_per_dim", val / math.log(2), step=step)
         if end_of_epoch or step == total:

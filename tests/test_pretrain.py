@@ -84,8 +84,9 @@ def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_
     second = pretrain.run(job(tmp_path, palette_path, "torn", 2, max_steps=10))
     assert second["resumed"] and second["run_id"] == first["run_id"]  # the same MLflow run continues
     steps = [m.step for m in history(second, "train/loss")]
-    # steps 1-8 from the first submission, then 5-10 again from the complete step-4 checkpoint
-    assert sorted(steps) == sorted([*range(1, 9), *range(5, 11)])
+    # steps 1-8 from the first submission; 5-8 are trained again from the complete step-4 checkpoint but not
+    # logged twice; 9-10 are new
+    assert sorted(steps) == list(range(1, 11))
     assert newest_complete(run_dir).name == "step_00000010"
 
 
@@ -97,6 +98,7 @@ def final_params(summary) -> dict:
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
 
 
+@pytest.mark.slow  # ~3.5 min: two runs plus Ray Train's restart of the worker group
 def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ray_local):
     """Rank 1 dies (os._exit) at step 6 of a 10-step run; Ray Train restarts the workers, which resume from the
     step-4 checkpoint; the final parameters equal those of a run that was never interrupted, bit for bit."""
@@ -104,7 +106,9 @@ def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ra
     faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10, fail_at_step=6, fail_rank=1))
     assert (Path(faulty["run_dir"]) / "fault_injected").exists()  # the fault did happen
     steps = sorted(m.step for m in history(faulty, "train/loss"))
-    assert steps.count(5) == 2 and steps.count(6) == 2 and steps.count(7) == 1  # steps 5-6 ran twice
+    assert steps == list(range(1, 11))  # steps 5-6 ran twice but are logged once
+    assert [m.value for m in sorted(history(faulty, "train/loss"), key=lambda m: m.step)] == \
+        [m.value for m in sorted(history(clean, "train/loss"), key=lambda m: m.step)]
     a, b = final_params(clean), final_params(faulty)
     assert a.keys() == b.keys()
     for k in a:
