@@ -6,7 +6,10 @@
    against the card's dense bf16 peak (igpt.train_loop.GPU_PEAK_BF16).
 2. iGPT-XL (6.8B) with ZeRO-3, optimizer and parameter offload to the host and activation checkpointing, micro
    batch 1, a few steps: peak GPU memory and step time, beside `igpt plan`'s estimate.
-Not run in CI. Written before any device was lent to this project: untested on a GPU.
+Not run in CI. Written before any device was lent to this project: untested on a GPU. Watch the host memory
+in step 2: ZeRO-3 with full offload keeps ~18 bytes per parameter on the host (DeepSpeed's estimator: ~180 GB
+with its 1.5x buffer for 6.8B), more than a 128 GiB machine has; drop offload_params or use a partial optimizer
+offload there.
 """
 
 from __future__ import annotations
