@@ -75,6 +75,24 @@ def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec) -
     return transforms.apply(image, t.recipe, t.resolution, t.train, t.seed, t.epoch, key, t.draft)
 
 
+def _good_records(batch: pa.Table, t: TransformSpec, log):
+    """(key, label, uint8 pixels) of every record of the batch that decodes and transforms; the others, with
+    their reasons, and the count of records seen go to the error log once the batch is done."""
+    errors = []
+    cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
+    for key, label, image, raw_size, err in zip(*cols):
+        if err:
+            errors.append((key, err))
+            continue
+        try:
+            px = record_pixels(image, raw_size, key, t)
+        except BadImage as e:
+            errors.append((key, str(e)))
+            continue
+        yield key, label, px
+    ray.get(log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
+
+
 class _Tokenize:
     def __init__(self, lut_box: list, t: TransformSpec, log):
         self.lut_box, self.t, self.log = lut_box, t, log
@@ -82,21 +100,11 @@ class _Tokenize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         lut = _lut(self.lut_box)
         ir = self.t.resolution
-        keys, labels, toks, errors = [], [], [], []
-        cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
-        for key, label, image, raw_size, err in zip(*cols):
-            if err:
-                errors.append((key, err))
-                continue
-            try:
-                px = record_pixels(image, raw_size, key, self.t)
-            except BadImage as e:
-                errors.append((key, str(e)))
-                continue
+        keys, labels, toks = [], [], []
+        for key, label, px in _good_records(batch, self.t, self.log):
             toks.append(px)
             keys.append(key)
             labels.append(label)
-        ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
         if toks:  # one vectorised lookup for the whole batch
             flat = lut[colour_keys(np.stack(toks))].reshape(-1)
         else:
@@ -121,22 +129,13 @@ class _SamplePixels:
         self.per_image, self.t, self.log = per_image, t, log
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out, errors = [], []
-        cols = [batch[c].to_pylist() for c in ("key", "image", "raw_size", "error")]
-        for key, image, raw_size, err in zip(*cols):
-            if err:
-                errors.append((key, err))
-                continue
-            try:
-                px = record_pixels(image, raw_size, key, self.t).reshape(-1, 3)
-            except BadImage as e:
-                errors.append((key, str(e)))
-                continue
+        out = []
+        for key, _, px in _good_records(batch, self.t, self.log):
+            px = px.reshape(-1, 3)
             rng = np.random.default_rng(np.frombuffer(  # own stream, independent of the crop draws
                 transforms.record_rng(self.t.seed, self.t.epoch, key, stream=1)._u, np.uint64))
             k = min(self.per_image, len(px))
             out.append(px[rng.choice(len(px), size=k, replace=False)])
-        ray.get(self.log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
         flat = np.concatenate(out) if out else np.zeros((0, 3), np.uint8)
         return pa.table({"rgb": pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), pa.uint8()), 3)})
 

@@ -23,7 +23,7 @@ from igpt.images import BadImage, decode_rgb, to_resolution
 from igpt.model import IGPT
 from igpt.optim import lr_factor
 from igpt.palette import Palette
-from igpt.tracking import default_tracking_uri, ensure_experiment, flatten
+from igpt.tracking import start_run
 
 
 def load_images(cfg: MainJobConfig) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[tuple[str, str]]]:
@@ -76,8 +76,6 @@ def run(cfg: MainJobConfig) -> dict:
 
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.output_dir) / "mlartifacts")
     torch.manual_seed(cfg.train.seed)
 
     t0 = time.perf_counter()
@@ -108,11 +106,9 @@ def run(cfg: MainJobConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.train.seed)
     train = tokens["train"]
 
-    with mlflow.start_run(experiment_id=exp_id, run_name=cfg.tracking.run_name or cfg.name) as mrun:
-        mlflow.set_tag("igpt.job", "main")
-        mlflow.log_params({f"{k}": v for k, v in flatten(cli.to_dict(cfg)).items()})
+    mrun, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "main", cli.to_dict(cfg))
+    with mrun:
         mlflow.log_params({"model.params": model.num_params(), "data.skipped": len(skipped)})
-        mlflow.log_dict(cli.to_dict(cfg), "config.json")
         mlflow.log_artifact(str(palette_path), "palette")
         if skipped:
             mlflow.log_text("\n".join(f"{k}\t{w}" for k, w in skipped), "errors.tsv")
