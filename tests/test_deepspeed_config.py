@@ -56,11 +56,18 @@ from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig
 from igpt.model import IGPT
 deepspeed.init_distributed(dist_backend="gloo")
 out = {}
-for stage in (0, 1, 2, 3):
+RUNS = {  # name: (DeepSpeedConfig fields, activation checkpointing)
+    "z0": (dict(zero_stage=0), False), "z1": (dict(zero_stage=1), False), "z2": (dict(zero_stage=2), False),
+    "z3": (dict(zero_stage=3), False),
+    "z2-bf16-offload-opt": (dict(zero_stage=2, precision="bf16", offload_optimizer=True), False),
+    "z3-bf16-offload-all-ckpt": (dict(zero_stage=3, precision="bf16", offload_optimizer=True,
+                                      offload_params=True), True),
+}
+for name, (fields, ckpt) in RUNS.items():
     torch.manual_seed(0)
-    conf, _ = deepspeed_config.build(DeepSpeedConfig(preset="cpu", zero_stage=stage, micro_batch=4),
+    conf, _ = deepspeed_config.build(DeepSpeedConfig(preset="cpu", micro_batch=4, **fields),
                                      OptimConfig(lr=3e-3, global_batch=8), world_size=1, on_gpu=False)
-    model = IGPT(ModelConfig(size="debug", resolution=8))
+    model = IGPT(ModelConfig(size="debug", resolution=8, activation_checkpointing=ckpt))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=conf)
     x = torch.randint(0, 16, (8, 64))  # 16 colours only: learnable in a few steps
     losses = []
@@ -70,7 +77,10 @@ for stage in (0, 1, 2, 3):
             engine.backward(loss)
             engine.step()
         losses.append(loss.item())
-    out[stage] = {"losses": losses, "steps": engine.global_steps}
+    p = next(engine.module.parameters())
+    out[name] = {"losses": losses, "steps": engine.global_steps, "dtype": str(p.dtype),
+                 "optimizer": type(engine.basic_optimizer).__name__,
+                 "offload": bool(conf["zero_optimization"].get("offload_optimizer"))}
 print("RESULT " + json.dumps(out))
 """
 
@@ -85,6 +95,10 @@ def test_deepspeed_engine_trains_with_every_zero_stage_on_cpu(tmp_path):
                           timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
-    for stage, r in result.items():
-        assert r["steps"] == 12, stage  # 12 optimizer steps of 2 accumulated micro-batches
-        assert r["losses"][-1] < r["losses"][0] - 1.0, (stage, r["losses"])
+    assert len(result) == 6
+    for name, r in result.items():
+        assert r["steps"] == 12, name  # 12 optimizer steps of 2 accumulated micro-batches
+        assert r["losses"][-1] < r["losses"][0] - 1.0, (name, r["losses"])
+        assert r["optimizer"] == "AdamW", name  # torch's: nothing compiled on the CPU
+    assert result["z2-bf16-offload-opt"]["dtype"] == "torch.bfloat16" and result["z2-bf16-offload-opt"]["offload"]
+    assert result["z3-bf16-offload-all-ckpt"]["dtype"] == "torch.bfloat16"
