@@ -2,8 +2,9 @@
 
 Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage, precision, offload from the generated
 config), streams its share of the augmented token stream, and every ``checkpoint.every_steps`` saves its
-DeepSpeed shard plus the client state DeepSpeed does not keep (step, data position, RNG states). Rank 0 writes
-a completion marker last; a checkpoint without it was torn mid-write and is never loaded.
+DeepSpeed shard plus the client state DeepSpeed does not keep (step, data position, RNG states), and rank 0 the
+gathered fp32 weights (igpt/checkpoints.py). Rank 0 writes a completion marker last; a checkpoint without it was
+torn mid-write and is never loaded.
 """
 
 from __future__ import annotations
@@ -20,25 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from igpt.checkpoints import MARKER, full_fp32_state_dict, newest_complete, write_weights
 from igpt.model import IGPT
 from igpt.optim import lr_factor
 from igpt.sampling import complete, grid
 
-MARKER = "igpt_complete.json"
 NONFINITE = "nonfinite_loss"  # written when the loss diverges; stops Ray Train's automatic retries
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """A run's checkpoint folders, oldest first (``step_00000042``)."""
-    return sorted(p for p in Path(run_dir).glob("step_*") if p.is_dir())
-
-
-def newest_complete(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder with its completion marker; torn ones (no marker) are passed over."""
-    for p in reversed(checkpoint_dirs(run_dir)):
-        if (p / MARKER).exists():
-            return p
-    return None
 
 
 def _rng_state() -> dict:
@@ -175,6 +163,9 @@ def train_loop(config: dict) -> None:
             rng = [None] * world
             dist.all_gather_object(rng, _rng_state())
             engine.save_checkpoint(tmp, tag=tag, client_state={"step": step, "micro_batches": consumed, "rng": rng})
+            weights = full_fp32_state_dict(engine)  # collective; the plain file evaluation loads
+            if rank == 0:
+                write_weights(Path(tmp), weights, meta["model"], centres, step)
             name = f"step_{step:08d}"
             ray.train.report({"step": step}, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=name)

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from igpt import cli
 from igpt.config import PretrainJobConfig
-from igpt.train_loop import MARKER, newest_complete
+from igpt.checkpoints import MARKER, newest_complete
 from pipelines import pretrain
 
 from .conftest import SAMPLE, SHARED_CIFAR
@@ -75,6 +75,16 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     kept = sorted(p.name for p in run_dir.glob("step_*"))
     assert kept == ["step_00000008", "step_00000012"]  # every 4 steps and at the end; the newest 2 kept
     assert all((run_dir / k / MARKER).exists() for k in kept)
+    # the plain weights file evaluation loads equals DeepSpeed's own consolidation of the shards
+    from igpt import checkpoints
+
+    ours = checkpoints.load(run_dir)  # torch.load(weights_only=True) inside
+    theirs = final_params(summary)
+    assert ours["step"] == 12 and ours.keys() >= {"model", "palette"} and ours["state_dict"].keys() == theirs.keys()
+    assert all(torch.equal(ours["state_dict"][k], theirs[k].float()) for k in theirs)
+    model = checkpoints.load_model(run_dir)
+    assert torch.equal(model.head.weight, theirs["head.weight"].float()) and model.head.weight.abs().sum() > 0
+    np.testing.assert_array_equal(checkpoints.load_palette(run_dir).centres, np.load(palette_path))
 
 
 def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_path, palette_path, ray_local):
