@@ -108,3 +108,24 @@ def test_bad_specs_fail_before_any_work(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpecError, match="no parquet files"):
         sources.check(DatasetSpec(str(tmp_path / "empty"), "parquet"))
+
+
+def test_holdout_parts_are_disjoint_stable_and_counted_up_front(tmp_path, ray_local):
+    spec = dict(path=str(SAMPLE), key_prefix="train/")
+    whole = set(read_all(DatasetSpec(**spec)))
+    parts = {}
+    for part in ("rest", "holdout"):
+        s = DatasetSpec(**spec, holdout=0.2, part=part)
+        parts[part] = set(read_all(s))
+        assert sources.check(s).count == len(parts[part])  # the step arithmetic of a pretrain run relies on it
+    assert parts["rest"].isdisjoint(parts["holdout"]) and parts["rest"] | parts["holdout"] == whole
+    assert 0.15 < len(parts["holdout"]) / len(whole) < 0.25
+    assert set(read_all(DatasetSpec(**spec, holdout=0.2, part="holdout"))) == parts["holdout"]  # the same keys again
+    # other readers filter the same way, by key
+    truth = fixtures.cifar(tmp_path, per_batch=20)
+    held = set(read_all(DatasetSpec(str(tmp_path), "cifar10", "train", holdout=0.5, part="holdout")))
+    rest = set(read_all(DatasetSpec(str(tmp_path), "cifar10", "train", holdout=0.5, part="rest")))
+    train_keys = {k for k in truth if not k.startswith("test")}
+    assert held and rest and held.isdisjoint(rest) and held | rest == train_keys
+    with pytest.raises(ValueError, match="needs holdout"):
+        DatasetSpec(str(SAMPLE), part="holdout")
