@@ -1,0 +1,440 @@
+"""Compare pretraining runs from what MLflow holds: one row per pretraining run, printed, written as CSV and
+Markdown, with plots, and logged as an MLflow run of its own (tag ``igpt.job=compare``).
+
+Only MLflow's search API is used (``MlflowClient.search_runs`` with filter strings, every page), never the
+store's files, so the same command works on a local SQLite store and on a tracking server. What it reads:
+
+* pretraining runs (tag ``igpt.job=pretrain``): params ``model.size``, ``model.objective``, ``model.resolution``,
+  ``model.n_layer``, ``model.d_model``, ``model.params``, ``steps.total``, ``optim.global_batch``; the histories of
+  ``train/loss`` and ``val/loss``; the run name;
+* probe runs (``igpt.job=probe``) linked by the tag ``igpt.pretrain_run_id``, trained or random-init by the tag
+  ``igpt.random_init``: ``test/accuracy``, ``best_layer`` (0-based), ``best_layer_relative`` ((layer + 1) /
+  n_layer), the history ``val/accuracy_by_layer`` (step = layer) and, if there, ``baseline/pixels_test_accuracy``;
+* fine-tuning runs (``igpt.job=finetune``) linked the same way: ``test/accuracy``.
+
+Child runs (tag ``mlflow.parentRunId``: trials of sweeps, a sweep's refit) are left out everywhere. Where a
+pretraining run has several probes (or fine-tunings), the newest one (by start time) that holds
+``test/accuracy`` is taken. Probe and fine-tuning runs are looked up in the same experiment.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+PLOTS = ("val_loss_vs_params.png", "val_loss_vs_compute.png", "probe_accuracy_by_depth.png", "loss_curves.png")
+
+
+@dataclass
+class Row:
+    """One pretraining run and what was measured of it."""
+
+    name: str
+    run_id: str
+    size: str | None = None
+    objective: str | None = None
+    resolution: int | None = None
+    n_layer: int | None = None
+    d_model: int | None = None
+    params: int | None = None
+    steps: int | None = None
+    global_batch: int | None = None
+    tokens: int | None = None
+    compute_flops: float | None = None
+    final_val_loss: float | None = None
+    final_val_step: int | None = None
+    best_layer: int | None = None
+    best_layer_relative: float | None = None
+    probe_test_accuracy: float | None = None
+    probe_run_id: str | None = None
+    pixels_test_accuracy: float | None = None
+    random_init_test_accuracy: float | None = None
+    random_init_run_id: str | None = None
+    finetune_test_accuracy: float | None = None
+    finetune_run_id: str | None = None
+
+
+@dataclass
+class Comparison:
+    rows: list[Row]
+    filter_string: str
+    # run id -> metric -> [(step, value)] sorted by step: val/loss and train/loss of pretraining runs
+    losses: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    # pretraining run id -> [(layer, best val accuracy)] of its probe / of its random-init twin probe
+    probe_by_layer: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    twin_by_layer: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def train_compute(params: int | None, steps: int | None, global_batch: int | None, resolution: int | None):
+    """Training compute ≈ 6 · N · D FLOPs (forward + backward; Kaplan et al. 2020): N = ``model.params`` (every
+    parameter, embeddings included), D = tokens processed = ``steps.total`` × ``optim.global_batch`` × IR² (each
+    image is IR² tokens). Attention's context-dependent FLOPs are left out; a BERT run counts every position (the
+    model processes all of them, though its loss is on the masked ones only). ``steps.total`` is the run's planned
+    step count, so a run still in progress is counted as if finished. Returns (tokens, FLOPs), None where a
+    number is missing."""
+    if None in (params, steps, global_batch, resolution):
+        return None, None
+    tokens = steps * global_batch * resolution**2
+    return tokens, 6.0 * params * tokens
+
+
+# ---------------------------------------------------------------------------------------------- MLflow queries
+
+
+def _quote(value: str) -> str:
+    """A string literal of MLflow's filter language."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"a filter value cannot hold both quote characters: {value!r}")
+
+
+def tag_pairs(tag: str) -> list[tuple[str, str]]:
+    """``"team=vision,data=imagenet"`` -> [("team", "vision"), ("data", "imagenet")]; empty -> []."""
+    pairs = []
+    for item in (t.strip() for t in tag.split(",")):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"tag: expected key=value (several separated by commas), got {item!r}")
+        if "`" in key:
+            raise ValueError(f"tag: a tag key cannot hold a backtick: {key!r}")
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def pretrain_filter(name_like: str = "", tag: str = "", extra: str = "") -> str:
+    """The MLflow filter string that selects the pretraining runs: the job tag, the name pattern (SQL LIKE:
+    ``%`` any run of characters, ``_`` one), the tags, and any further filter, all ANDed."""
+    parts = ["tags.`igpt.job` = 'pretrain'"]
+    if name_like:
+        parts.append(f"attributes.run_name LIKE {_quote(name_like)}")
+    parts += [f"tags.`{k}` = {_quote(v)}" for k, v in tag_pairs(tag)]
+    if extra.strip():
+        parts.append(extra.strip())
+    return " and ".join(parts)
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of an active experiment, or a ValueError naming the experiments the store has."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None or exp.lifecycle_stage != "active":
+        names = sorted(e.name for e in client.search_experiments())
+        state = "not found" if exp is None else "deleted"
+        raise ValueError(f"experiment {name!r} {state} in the MLflow store {client.tracking_uri}; "
+                         f"its experiments: {', '.join(map(repr, names)) or 'none'}")
+    return exp.experiment_id
+
+
+def search(client, experiment_ids: list[str], filter_string: str, page_size: int = 1000) -> list:
+    """Every run (active ones) matching the filter, all pages. A filter MLflow rejects is a ValueError that
+    quotes it."""
+    from mlflow.exceptions import MlflowException
+
+    runs, token = [], None
+    while True:
+        try:
+            page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=page_size,
+                                      order_by=["attributes.start_time ASC"], page_token=token)
+        except MlflowException as e:
+            if e.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
+                raise ValueError(f"MLflow rejected the search filter {filter_string!r}: {e.message}") from None
+            raise
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _top_level(runs: list) -> list:
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
+def _int(params: dict, key: str) -> int | None:
+    try:
+        return int(float(params[key]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    """A metric's history as (step, value) by step; a step logged more than once keeps its latest value."""
+    latest: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in latest or m.timestamp >= latest[m.step][0]:
+            latest[m.step] = (m.timestamp, m.value)
+    return [(s, latest[s][1]) for s in sorted(latest)]
+
+
+def _newest_with(runs: list, metric: str):
+    """The newest run (by start time) holding ``metric``, or None."""
+    having = [r for r in runs if metric in r.data.metrics]
+    return max(having, key=lambda r: (r.info.start_time or 0, r.info.run_id)) if having else None
+
+
+def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filter: str = "") -> Comparison:
+    """Query MLflow and build the rows (sorted by parameter count, then name) and the histories to plot."""
+    flt = pretrain_filter(name_like, tag, extra_filter)
+    pretrain = _top_level(search(client, [exp_id], flt))
+    linked: dict[str, dict[str, list]] = {}  # pretraining run id -> job -> runs
+    for job in ("probe", "finetune"):
+        for r in _top_level(search(client, [exp_id], f"tags.`igpt.job` = '{job}'")):
+            pid = r.data.tags.get("igpt.pretrain_run_id")
+            if pid:
+                linked.setdefault(pid, {}).setdefault(job, []).append(r)
+    cmp = Comparison(rows=[], filter_string=flt)
+    for run in pretrain:
+        rid, p = run.info.run_id, run.data.params
+        row = Row(name=run.info.run_name or rid, run_id=rid, size=p.get("model.size"),
+                  objective=p.get("model.objective"), resolution=_int(p, "model.resolution"),
+                  n_layer=_int(p, "model.n_layer"), d_model=_int(p, "model.d_model"), params=_int(p, "model.params"),
+                  steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"))
+        row.tokens, row.compute_flops = train_compute(row.params, row.steps, row.global_batch, row.resolution)
+        cmp.losses[rid] = {k: _history(client, rid, k) for k in ("val/loss", "train/loss")}
+        if cmp.losses[rid]["val/loss"]:
+            row.final_val_step, row.final_val_loss = cmp.losses[rid]["val/loss"][-1]  # the largest step's value
+        probes = linked.get(rid, {}).get("probe", [])
+        twin = _newest_with([r for r in probes if r.data.tags.get("igpt.random_init", "").lower() == "true"],
+                            "test/accuracy")
+        probe = _newest_with([r for r in probes if r.data.tags.get("igpt.random_init", "").lower() != "true"],
+                             "test/accuracy")
+        if probe is not None:
+            m = probe.data.metrics
+            row.probe_run_id, row.probe_test_accuracy = probe.info.run_id, m["test/accuracy"]
+            row.best_layer = int(m["best_layer"]) if "best_layer" in m else None
+            row.best_layer_relative = m.get("best_layer_relative")
+            if row.best_layer_relative is None and row.best_layer is not None and row.n_layer:
+                row.best_layer_relative = (row.best_layer + 1) / row.n_layer
+            row.pixels_test_accuracy = m.get("baseline/pixels_test_accuracy")
+            cmp.probe_by_layer[rid] = _history(client, probe.info.run_id, "val/accuracy_by_layer")
+        if twin is not None:
+            row.random_init_run_id, row.random_init_test_accuracy = twin.info.run_id, twin.data.metrics["test/accuracy"]
+            cmp.twin_by_layer[rid] = _history(client, twin.info.run_id, "val/accuracy_by_layer")
+        ft = _newest_with(linked.get(rid, {}).get("finetune", []), "test/accuracy")
+        if ft is not None:
+            row.finetune_run_id, row.finetune_test_accuracy = ft.info.run_id, ft.data.metrics["test/accuracy"]
+        cmp.rows.append(row)
+    cmp.rows.sort(key=lambda r: (r.params is None, r.params or 0, r.name))
+    return cmp
+
+
+# ---------------------------------------------------------------------------------------------------- tables
+
+
+def _si(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for div, unit in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= div:
+            return f"{x / div:.3g}{unit}"
+    return f"{x:g}"
+
+
+def _f(fmt: str):
+    return lambda x: "-" if x is None else format(x, fmt)
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+# (header, Row field, formatter, right-aligned) of the printed and Markdown tables
+COLUMNS = [
+    ("name", "name", str, False),
+    ("size", "size", lambda x: x or "-", False),
+    ("objective", "objective", lambda x: x or "-", False),
+    ("IR", "resolution", _f("d"), True),
+    ("params", "params", _si, True),
+    ("steps", "steps", _f(",d"), True),
+    ("compute (FLOPs)", "compute_flops", _f(".3g"), True),
+    ("final val loss", "final_val_loss", _f(".4f"), True),
+    ("probe layer", "best_layer", _f("d"), True),
+    ("probe depth", "best_layer_relative", _f(".2f"), True),
+    ("probe acc", "probe_test_accuracy", _pct, True),
+    ("random-init acc", "random_init_test_accuracy", _pct, True),
+    ("fine-tune acc", "finetune_test_accuracy", _pct, True),
+]
+NOTES = ("compute ≈ 6 · params · tokens, tokens = steps × global batch × IR²; final val loss: `val/loss` at the "
+         "largest step; probe layer: 0-based, depth = (layer + 1) / layers; accuracies on the test split (probe: "
+         "the newest trained-weights probe; random-init: its random-init twin)")
+
+
+def _cells(rows: list[Row]) -> list[list[str]]:
+    return [[fmt(getattr(r, key)) for _, key, fmt, _ in COLUMNS] for r in rows]
+
+
+def text_table(rows: list[Row]) -> str:
+    """The table aligned for a terminal."""
+    cells = _cells(rows)
+    heads = [h for h, *_ in COLUMNS]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads)]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if COLUMNS[i][3] else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
+
+
+def markdown_table(rows: list[Row]) -> str:
+    heads = [h for h, *_ in COLUMNS]
+    out = ["| " + " | ".join(heads) + " |",
+           "|" + "|".join("---:" if right else "---" for *_, right in COLUMNS) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in _cells(rows)]
+    return "\n".join(out) + f"\n\n{NOTES}\n"
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """Every field of every row, unformatted (empty where unknown)."""
+    names = list(Row.__dataclass_fields__)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=names)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: "" if v is None else v for k, v in asdict(r).items()})
+
+
+# ----------------------------------------------------------------------------------------------------- plots
+
+
+def _figure(size=(6.0, 4.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)  # Agg, with no global backend set
+    return fig, fig.add_subplot()
+
+
+def _save(fig, ax, path: Path, empty: str | None) -> None:
+    if empty:
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="grey")
+    elif ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _scatter_loss(rows: list[Row], x_field: str, xlabel: str, path: Path) -> None:
+    fig, ax = _figure()
+    pts = [r for r in rows if getattr(r, x_field) and r.final_val_loss is not None]
+    for objective, marker in (("ar", "o"), ("bert", "s"), (None, "^")):
+        sel = [r for r in pts if (r.objective if r.objective in ("ar", "bert") else None) == objective]
+        if sel:
+            ax.scatter([getattr(r, x_field) for r in sel], [r.final_val_loss for r in sel], marker=marker,
+                       label=objective or "other")
+    for r in pts:
+        ax.annotate(r.name, (getattr(r, x_field), r.final_val_loss), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    if pts:
+        from matplotlib.ticker import NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels overlap on narrow ranges
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final validation loss (nats/token)")
+    _save(fig, ax, path, None if pts else "no run with both values")
+
+
+def plots(cmp: Comparison, folder: Path) -> list[Path]:
+    """The four plots (names in ``PLOTS``); a plot with nothing to show says so instead of being left out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in PLOTS]
+    _scatter_loss(cmp.rows, "params", "parameters", paths[0])
+    _scatter_loss(cmp.rows, "compute_flops", "training compute (FLOPs, ≈ 6 · params · tokens)", paths[1])
+
+    fig, ax = _figure()
+    drawn = False
+    for i, r in enumerate(cmp.rows):
+        for curves, style, label in ((cmp.probe_by_layer, "o-", r.name), (cmp.twin_by_layer, "x--",
+                                                                           f"{r.name} (random init)")):
+            pts = curves.get(r.run_id) or []
+            if pts and r.n_layer:
+                ax.plot([(layer + 1) / r.n_layer for layer, _ in pts], [v for _, v in pts], style, color=f"C{i}",
+                        label=label)
+                drawn = True
+    ax.set_xlabel("relative depth (layer + 1) / layers")
+    ax.set_ylabel("probe validation accuracy")
+    _save(fig, ax, paths[2], None if drawn else "no probe runs with per-layer accuracy")
+
+    fig, ax = _figure((7.0, 4.5))
+    drawn = False
+    for i, r in enumerate(cmp.rows):
+        train, val = cmp.losses.get(r.run_id, {}).get("train/loss"), cmp.losses.get(r.run_id, {}).get("val/loss")
+        if train:
+            ax.plot(*zip(*train), "-", color=f"C{i}", alpha=0.45, lw=1, label=f"{r.name} train")
+        if val:
+            ax.plot(*zip(*val), "o-", color=f"C{i}", ms=3, label=f"{r.name} val")
+        drawn = drawn or bool(train or val)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    _save(fig, ax, paths[3], None if drawn else "no loss histories")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------------- job
+
+
+def run(cfg) -> dict:
+    """The compare job (``CompareJobConfig``): query, print, write ``<output_dir>/<name>/`` (table.csv, table.md,
+    plots/*.png) and log them to a new MLflow run (tag ``igpt.job=compare``) in the same experiment."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from igpt import cli
+    from igpt.tracking import default_tracking_uri, start_run
+
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]} (name one with --tracking.tracking_uri)")
+    client = MlflowClient(uri)
+    exp_id = experiment_id(client, cfg.tracking.experiment)
+    cmp = collect(client, exp_id, cfg.name_like, cfg.tag, cfg.filter)
+    if not cmp.rows:
+        raise ValueError(f"no pretraining runs (top-level) in experiment {cfg.tracking.experiment!r} of {uri} "
+                         f"match {cmp.filter_string!r}")
+    out = Path(cfg.output_dir).resolve() / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(cmp.rows, out / "table.csv")
+    (out / "table.md").write_text(markdown_table(cmp.rows))
+    plot_paths = plots(cmp, out / "plots")
+
+    mrun, _ = start_run(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare", cli.to_dict(cfg))
+    try:
+        mlflow.set_tag("igpt.compare.filter", cmp.filter_string[:5000])
+        mlflow.log_metric("compare/runs", len(cmp.rows))
+        mlflow.log_artifact(str(out / "table.csv"))
+        mlflow.log_artifact(str(out / "table.md"))
+        for p in plot_paths:
+            mlflow.log_artifact(str(p), "plots")
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+    run_id = mrun.info.run_id
+    print(f"{len(cmp.rows)} pretraining runs of experiment {cfg.tracking.experiment!r} at {uri}\n"
+          f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n"
+          f"table: {out / 'table.csv'}, {out / 'table.md'}\n"
+          f"plots: {', '.join(str(p) for p in plot_paths)}\n"
+          f"MLflow run {run_id} (tag igpt.job=compare) with table.csv, table.md and plots/")
+    return {"rows": cmp.rows, "filter": cmp.filter_string, "output_dir": str(out), "csv": str(out / "table.csv"),
+            "markdown": str(out / "table.md"), "plots": [str(p) for p in plot_paths], "run_id": run_id,
+            "tracking_uri": uri, "experiment_id": exp_id}
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") -> dict:
+    """Flags from ``CompareJobConfig``; an unknown experiment, a rejected filter or no matching run ends with a
+    one-line message and exit status 2."""
+    from igpt import cli
+    from igpt.config import CompareJobConfig
+
+    cfg = cli.parse(CompareJobConfig, argv, prog=prog)
+    try:
+        return run(cfg)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

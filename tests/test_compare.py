@@ -1,0 +1,223 @@
+"""igpt.compare on a real local MLflow store (SQLite): runs written through MlflowClient as the jobs write them."""
+
+import csv
+import re
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from igpt import compare
+from igpt.config import CompareJobConfig, ModelConfig, TrackingConfig
+from igpt.tracking import default_tracking_uri, ensure_experiment
+
+T0 = 1_700_000_000_000  # ms; runs get explicit start times so "newest" is unambiguous
+
+
+def _run(client, exp, name, job, t, tags=None, params=None, metrics=None, histories=None):
+    tags = {"igpt.job": job, **(tags or {})}
+    rid = client.create_run(exp, start_time=T0 + t, run_name=name, tags=tags).info.run_id
+    ms = [Metric(k, v, T0 + t, 0) for k, v in (metrics or {}).items()]
+    for k, points in (histories or {}).items():  # logged in the given order (val/loss: largest step first)
+        ms += [Metric(k, v, T0 + t + i, step) for i, (step, v) in enumerate(points)]
+    client.log_batch(rid, params=[Param(k, str(v)) for k, v in (params or {}).items()], metrics=ms)
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
+def _pretrain_params(size, objective, steps, batch):
+    m = ModelConfig.from_name(size)
+    return {"model.size": size, "model.objective": objective, "model.resolution": m.resolution,
+            "model.n_layer": m.n_layer, "model.d_model": m.d_model, "model.params": m.param_count(),
+            "steps.total": steps, "optim.global_batch": batch, "optim.lr": 0.001}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    uri = default_tracking_uri(root)
+    exp = ensure_experiment(uri, "igpt", root / "mlartifacts")
+    client = MlflowClient(uri)
+    other = client.create_experiment("other", artifact_location=(root / "other").as_uri())
+    ids = {}
+    # debug: val/loss lowest (2.9) at step 10, final (3.5) at step 20, and step 20 logged before step 10
+    ids["debug"] = _run(client, exp, "debug-ar", "pretrain", 0, tags={"team": "a"},
+                        params=_pretrain_params("debug", "ar", 20, 16),
+                        histories={"val/loss": [(20, 3.5), (10, 2.9)],
+                                   "train/loss": [(s, 6.0 - 0.1 * s) for s in range(1, 21)]})
+    ids["tiny"] = _run(client, exp, "tiny-bert", "pretrain", 1000, tags={"team": "b"},
+                       params=_pretrain_params("tiny", "bert", 40, 32),
+                       histories={"val/loss": [(20, 3.1), (40, 2.7)],
+                                  "train/loss": [(s, 5.0 - 0.05 * s) for s in range(1, 41)]})
+    sweep = _run(client, exp, "sweep", "sweep_lr", 1500)
+    ids["trial"] = _run(client, exp, "debug-ar-trial", "pretrain", 2000, tags={"mlflow.parentRunId": sweep},
+                        params=_pretrain_params("debug", "ar", 20, 16), histories={"val/loss": [(20, 1.0)]})
+    ids["other"] = _run(client, other, "debug-other", "pretrain", 2500, params=_pretrain_params("small", "ar", 5, 8),
+                        histories={"val/loss": [(5, 1.0)]})
+
+    def probe(t, pid, random_init, acc, best, rel, by_layer, exp_=exp, extra=None):
+        return _run(client, exp_, f"probe-{t}", "probe", t,
+                    tags={"igpt.pretrain_run_id": pid, "igpt.random_init": str(random_init), **(extra or {})},
+                    metrics={"test/accuracy": acc, "best_layer": best, "best_layer_relative": rel},
+                    histories={"val/accuracy_by_layer": list(enumerate(by_layer))})
+
+    probe(3000, ids["debug"], False, 0.30, 0, 0.5, [0.28, 0.27])  # older: superseded by the next one
+    ids["debug_probe"] = probe(4000, ids["debug"], False, 0.35, 1, 1.0, [0.30, 0.34])
+    ids["debug_twin"] = probe(5000, ids["debug"], True, 0.20, 0, 0.5, [0.19, 0.18])
+    ids["tiny_probe"] = probe(6000, ids["tiny"], False, 0.42, 2, 0.75, [0.31, 0.37, 0.41, 0.40])
+    probe(6500, ids["tiny"], False, 0.99, 3, 1.0, [0.9] * 4, extra={"mlflow.parentRunId": sweep})  # a child
+    probe(6600, ids["tiny"], False, 0.98, 3, 1.0, [0.9] * 4, exp_=other)  # another experiment
+    # an extract run links to a pretraining run too, but is no probe
+    _run(client, exp, "extract", "extract", 6700, tags={"igpt.pretrain_run_id": ids["tiny"]},
+         metrics={"test/accuracy": 0.97})
+    ft = _run(client, exp, "ft", "finetune", 7000, tags={"igpt.pretrain_run_id": ids["tiny"]},
+              metrics={"test/accuracy": 0.55})
+    ids["tiny_ft"] = ft
+    _run(client, exp, "ft/refit", "finetune", 8000, tags={"igpt.pretrain_run_id": ids["tiny"],
+                                                           "mlflow.parentRunId": ft}, metrics={"test/accuracy": 0.96})
+    return {"root": root, "uri": uri, "exp": exp, "client": client, "ids": ids}
+
+
+def _cfg(store, name="all", **kw):
+    return CompareJobConfig(name=name, output_dir=str(store["root"]),
+                            tracking=TrackingConfig(tracking_uri=store["uri"]), **kw)
+
+
+def test_table_files_plots_and_run(store, capsys):
+    ids, client = store["ids"], store["client"]
+    out = compare.run(_cfg(store))
+    rows = out["rows"]
+    assert [r.name for r in rows] == ["debug-ar", "tiny-bert"]  # by parameter count; no trial, no other experiment
+    debug, tiny = rows
+    dparams, tparams = ModelConfig.from_name("debug").param_count(), ModelConfig.from_name("tiny").param_count()
+    assert dparams < tparams
+    assert (debug.size, debug.objective, debug.resolution, debug.n_layer, debug.params, debug.steps) == \
+           ("debug", "ar", 32, 2, dparams, 20)
+    assert (tiny.size, tiny.objective, tiny.params, tiny.steps, tiny.global_batch) == ("tiny", "bert", tparams, 40, 32)
+    # final val loss: the value at the largest step, not the minimum nor the last logged
+    assert (debug.final_val_loss, debug.final_val_step) == (3.5, 20)
+    assert (tiny.final_val_loss, tiny.final_val_step) == (2.7, 40)
+    assert debug.tokens == 20 * 16 * 32**2 and tiny.tokens == 40 * 32 * 32**2
+    assert debug.compute_flops == pytest.approx(6 * dparams * 20 * 16 * 1024)
+    assert tiny.compute_flops == pytest.approx(6 * tparams * 40 * 32 * 1024)
+    # the newest trained probe (0.35, not the older 0.30), its layer and depth; the random-init twin
+    assert (debug.probe_test_accuracy, debug.best_layer, debug.best_layer_relative) == (0.35, 1, 1.0)
+    assert debug.probe_run_id == ids["debug_probe"]
+    assert (debug.random_init_test_accuracy, debug.random_init_run_id) == (0.20, ids["debug_twin"])
+    # tiny: the top-level probe (not the child's 0.99 nor the other experiment's 0.98); no twin; the fine-tuning
+    # parent's accuracy (not its refit child's 0.96)
+    assert (tiny.probe_test_accuracy, tiny.best_layer, tiny.best_layer_relative) == (0.42, 2, 0.75)
+    assert tiny.random_init_test_accuracy is None and tiny.random_init_run_id is None
+    assert (tiny.finetune_test_accuracy, tiny.finetune_run_id) == (0.55, ids["tiny_ft"])
+    assert debug.finetune_test_accuracy is None
+
+    folder = store["root"] / "all"
+    with open(folder / "table.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["name"] for r in table] == ["debug-ar", "tiny-bert"]
+    assert table[0]["run_id"] == ids["debug"] and float(table[0]["final_val_loss"]) == 3.5
+    assert float(table[0]["compute_flops"]) == pytest.approx(debug.compute_flops)
+    assert float(table[0]["best_layer_relative"]) == 1.0 and float(table[0]["random_init_test_accuracy"]) == 0.2
+    assert table[1]["random_init_test_accuracy"] == "" and float(table[1]["finetune_test_accuracy"]) == 0.55
+
+    md = (folder / "table.md").read_text().splitlines()
+    assert md[0].startswith("| name | size | objective | IR | params |") and "fine-tune acc" in md[0]
+    assert md[1].startswith("|---|---|---|---:|")
+    cells = [c.strip() for c in md[2].strip("|").split("|")]
+    assert cells[:4] == ["debug-ar", "debug", "ar", "32"]
+    assert cells[7:] == ["3.5000", "1", "1.00", "35.00%", "20.00%", "-"]
+    cells = [c.strip() for c in md[3].strip("|").split("|")]
+    assert cells[0] == "tiny-bert" and cells[7:] == ["2.7000", "2", "0.75", "42.00%", "-", "55.00%"]
+
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("name "))
+    assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
+    assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
+    assert re.split(r"\s{2,}", lines[head + 2])[7:] == ["3.5000", "1", "1.00", "35.00%", "20.00%", "-"]
+    # columns aligned: every row's cells end (right-aligned ones) where the header's do
+    assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
+    assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed
+
+    for name in compare.PLOTS:
+        png = folder / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    run = client.get_run(out["run_id"])
+    assert run.data.tags["igpt.job"] == "compare" and run.info.run_name == "all" and run.info.status == "FINISHED"
+    assert run.info.experiment_id == store["exp"] and run.data.metrics["compare/runs"] == 2
+    assert sorted(a.path for a in client.list_artifacts(out["run_id"])) == ["config.json", "plots", "table.csv",
+                                                                           "table.md"]
+    assert sorted(a.path for a in client.list_artifacts(out["run_id"], "plots")) == \
+           sorted(f"plots/{n}" for n in compare.PLOTS)
+    local = client.download_artifacts(out["run_id"], "table.csv", str(store["root"]))
+    assert open(local).read() == (folder / "table.csv").read_text()
+    # the compare run is no pretraining run: a second compare still sees the same two
+    assert [r.name for r in compare.run(_cfg(store, name="again"))["rows"]] == ["debug-ar", "tiny-bert"]
+
+
+def test_filters_select_runs(store, capsys):
+    client, exp, ids = store["client"], store["exp"], store["ids"]
+
+    def names(**kw):
+        return [r.name for r in compare.collect(client, exp, **kw).rows]
+
+    assert names() == ["debug-ar", "tiny-bert"]
+    assert names(name_like="debug%") == ["debug-ar"]
+    assert names(name_like="%-bert") == ["tiny-bert"]
+    assert names(tag="team=b") == ["tiny-bert"]
+    assert names(tag="team=a, igpt.job=pretrain") == ["debug-ar"]
+    assert names(extra_filter="params.`model.objective` = 'ar'") == ["debug-ar"]
+    assert names(name_like="debug%", tag="team=b") == []
+    assert names(name_like="debug-ar-trial") == []  # the child run matches the name but is a trial
+    # pagination: one run per page gives every run, once
+    flt = compare.pretrain_filter()
+    paged = compare.search(client, [exp], flt, page_size=1)
+    assert len(paged) == 3 and sorted(r.info.run_id for r in paged) == \
+           sorted([ids["debug"], ids["tiny"], ids["trial"]])
+    # the command line: python -m igpt compare, and the job entry point
+    from igpt.__main__ import main as igpt_main
+    from pipelines.compare import main as job_main
+
+    igpt_main(["compare", "--name", "cli", "--output_dir", str(store["root"]), "--name_like", "tiny%",
+               "--tracking.tracking_uri", store["uri"]])
+    printed = capsys.readouterr().out
+    assert "tiny-bert" in printed and "debug-ar" not in printed
+    assert "attributes.run_name LIKE 'tiny%'" in printed
+    with open(store["root"] / "cli" / "table.csv") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == ["tiny-bert"]
+    out = job_main(["--name", "job", "--output_dir", str(store["root"]), "--tag", "team=a",
+                    "--tracking.tracking_uri", store["uri"]])
+    assert [r.name for r in out["rows"]] == ["debug-ar"]
+    assert client.get_run(out["run_id"]).data.params["tag"] == "team=a"
+
+
+def test_clear_errors(store, tmp_path, capsys):
+    client, exp = store["client"], store["exp"]
+    with pytest.raises(ValueError, match=r"experiment 'nope' not found .*'igpt'.*'other'"):
+        compare.run(CompareJobConfig(name="x", output_dir=str(store["root"]),
+                                     tracking=TrackingConfig(tracking_uri=store["uri"], experiment="nope")))
+    with pytest.raises(ValueError, match=r"MLflow rejected the search filter .*params.x ~ 1"):
+        compare.collect(client, exp, extra_filter="params.x ~ 1")
+    with pytest.raises(ValueError, match=r"no pretraining runs .* match .*LIKE 'zzz%'"):
+        compare.run(_cfg(store, name="none", name_like="zzz%"))
+    assert not (store["root"] / "none").exists()
+    with pytest.raises(ValueError, match="no MLflow store at"):
+        compare.run(CompareJobConfig(output_dir=str(tmp_path)))
+    assert not (tmp_path / "mlflow.db").exists()
+    with pytest.raises(ValueError, match="tag: expected key=value"):
+        CompareJobConfig(tag="team")
+    # on the command line: a usage error for the flag, a one-line message (exit status 2) for the rest
+    from pipelines.compare import main as job_main
+
+    with pytest.raises(SystemExit) as e:
+        job_main(["--help"])
+    assert e.value.code == 0 and "e.g. 'debug%'" in capsys.readouterr().out  # help text with % renders
+    with pytest.raises(SystemExit) as e:
+        job_main(["--tag", "team", "--tracking.tracking_uri", store["uri"]])
+    assert e.value.code == 2 and "tag: expected key=value" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        job_main(["--output_dir", str(store["root"]), "--filter", "metrics.x = 'a'",
+                  "--tracking.tracking_uri", store["uri"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("python -m pipelines.compare: error: MLflow rejected the search filter")
+    assert "Traceback" not in err and "metrics.x = 'a'" in err
