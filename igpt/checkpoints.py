@@ -74,6 +74,12 @@ def resolve(path: str | Path) -> Path:
     return ckpt / WEIGHTS
 
 
+def pretrain_run_id(path: str | Path) -> str | None:
+    """The MLflow run of the pretraining run a checkpoint belongs to (``<run dir>/mlflow_run_id``), if known."""
+    f = resolve(path).parent.parent / "mlflow_run_id"
+    return f.read_text().strip() if f.exists() else None
+
+
 def load(path: str | Path) -> dict:
     return torch.load(resolve(path), map_location="cpu", weights_only=True)
 

@@ -125,7 +125,9 @@ class DataConfig:
         "shipped inside the package (1,000 train + 200 test images)",
         default=DEFAULT_DATA,
     )
-    max_images: int = _help("use at most this many images (0: all)", default=0)
+    max_images: int = _help("use at most this many training images (0: all)", default=0)
+    train_prefix: str = _help("keys of training images start with this", default="train/")
+    test_prefix: str = _help("keys of test images start with this", default="test/")
 
     def __post_init__(self) -> None:
         if not Path(self.path).exists():
@@ -166,19 +168,38 @@ class TrackingConfig:
     )
     experiment: str = _help("MLflow experiment name", default="igpt")
     run_name: str | None = _help("MLflow run name; default: the job's name", default=None)
+    parent_run_id: str | None = _help("MLflow run id this job's run is nested under (tag mlflow.parentRunId); "
+                                      "set by sweeps for their trials", default=None)
 
 
 @dataclass
 class MainJobConfig:
-    """The README's main job: fit a palette, tokenize images, train a few steps, log to MLflow."""
+    """The README's main job, the whole pipeline on the embedded sample: fit the palette -> pretrain (Ray Train +
+    DeepSpeed, tokenizing on the fly) -> extract features -> probe sweep (Ray Tune) with refit -> compare, all
+    logged to MLflow."""
 
-    name: str = _help("run name (the submitter names runs; never a timestamp)", default="quickstart")
-    output_dir: str = _help("folder for the run's files (palette, tokens, MLflow store)", default="runs")
-    model: ModelConfig = field(default_factory=ModelConfig)
-    palette: PaletteConfig = field(default_factory=PaletteConfig)
+    name: str = _help("run name (the submitter names runs; never a timestamp); runs live in <output_dir>/<name>/",
+                      default="quickstart")
+    output_dir: str = _help("folder for the run's files (palette, checkpoints, features, MLflow store)",
+                            default="runs")
+    sizes: str = _help("comma-separated model sizes to pretrain and compare (names of the size table)",
+                       default="debug")
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(resolution=32))
+    palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    workers: int = _help("Ray Train workers (DeepSpeed ZeRO-2 data parallel, CPU gloo here); >= 1", default=2)
+    holdout: float = _help("share of the training images held out for validation (probe selection)", default=0.2)
+    probe_space: str = _help("probe search space (a tune_spaces/ name or file)", default="probe_lbfgs")
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sizes.split(",") if s.strip() not in MODEL_SIZES]
+        if unknown or not self.sizes.strip():
+            raise ValueError(f"sizes: unknown {unknown}; known: {', '.join(MODEL_SIZES)}")
+        if self.workers < 1 or self.train.batch_size % self.workers:
+            raise ValueError(f"train.batch_size ({self.train.batch_size}) must be a multiple of workers "
+                             f"({self.workers})")
 
 
 @dataclass
@@ -364,3 +385,182 @@ class PretrainJobConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.max_steps < 0 or self.eval_every < 0 or self.val_images < 0:
             raise ValueError("epochs must be >= 1; max_steps, eval_every and val_images >= 0")
+
+
+@dataclass
+class FinetuneJobConfig:
+    """Fine-tune a pretrained iGPT as a classifier (the paper's recipe: the last layer's output average-pooled over
+    the sequence, a linear head, loss L_CLF + L_GEN), sweeping the learning rate with Ray Tune on a held-out share
+    of the training split with early stopping on validation accuracy, then refitting the best learning rate on
+    train + held-out for the best trial's number of epochs and evaluating once on the test split."""
+
+    name: str = _help("job name: it lives in <storage_path>/<name>/ (lr_<lr>/ per trial, refit/, tune/)",
+                      default="finetune")
+    storage_path: str = _help("where the job keeps its runs (shared storage on a cluster); the default MLflow "
+                              "store is <storage_path>/mlflow.db", default="runs/finetune")
+    checkpoint: str = _help("a pretraining run folder (its newest complete checkpoint), a step_* folder or a "
+                            "weights.pt (required)", default="")
+    palette_path: str = _help("optional: the run's palette .npy with its cached lookup table (must equal the "
+                              "checkpoint's palette); without it the table is built once and kept in the job folder",
+                              default="")
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    test: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    holdout: float = _help("share of the training split held out as validation (by a hash of the key); in (0, 1)",
+                           default=0.1)
+    n_classes: int = _help("classes of the labels (CIFAR-10: 10); labels must lie in [0, n_classes)", default=10)
+    transform: TransformConfig = field(default_factory=lambda: TransformConfig(recipe="cifar", augment=True))
+    space: str = _help("learning-rate search space: a tune_spaces/ name or a JSON file (job finetune); '' for a "
+                       "single trial at optim.lr", default="finetune")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_epochs=0.1))
+    clf_weight: float = _help("weight of L_CLF in L = clf_weight * L_CLF + L_GEN (paper: 1); >= 0", default=1.0)
+    max_epochs: int = _help("epochs of a trial at most; >= 1", default=20)
+    patience: int = _help("a trial stops after this many epochs without a higher validation accuracy; >= 1",
+                          default=3)
+    refit: bool = _help("after the sweep, fine-tune the best lr on train + held-out (part=all) for the best "
+                        "trial's epochs and evaluate on the test split", default=True)
+    max_concurrent_trials: int = _help("trials at once (each runs scaling.workers Ray Train workers); >= 1",
+                                       default=1)
+    cpus_per_trial: float = _help("CPUs reserved for each trial's own process (its workers reserve scaling's); > 0",
+                                  default=0.1)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.n_classes < 2 or self.max_epochs < 1 or self.patience < 1 or self.max_concurrent_trials < 1:
+            raise ValueError("n_classes must be >= 2; max_epochs, patience and max_concurrent_trials >= 1")
+        if not (self.clf_weight >= 0 and math.isfinite(self.clf_weight)):
+            raise ValueError(f"clf_weight must be a number >= 0, got {self.clf_weight}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial must be > 0 (Ray Tune rejects 0), got {self.cpus_per_trial}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")
+
+
+@dataclass
+class SweepLRJobConfig:
+    """The paper's learning-rate procedure for pretraining, as a Ray Tune sweep: pretrain with each lr of an ordered
+    list in turn on the training split less a held-out share, stop at the first trial whose final validation loss
+    is higher than the previous trial's, then refit the best lr on train + held-out."""
+
+    name: str = _help("sweep name: its runs live in <storage_path>/<name>/ (lr_<lr>/, refit/, tune/); "
+                      "re-submitting the same name resumes the sweep", default="sweep_lr")
+    storage_path: str = _help("where the sweep and its pretraining runs keep checkpoints and state (shared storage "
+                              "on a cluster); the default MLflow store is <storage_path>/mlflow.db",
+                              default="runs/sweep")
+    space: str = _help("search space: a tune_spaces/ name or a JSON file with an 'ordered' lr list", default="sweep_lr")
+    holdout: float = _help("share of the training split (pretrain.train) held out, by a hash of the key, as every "
+                           "trial's validation set (trials train on the rest); in (0, 1)", default=0.1)
+    refit: bool = _help("pretrain the best lr again on train + held-out (part=all) as <name>/refit, validated on "
+                        "pretrain.val (default: the test split)", default=True)
+    max_failures: int = _help("retries of a failed trial, each resuming its pretraining run from its newest "
+                              "complete checkpoint (-1: unlimited); a diverged trial is not retried", default=2)
+    cpus_per_trial: float = _help("CPUs reserved for each trial's own process (its Ray Train workers reserve "
+                                  "pretrain.scaling's); > 0", default=0.1)
+    pretrain: PretrainJobConfig = field(default_factory=PretrainJobConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial must be > 0 (Ray Tune rejects 0), got {self.cpus_per_trial}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")
+
+
+@dataclass
+class ExtractJobConfig:
+    """From a checkpoint, every layer's average-pooled features of every image, once per split (train, val, test)."""
+
+    name: str = _help("feature set name: written to <output_dir>/<name>/<split>/", default="features")
+    output_dir: str = _help("folder for feature sets (shared storage on a cluster)", default="runs/features")
+    checkpoint: str = _help("a pretraining run folder (its newest complete checkpoint), a step_* folder or a "
+                            "weights.pt (required)", default="")
+    random_init: bool = _help("the checkpoint's architecture with fresh initial weights instead: the random-init "
+                              "twin a probe is compared with", default=False)
+    seed: int = _help("initialisation seed of the random-init twin", default=0)
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    test: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    holdout: float = _help("share of the training split held out as val (by a hash of the key); in (0, 1)",
+                           default=0.1)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    batch_size: int = _help("images per forward pass", default=64)
+    concurrency: int = _help("model replicas (Ray Data actors) computing features at once", default=1)
+    cpus_per_actor: float = _help("CPUs reserved per replica (its torch threads)", default=1.0)
+    use_gpu: bool = _help("one GPU per replica", default=False)
+    pixels: bool = _help("also store the images' pixels (palette colours, scaled to [0, 1]) for the "
+                         "raw-pixel baseline", default=True)
+    log_features_max_mb: int = _help("log the feature shards to MLflow when they total at most this many MB "
+                                     "(else only their manifest and location)", default=64)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("batch_size and concurrency must be >= 1")
+
+
+@dataclass
+class ProbeJobConfig:
+    """Linear probes on extracted features: a Ray Tune sweep (layer x lr or regularisation) on train/val, the best
+    refit on train+val and evaluated once on test; optionally the low-data CIFAR-10 protocol."""
+
+    name: str = _help("probe run name (also its folder under output_dir)", default="probe")
+    output_dir: str = _help("folder for the sweep's files (shared storage on a cluster)", default="runs/probe")
+    features: str = _help("a feature set folder written by pipelines.extract (required)", default="")
+    protocol: Literal["lbfgs", "sgd"] = _help(
+        "lbfgs: L2 logistic regression by L-BFGS (the paper's CIFAR/STL protocol); sgd: SGD, momentum 0.9, "
+        "cosine decay, high learning rates (the ImageNet protocol)", default="lbfgs")
+    space: str = _help("search space: a tune_spaces/ name or a JSON file; default probe_<protocol>", default="")
+    max_iter: int = _help("lbfgs: iteration limit", default=1000)
+    epochs: int = _help("sgd: epochs", default=30)
+    batch_size: int = _help("sgd: batch size", default=256)
+    pixels: bool = _help("also probe the raw-pixel baseline (needs a feature set written with pixels)",
+                         default=True)
+    low_data: str = _help("low-data protocol: comma-separated label counts per run, balanced over classes "
+                          "(e.g. 40,250,4000); empty: skip", default="")
+    low_data_seeds: int = _help("low-data: seeds (subsets) per label count", default=3)
+    cpus_per_trial: float = _help("CPUs per Tune trial", default=1.0)
+    seed: int = _help("seed of the SGD protocol and the low-data subsets", default=0)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1 or self.epochs < 1 or self.batch_size < 1 or self.low_data_seeds < 1:
+            raise ValueError("max_iter, epochs, batch_size and low_data_seeds must be >= 1")
+        for n in filter(None, self.low_data.split(",")):
+            if not n.strip().isdigit() or int(n) < 1:
+                raise ValueError(f"low_data: expected label counts like 40,250,4000, got {self.low_data!r}")
+
+
+@dataclass
+class CompareJobConfig:
+    """Compare pretraining runs recorded in MLflow (igpt.compare): one row per pretraining run (size, objective,
+    IR, parameters, steps, training compute, final validation loss, best probe layer and accuracy, the random-init
+    twin's accuracy, fine-tuning accuracy), printed and written as CSV and Markdown with plots, and logged as an
+    MLflow run with tag igpt.job=compare."""
+
+    name: str = _help("compare run name (MLflow) and folder: <output_dir>/<name>/ gets table.csv, table.md and "
+                      "plots/", default="compare")
+    output_dir: str = _help("folder for the tables and plots; the default MLflow store is <output_dir>/mlflow.db",
+                            default="runs")
+    # '%%': the help text goes through argparse's %-formatting
+    name_like: str = _help("only pretraining runs whose name matches this SQL LIKE pattern ('%%' any characters, "
+                           "'_' one), e.g. 'debug%%'; empty: all", default="")
+    tag: str = _help("only pretraining runs with these tags: key=value, several separated by commas (all must "
+                     "hold); empty: no tag filter", default="")
+    filter: str = _help("a further MLflow search filter on the pretraining runs, ANDed with the others, e.g. "
+                        "\"params.`model.objective` = 'ar'\"; empty: none", default="")
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        for item in (t.strip() for t in self.tag.split(",")):
+            if item and ("=" not in item or not item.split("=", 1)[0].strip()):
+                raise ValueError(f"tag: expected key=value (several separated by commas), got {item!r}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")

@@ -52,7 +52,8 @@ class DatasetSpec:
     key_prefix: str = _help("parquet: keep only rows whose key starts with this (e.g. 'train/')", default="")
     labels_file: str = _help("imagefolder: for a flat split folder, a file of '<file name> <class>' lines or "
                              "ImageNet's LOC_val_solution.csv", default="")
-    max_images: int = _help("read at most this many records (0: all); for quick runs", default=0)
+    max_images: int = _help("read at most this many records (0: all), before any holdout split; for quick runs",
+                            default=0)
     holdout: float = _help("share of records held out as a validation split, chosen by a hash of the key (the "
                            "same records on every run and machine); used with part", default=0.0)
     part: str = _help("all | rest (records not held out: train) | holdout (the held-out ones: val); 'all' "
@@ -167,14 +168,12 @@ def _plan_parquet(spec, fs, root, info) -> Plan:
         if missing:
             raise SpecError(f"{files[0]} lacks column(s) {sorted(missing)}; has {schema.names}")
     if spec.key_prefix or spec.part != "all":  # count the matching keys: reads the key column only
-        count = 0
+        keys = []
         for f in files:
-            keys = pq.read_table(f, columns=[spec.key_column], filesystem=fs)[spec.key_column].to_pylist()
-            if spec.key_prefix:
-                keys = [k for k in keys if str(k).startswith(spec.key_prefix)]
-            count += int(in_part(keys, spec).sum())
-        if spec.max_images:
-            count = min(count, spec.max_images)
+            col = pq.read_table(f, columns=[spec.key_column], filesystem=fs)[spec.key_column].to_pylist()
+            keys += [k for k in col if str(k).startswith(spec.key_prefix)] if spec.key_prefix else col
+        keys = keys[:spec.max_images] if spec.max_images else keys  # max_images applies before the holdout
+        count = int(in_part(keys, spec).sum())
     else:
         count = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
     return Plan(spec, fs, files, count)
@@ -289,13 +288,15 @@ def read(spec: DatasetSpec, plan: Plan | None = None):
             for g in range(meta.num_row_groups):
                 # max_images is cut here, exactly, when rows map 1:1 to records (no key_prefix): a Limit
                 # operator after the read would split the fused read+tokenize stage (measured 30% slower)
-                exact = not spec.key_prefix and spec.part == "all"
+                exact = not spec.key_prefix  # max_images cut exactly here, before any holdout filtering
                 take = min(meta.row_group(g).num_rows, left) if exact else meta.row_group(g).num_rows
                 if take > 0:
                     units.append({"file": f, "row_group": g, "rows": int(take)})
                     left -= take if exact else 0
         ds = ray.data.from_items(units, override_num_blocks=len(units))
         ds = ds.map_batches(_ParquetRows(spec, plan.fs), batch_size=1, batch_format="pyarrow")
+        if not spec.key_prefix and spec.part != "all":  # max_images is already exact: filter in the reader
+            ds = ds.map_batches(_PartFilter(spec), batch_format="pyarrow", batch_size=None)
     elif fmt == "imagefolder":
         ds = ray.data.read_binary_files(plan.files, filesystem=plan.fs, include_paths=True)
         ds = ds.map_batches(_FolderRows(spec.split, plan.classes, plan.labels), batch_format="pyarrow")
@@ -309,10 +310,10 @@ def read(spec: DatasetSpec, plan: Plan | None = None):
         chunks = [{"path": plan.files[0], "labels": plan.files[1] if len(plan.files) > 1 else "",
                    "start": s, "count": min(STL_CHUNK, plan.count - s)} for s in range(0, plan.count, STL_CHUNK)]
         ds = ray.data.from_items(chunks).flat_map(_Stl10Rows(spec.path))
-    if spec.part != "all" and fmt != "parquet":  # parquet filters in its reader
-        ds = ds.map_batches(_PartFilter(spec), batch_format="pyarrow")
-    if spec.max_images and not (fmt == "parquet" and not spec.key_prefix and spec.part == "all"):
+    if spec.max_images and not (fmt == "parquet" and not spec.key_prefix):
         ds = ds.limit(spec.max_images)
+    if spec.part != "all" and not (fmt == "parquet" and not spec.key_prefix):
+        ds = ds.map_batches(_PartFilter(spec), batch_format="pyarrow", batch_size=None)  # after max_images
     return ds
 
 
@@ -340,8 +341,6 @@ class _ParquetRows:
 
         if self.prefix:
             t = t.filter(pc.starts_with(t[self.k], self.prefix))
-        if self.spec.part != "all":
-            t = t.filter(pa.array(in_part(t[self.k].to_pylist(), self.spec)))
         n = t.num_rows
         image = t[self.i].cast(pa.binary())
         errors = pc.if_else(pc.is_null(image), "no image bytes (null)", "")

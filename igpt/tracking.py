@@ -2,7 +2,47 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+
+
+class Stopped(BaseException):
+    """The job was asked to stop (SIGTERM: ``ray job stop``, a preempted node, Ctrl-C's cousin)."""
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Stopped` so the job's MLflow run ends KILLED, not RUNNING. ``ray job stop``
+    sends SIGTERM and a SIGKILL a few seconds later: ending the run is one quick call to the store."""
+    def _raise(signum, frame):
+        raise Stopped(f"stopped by signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        signal.signal(signal.SIGTERM, _raise)
+
+
+def end_status(exc: BaseException | None) -> str:
+    """The MLflow status a run ends with: FINISHED, KILLED (stopped) or FAILED (anything else)."""
+    if exc is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED"
+
+
+class JobRun:
+    """The MLflow run of a job, used as ``with``: it ends FINISHED, FAILED or KILLED as the job does."""
+
+    def __init__(self, active):
+        self.active = active
+        self.info = active.info
+
+    def __enter__(self) -> "JobRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        import mlflow
+
+        mlflow.end_run(end_status(exc))
+        return False
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:
@@ -36,15 +76,18 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 def start_run(tracking_cfg, output_dir: str | Path, run_name: str, job: str, config: dict):
     """Open an MLflow run for a job: the store (default: SQLite in ``output_dir``), the experiment, the run named
-    by the submitter, the flattened config as params and the whole config as ``config.json``."""
+    by the submitter, the flattened config as params and the whole config as ``config.json``. Use the returned
+    :class:`JobRun` in a ``with`` block so the run ends with the job's status."""
     import mlflow
 
     uri = tracking_cfg.tracking_uri or default_tracking_uri(output_dir)
     exp_id = ensure_experiment(uri, tracking_cfg.experiment, Path(output_dir) / "mlartifacts")
     run = mlflow.start_run(experiment_id=exp_id, run_name=tracking_cfg.run_name or run_name)
     mlflow.set_tag("igpt.job", job)
+    if getattr(tracking_cfg, "parent_run_id", None):
+        mlflow.set_tag("mlflow.parentRunId", tracking_cfg.parent_run_id)
     params = flatten(config)
     for i in range(0, len(params), 90):  # MLflow takes at most 100 params per call
         mlflow.log_params(dict(list(params.items())[i : i + 90]))
     mlflow.log_dict(config, "config.json")
-    return run, uri
+    return JobRun(run), uri

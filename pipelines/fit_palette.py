@@ -23,7 +23,7 @@ from igpt import cli, ingest, sources
 from igpt.config import FitPaletteJobConfig
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run
+from igpt.tracking import start_run, stop_on_sigterm
 
 
 def run(cfg: FitPaletteJobConfig) -> dict:
@@ -77,6 +77,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
     run(cli.parse(FitPaletteJobConfig, argv, prog="python -m pipelines.fit_palette"))
 
 

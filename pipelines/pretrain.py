@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ray
 
+from igpt.tracking import stop_on_sigterm
 from igpt import cli, deepspeed_config, ingest, sources
 from igpt.config import PretrainJobConfig
 from igpt.palette import Palette
@@ -61,7 +62,7 @@ def run(cfg: PretrainJobConfig) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from igpt.tracking import ensure_experiment, default_tracking_uri, flatten
+    from igpt.tracking import default_tracking_uri, end_status, ensure_experiment, flatten
 
     if not cfg.palette_path:
         raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
@@ -96,8 +97,10 @@ def run(cfg: PretrainJobConfig) -> dict:
     if resumed:
         run_id = id_file.read_text().strip()
     else:
-        run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name,
-                                   tags={"igpt.job": "pretrain"}).info.run_id
+        tags = {"igpt.job": "pretrain"}
+        if cfg.tracking.parent_run_id:  # e.g. a trial of a sweep: nested under the sweep's run
+            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+        run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags).info.run_id
         id_file.write_text(run_id)
         params = flatten(cli.to_dict(cfg))
         params.update({"model.params": cfg.model.param_count(), "steps.total": total,
@@ -128,8 +131,8 @@ def run(cfg: PretrainJobConfig) -> dict:
     )
     try:
         result = trainer.fit()
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
+    except BaseException as e:  # FAILED, or KILLED when stopped (ray job stop): never left RUNNING
+        client.set_terminated(run_id, end_status(e))
         raise
     if result.error:
         client.set_terminated(run_id, "FAILED")
@@ -148,6 +151,7 @@ def run(cfg: PretrainJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
     run(cli.parse(PretrainJobConfig, argv, prog="python -m pipelines.pretrain"))
 
 

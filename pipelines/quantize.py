@@ -27,7 +27,7 @@ from igpt import cli, ingest, sources
 from igpt.config import QuantizeJobConfig
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run
+from igpt.tracking import start_run, stop_on_sigterm
 
 
 def run(cfg: QuantizeJobConfig) -> dict:
@@ -94,6 +94,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
     run(cli.parse(QuantizeJobConfig, argv, prog="python -m pipelines.quantize"))
 
 

@@ -129,3 +129,14 @@ def test_holdout_parts_are_disjoint_stable_and_counted_up_front(tmp_path, ray_lo
     assert held and rest and held.isdisjoint(rest) and held | rest == train_keys
     with pytest.raises(ValueError, match="needs holdout"):
         DatasetSpec(str(SAMPLE), part="holdout")
+
+
+def test_max_images_applies_before_the_holdout_split(ray_local):
+    parts = {}
+    for part in ("rest", "holdout"):
+        s = DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300, holdout=0.3, part=part)
+        parts[part] = set(read_all(s))
+        assert sources.check(s).count == len(parts[part])
+    assert parts["rest"] | parts["holdout"] == set(read_all(DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300)))
+    s = DatasetSpec(str(SAMPLE), max_images=300, holdout=0.3, part="holdout")  # no prefix: exact cut in the reader
+    assert sources.check(s).count == len(read_all(s)) < 150

@@ -1,0 +1,107 @@
+"""Feature sets: every layer's pooled features of every image of a split, computed once, read by many probes.
+
+Layout of a feature set (``pipelines/extract.py`` writes it)::
+
+    <set>/manifest.json                 layers, width, masks per image, counts, the checkpoint, the model config
+    <set>/<split>/shard-00000.npz       keys (N,), labels (N,), layer_00 .. layer_L (N, M, d) float32,
+                                        pixels (N, 1, IR*IR*3) float32 when written
+
+``M`` is 1 for AR models and 5 for BERT models (one feature vector per evaluation mask, igpt/ensemble.py). A probe
+trial reads one layer of each shard (``np.load`` of an ``.npz`` reads only the member asked for).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+SPLITS = ("train", "val", "test")
+
+
+def layer_key(layer: int | str) -> str:
+    return "pixels" if layer == "pixels" else f"layer_{int(layer):02d}"
+
+
+class FeatureActor:
+    """A Ray Data actor: one model replica turning token batches into per-layer pooled features."""
+
+    def __init__(self, checkpoint: str, random_init: bool, seed: int, batch_size: int, pixels: bool,
+                 use_gpu: bool = False):
+        from igpt import checkpoints
+
+        self.model = checkpoints.load_model(checkpoint, random_init=random_init, seed=seed)
+        self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
+        self.model.to(self.device)
+        self.centres = (checkpoints.load_palette(checkpoint).centres.astype(np.float32) + 1) / 2  # [-1,1] -> [0,1]
+        self.batch_size, self.pixels = batch_size, pixels
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from igpt.ensemble import eval_masks
+
+        cfg = self.model.cfg
+        keys = batch["key"].to_pylist()
+        tokens = np.asarray(batch["tokens"].combine_chunks().flatten(), np.int64).reshape(len(keys), cfg.n_ctx)
+        n_layer, masks = cfg.n_layer, cfg.objective == "bert"
+        feats = {l: [] for l in range(n_layer)}
+        for i in range(0, len(keys), self.batch_size):
+            x = torch.from_numpy(tokens[i:i + self.batch_size]).to(self.device)
+            if masks:  # the paper's BERT evaluation: 5 masks per image, each its own feature vector
+                m = eval_masks(keys[i:i + self.batch_size], cfg.n_ctx, cfg.bert_mask_prob).to(self.device)
+                per_mask = [self.model.features(x, mask=m[k]) for k in range(len(m))]
+                for l in range(n_layer):
+                    feats[l].append(torch.stack([f[l] for f in per_mask], 1).float().cpu().numpy())
+            else:
+                out = self.model.features(x)
+                for l in range(n_layer):
+                    feats[l].append(out[l].float().cpu().numpy()[:, None])
+        cols = {"key": batch["key"], "label": batch["label"]}
+        for l in range(n_layer):
+            arr = np.concatenate(feats[l]) if feats[l] else np.zeros((0, 1, cfg.d_model), np.float32)
+            cols[layer_key(l)] = _tensor_column(arr)
+        if self.pixels:
+            cols["pixels"] = _tensor_column(self.centres[tokens].reshape(len(keys), 1, -1))
+        return pa.table(cols)
+
+
+def _tensor_column(arr: np.ndarray) -> pa.Array:
+    """(N, M, d) float32 -> a fixed-size-list column of M*d (Arrow has no ndarray column of its own)."""
+    flat = np.ascontiguousarray(arr, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat[0].size if len(flat) else 1)
+
+
+def table_to_arrays(t: pa.Table, shape: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """A feature table -> the arrays of one shard (``shape``: column -> (M, d))."""
+    out = {"keys": np.asarray(t["key"].to_pylist(), dtype=object).astype(str),
+           "labels": np.asarray(t["label"].to_pylist(), np.int64)}
+    for col, (m, d) in shape.items():
+        out[col] = np.asarray(t[col].combine_chunks().flatten(), np.float32).reshape(t.num_rows, m, d)
+    return out
+
+
+def load(feature_set: str | Path, split: str, layer: int | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (N, M, d), labels (N,), keys (N,)) of one layer (or ``"pixels"``) of one split."""
+    root = Path(feature_set) / split
+    shards = sorted(root.glob("shard-*.npz"))
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {root} (run pipelines.extract first)")
+    xs, ys, ks = [], [], []
+    key = layer_key(layer)
+    for s in shards:
+        with np.load(s) as z:
+            if key not in z.files:
+                raise KeyError(f"{s} has no {key} (has {', '.join(f for f in z.files if f not in ('keys', 'labels'))})")
+            xs.append(z[key])
+            ys.append(z["labels"])
+            ks.append(z["keys"])
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(ks)
+
+
+def manifest(feature_set: str | Path) -> dict:
+    p = Path(feature_set) / "manifest.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{feature_set} is not a feature set (no manifest.json); run pipelines.extract")
+    return json.loads(p.read_text())

@@ -1,0 +1,214 @@
+"""Linear probes: a Ray Tune sweep of layer x learning rate (or regularisation) on train/val, refit on train+val.
+
+    python -m pipelines.probe --name s-cifar --features runs/features/s-cifar --protocol lbfgs
+    python -m pipelines.probe ... --protocol sgd --space tune_spaces/probe_sgd.json
+    python -m pipelines.probe ... --low_data 40,250,4000 --low_data_seeds 5
+    ray job submit --working-dir . -- python -m pipelines.probe ... --tracking.tracking_uri http://mlflow:5000
+
+Every trial reads one layer of an extracted feature set (pipelines/extract.py) and reports its validation
+accuracy; the best (layer, hyper-parameter) is refit on train+val and evaluated once on test. With ``pixels``,
+the same sweep of the regularisation runs on the raw pixels as a baseline. MLflow: this job's run is the parent;
+Ray's ``MLflowLoggerCallback`` makes one child run per trial; the parent gets the best setting, the test accuracy,
+a table of every trial and a plot of validation accuracy against layer.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from igpt import cli, features, probe, tune_space
+from igpt.config import ProbeJobConfig
+from igpt.raysetup import init_ray
+from igpt.tracking import start_run, stop_on_sigterm
+
+
+def fit(cfg: ProbeJobConfig, x, y, params: dict) -> probe.LinearProbe:
+    if cfg.protocol == "lbfgs":
+        return probe.fit_lbfgs(x, y, C=params["C"], max_iter=cfg.max_iter)
+    return probe.fit_sgd(x, y, lr=params["lr"], epochs=params.get("epochs", cfg.epochs),
+                         batch_size=params.get("batch_size", cfg.batch_size), seed=cfg.seed)
+
+
+def trial(config: dict, cfg_dict: dict) -> None:
+    """One Tune trial: fit on train, score on val."""
+    from ray import tune
+
+    cfg = cli.from_dict(ProbeJobConfig, cfg_dict)
+    layer = config["layer"]
+    x, y, _ = features.load(cfg.features, "train", layer)
+    xv, yv, _ = features.load(cfg.features, "val", layer)
+    try:
+        p = fit(cfg, x, y, config)
+    except FloatingPointError:  # a diverged SGD probe is a bad setting, not a failed sweep
+        tune.report({"val_accuracy": 0.0, "train_accuracy": 0.0, "diverged": 1})
+        return
+    tune.report({"val_accuracy": p.accuracy(xv, yv), "train_accuracy": p.accuracy(x, y), "diverged": 0})
+
+
+def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str, parent_id: str):
+    """Run one Tune sweep; returns (best config, DataFrame of all trials)."""
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(trial, cfg_dict=cli.to_dict(cfg)), {"CPU": cfg.cpus_per_trial}),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
+            callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+                                            tags={"mlflow.parentRunId": parent_id, "igpt.job": "probe_trial",
+                                                  "igpt.sweep": name})]),
+    )
+    grid = tuner.fit()
+    errors = [r.error for r in grid if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} probe trial(s) failed; first: {errors[0]}")
+    best = grid.get_best_result()
+    return {k: best.config[k] for k in space}, grid.get_dataframe()
+
+
+def refit_and_test(cfg: ProbeJobConfig, params: dict) -> dict:
+    """The best setting fit on train+val, evaluated once on test."""
+    layer = params["layer"]
+    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    xt, yt, _ = features.load(cfg.features, "test", layer)
+    p = fit(cfg, x, y, params)
+    return {"test_accuracy": p.accuracy(xt, yt), "trainval_accuracy": p.accuracy(x, y), "test_images": len(yt)}
+
+
+def low_data_trial(config: dict, cfg_dict: dict, layer, C: float) -> None:
+    """Low-data protocol: a balanced labelled subset of train+val, L-BFGS at the swept layer; the strength is
+    chosen by cross-validation inside the subset (no validation set exists at 40 labels), scored on test."""
+    from ray import tune
+    from sklearn.linear_model import LogisticRegressionCV
+
+    cfg = cli.from_dict(ProbeJobConfig, cfg_dict)
+    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    idx = probe.balanced_subset(y, config["labels"], config["seed"])
+    per_class = config["labels"] // len(np.unique(y))
+    st = probe.Standardizer.fit(x[idx])
+    xr, yr = probe._rows(st(x[idx]), y[idx])
+    cv = LogisticRegressionCV(Cs=[C / 100, C / 10, C, C * 10], cv=min(5, per_class), max_iter=cfg.max_iter)
+    cv.fit(xr, yr)
+    xt, yt, _ = features.load(cfg.features, "test", layer)
+    p = probe.fit_lbfgs(x[idx], y[idx], C=float(np.atleast_1d(cv.C_)[0]), max_iter=cfg.max_iter)
+    tune.report({"test_accuracy": p.accuracy(xt, yt), "C": float(np.atleast_1d(cv.C_)[0])})
+
+
+def plot_by_layer(df, path: Path, pixels: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_layer = df.groupby("config/layer")["val_accuracy"].max()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(by_layer.index, by_layer.values, "o-", label="best over the sweep")
+    if pixels is not None:
+        ax.axhline(pixels, color="grey", ls="--", label="raw pixels")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("validation accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(cfg: ProbeJobConfig) -> dict:
+    import mlflow
+
+    man = features.manifest(cfg.features)
+    space_file = tune_space.load(cfg.space or f"probe_{cfg.protocol}", job=f"probe_{cfg.protocol}")
+    space = tune_space.to_tune(space_file["params"], n_layer=man["layers"])
+    out = Path(cfg.output_dir) / cfg.name
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray()
+    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "probe", cli.to_dict(cfg))
+    experiment = cfg.tracking.experiment
+    with run_:
+        parent = run_.info.run_id
+        mlflow.log_dict(space_file, "search_space.json")
+        mlflow.log_dict(man, "features_manifest.json")
+        mlflow.set_tags({"igpt.checkpoint": man["checkpoint"], "igpt.random_init": str(man["random_init"]),
+                         "igpt.objective": man["objective"], "igpt.features_run_id": man["run_id"]})
+        if man.get("pretrain_run_id"):
+            mlflow.set_tag("igpt.pretrain_run_id", man["pretrain_run_id"])
+        best, df = sweep(cfg, space, "layers", uri, experiment, parent)
+        result = {"best": best, **refit_and_test(cfg, best)}
+        by_layer = df.groupby("config/layer")["val_accuracy"].max()
+        result["val_accuracy_by_layer"] = {int(k): float(v) for k, v in by_layer.items()}
+        result["best_val_accuracy"] = float(by_layer.max())
+        result["trials"] = len(df)
+        df.to_csv(out / "trials.csv", index=False)
+        mlflow.log_artifact(str(out / "trials.csv"))
+        for l, acc in result["val_accuracy_by_layer"].items():
+            mlflow.log_metric("val/accuracy_by_layer", acc, step=l)
+        mlflow.log_params({f"best.{k}": v for k, v in best.items()})
+        mlflow.log_metrics({"test/accuracy": result["test_accuracy"], "val/best_accuracy": result["best_val_accuracy"],
+                            "best_layer": best["layer"], "best_layer_relative": (best["layer"] + 1) / man["layers"]})
+        pixels_val = None
+        if cfg.pixels and man.get("pixels"):
+            pspace = {**space, "layer": "pixels"}
+            pbest, pdf = sweep(cfg, pspace, "pixels", uri, experiment, parent)
+            pres = refit_and_test(cfg, pbest)
+            pixels_val = float(pdf["val_accuracy"].max())
+            result["pixels"] = {"best": pbest, "val_accuracy": pixels_val, **pres}
+            mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"],
+                                "baseline/pixels_val_accuracy": pixels_val})
+        plot_by_layer(df, out / "val_accuracy_by_layer.png", pixels_val)
+        mlflow.log_artifact(str(out / "val_accuracy_by_layer.png"), "plots")
+        if cfg.low_data:
+            result["low_data"] = low_data(cfg, best, uri, experiment, parent)
+        (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
+        mlflow.log_artifact(str(out / "result.json"))
+        result.update(run_id=parent, tracking_uri=uri)
+    print(f"best {best} val {result['best_val_accuracy']:.4f} -> test {result['test_accuracy']:.4f}"
+          + (f"; raw pixels test {result['pixels']['test_accuracy']:.4f}" if "pixels" in result else ""))
+    return result
+
+
+def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent: str) -> dict:
+    import mlflow
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    counts = [int(n) for n in cfg.low_data.split(",") if n.strip()]
+    C = best.get("C", 1.0)
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(low_data_trial, cfg_dict=cli.to_dict(cfg), layer=best["layer"], C=C),
+                            {"CPU": cfg.cpus_per_trial}),
+        param_space={"labels": tune.grid_search(counts),
+                     "seed": tune.grid_search([cfg.seed + i for i in range(cfg.low_data_seeds)])},
+        tune_config=tune.TuneConfig(metric="test_accuracy", mode="max"),
+        run_config=tune.RunConfig(
+            name="low_data", storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
+            callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+                                            tags={"mlflow.parentRunId": parent, "igpt.job": "probe_low_data"})]),
+    )
+    grid = tuner.fit()
+    if any(r.error for r in grid):
+        raise RuntimeError(f"low-data trial failed: {next(r.error for r in grid if r.error)}")
+    df = grid.get_dataframe()
+    out = {}
+    for n, g in df.groupby("config/labels"):
+        acc = g["test_accuracy"].to_numpy()
+        out[int(n)] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                       "seeds": len(acc)}
+        mlflow.log_metrics({f"low_data/{int(n)}_mean": out[int(n)]["mean"], f"low_data/{int(n)}_std": out[int(n)]["std"]})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
+    run(cli.parse(ProbeJobConfig, argv, prog="python -m pipelines.probe"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

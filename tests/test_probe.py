@@ -1,0 +1,165 @@
+"""Features once, probes many: extraction from a real pretraining checkpoint, then Ray Tune probe sweeps with
+refit, all logged to a real MLflow store (parent run + one child per trial)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from igpt import cli, features, probe
+from igpt.config import ExtractJobConfig, ProbeJobConfig
+from pipelines import extract, pretrain
+from pipelines import probe as probe_job
+
+from .conftest import SAMPLE, SHARED_CIFAR
+from .test_pretrain import job, palette_path  # noqa: F401  (the module-scoped palette fixture)
+
+
+def data_args(prefix_train="--train", prefix_test="--test"):
+    shared = (SHARED_CIFAR / "train-00000-of-00005.parquet").exists()
+    if shared:
+        return [f"{prefix_train}.path", str(SHARED_CIFAR), f"{prefix_train}.max_images", "1000",
+                f"{prefix_test}.path", str(SHARED_CIFAR), f"{prefix_test}.max_images", "300"]
+    return [f"{prefix_train}.path", str(SAMPLE), f"{prefix_train}.key_prefix", "train/",
+            f"{prefix_test}.path", str(SAMPLE), f"{prefix_test}.key_prefix", "test/"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, palette_path, ray_local):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("probe")
+    summary = pretrain.run(job(tmp, palette_path, "ar", 2, max_steps=40, **{"checkpoint.every_steps": 40,
+                                                                            "completions": 0}))
+    return tmp, summary
+
+
+def extract_cfg(tmp, summary, name, *extra):
+    return cli.parse(ExtractJobConfig, ["--name", name, "--output_dir", str(tmp / "features"),
+                                        "--checkpoint", summary["run_dir"], *data_args(), "--holdout", "0.2",
+                                        "--tracking.tracking_uri", summary["tracking_uri"], *extra])
+
+
+@pytest.fixture(scope="module")
+def feature_sets(pretrained):
+    tmp, summary = pretrained
+    trained = extract.run(extract_cfg(tmp, summary, "trained"))
+    twin = extract.run(extract_cfg(tmp, summary, "random", "--random_init", "--no-pixels"))
+    return tmp, summary, trained, twin
+
+
+@pytest.mark.slow
+def test_extraction_writes_every_layer_of_every_split(feature_sets):
+    tmp, summary, man, twin = feature_sets
+    assert man["layers"] == 2 and man["masks"] == 1 and man["d_model"] == 64
+    n = {s: man["splits"][s]["images"] for s in ("train", "val", "test")}
+    assert n["train"] + n["val"] == 1000 and 120 < n["val"] < 280 and n["test"] in (200, 300)
+    root = Path(tmp / "features" / "trained")
+    for split in ("train", "val", "test"):
+        for layer in (0, 1):
+            x, y, keys = features.load(root, split, layer)
+            assert x.shape == (n[split], 1, 64) and x.dtype == np.float32 and np.isfinite(x).all()
+            assert y.shape == (n[split],) and set(y) <= set(range(10))
+        px, _, _ = features.load(root, split, "pixels")
+        assert px.shape == (n[split], 1, 32 * 32 * 3) and 0 <= px.min() and px.max() <= 1
+    # train and val partition the training split by key; test keys are apart
+    tr, va = features.load(root, "train", 0)[2], features.load(root, "val", 0)[2]
+    assert not set(tr) & set(va) and len(set(tr)) == len(tr)
+    # the features are the model's: recompute a few from the checkpoint directly
+    from igpt import checkpoints
+    from igpt.ingest import TransformSpec, record_pixels
+    import pyarrow.parquet as pq
+    import torch
+
+    model = checkpoints.load_model(summary["run_dir"])
+    pal = checkpoints.load_palette(summary["run_dir"])
+    x0, _, k0 = features.load(root, "test", 1)
+    src = SHARED_CIFAR / "test-00000-of-00001.parquet"
+    table = pq.read_table(src if src.exists() else SAMPLE).to_pylist()
+    rows = {r["key"]: r for r in table}
+    t = TransformSpec("cifar", 32, False)
+    tok = torch.from_numpy(np.stack([pal.quantize(record_pixels(rows[k]["image"], 0, k, t)).reshape(-1)
+                                     for k in k0[:4]]).astype(np.int64))
+    np.testing.assert_allclose(model.features(tok, [1])[1].numpy(), x0[:4, 0], rtol=1e-4, atol=1e-5)
+    # the random-init twin: same shapes, different values, no pixels
+    xr, _, kr = features.load(tmp / "features" / "random", "test", 1)
+    assert list(kr) == list(k0) and not np.allclose(xr, x0)
+    assert twin["random_init"] and not twin["pixels"]
+    client = MlflowClient(summary["tracking_uri"])
+    ext = client.get_run(man["run_id"])
+    assert ext.data.metrics["test/images"] == n["test"] and ext.info.status == "FINISHED"
+    assert "manifest.json" in {a.path for a in client.list_artifacts(man["run_id"])}
+
+
+@pytest.mark.slow
+def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
+    tmp, summary, man, _ = feature_sets
+    argv = ["--name", "probe-trained", "--output_dir", str(tmp / "probe"), "--features",
+            str(tmp / "features" / "trained"), "--tracking.tracking_uri", summary["tracking_uri"]]
+    space = tmp / "space.json"
+    space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": "all"},
+                                                                 "C": {"grid_search": [0.01, 1.0]}}}))
+    res = probe_job.run(cli.parse(ProbeJobConfig, argv + ["--space", str(space)]))
+    assert res["trials"] == 4 and set(res["val_accuracy_by_layer"]) == {0, 1}
+    assert res["best"]["layer"] in (0, 1) and res["best"]["C"] in (0.01, 1.0)
+    assert res["best_val_accuracy"] == max(res["val_accuracy_by_layer"].values())
+    assert res["test_accuracy"] > 0.2, res  # chance is 0.1 (200-300 test images: a clear margin)
+    assert 0.1 < res["pixels"]["test_accuracy"] < 1.0
+    client = MlflowClient(summary["tracking_uri"])
+    parent = client.get_run(res["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["test/accuracy"] == pytest.approx(res["test_accuracy"])
+    assert {"trials.csv", "plots", "result.json", "search_space.json"} <= {a.path for a in client.list_artifacts(res["run_id"])}
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
+    layer_children = [c for c in children if c.data.tags.get("igpt.sweep") == "layers"]
+    assert len(layer_children) == 4 and len(children) == 6  # 4 layer x C trials + 2 raw-pixel trials
+    assert all(c.info.status == "FINISHED" and "val_accuracy" in c.data.metrics for c in children)
+    assert {c.data.params["layer"] for c in layer_children} == {"0", "1"}
+
+    # the random-init twin, probed the same way, for the record beside it
+    twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--output_dir", str(tmp / "probe"),
+                                                   "--features", str(tmp / "features" / "random"), "--space",
+                                                   str(space), "--tracking.tracking_uri", summary["tracking_uri"]]))
+    print(f"\nprobe test accuracy: trained {res['test_accuracy']:.3f} (layer {res['best']['layer']}), "
+          f"random-init {twin['test_accuracy']:.3f}, raw pixels {res['pixels']['test_accuracy']:.3f}")
+    assert "pixels" not in twin and 0.0 < twin["test_accuracy"] < 1.0
+
+
+@pytest.mark.slow
+def test_low_data_protocol_uses_balanced_subsets_and_reports_mean_and_std(feature_sets):
+    tmp, summary, _, _ = feature_sets
+    y = features.load(tmp / "features" / "trained", "train", 0)[1]
+    idx = probe.balanced_subset(y, 40, seed=0)
+    assert len(idx) == 40 and np.bincount(y[idx], minlength=10).tolist() == [4] * 10
+    assert not np.array_equal(idx, probe.balanced_subset(y, 40, seed=1))
+    with pytest.raises(ValueError, match="balanced"):
+        probe.balanced_subset(y, 45, seed=0)
+    space = tmp / "one.json"
+    space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": [1]},
+                                                                 "C": {"grid_search": [0.1]}}}))
+    res = probe_job.run(cli.parse(ProbeJobConfig, [
+        "--name", "low", "--output_dir", str(tmp / "probe"), "--features", str(tmp / "features" / "trained"),
+        "--space", str(space), "--no-pixels", "--low_data", "20,40", "--low_data_seeds", "3",
+        "--tracking.tracking_uri", summary["tracking_uri"]]))
+    assert set(res["low_data"]) == {20, 40}
+    for n, r in res["low_data"].items():
+        assert r["seeds"] == 3 and 0 <= r["mean"] <= 1 and r["std"] >= 0
+    client = MlflowClient(summary["tracking_uri"])
+    assert "low_data/40_mean" in client.get_run(res["run_id"]).data.metrics
+
+
+def test_sgd_protocol_and_bert_modal_prediction():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 3
+    y = rng.integers(0, 3, 300)
+    x = (centres[y] + rng.normal(size=(300, 8)))[:, None].astype(np.float32)
+    p = probe.fit_sgd(x, y, lr=1.0, epochs=5, batch_size=32)
+    assert p.accuracy(x, y) > 0.9
+    with pytest.raises(FloatingPointError):
+        probe.fit_sgd(x * 1e30, y, lr=1e30, epochs=2)
+    # BERT: 5 feature vectors per image; the prediction is the modal class over them
+    x5 = np.repeat(x, 5, axis=1)
+    x5[:, :2] = centres[(y + 1) % 3][:, None]  # 2 of 5 masks point to the wrong class, 3 to the right one
+    lb = probe.fit_lbfgs(x, y, C=1.0)
+    per_mask = lb.scores(x5).argmax(-1)  # (5, N)
+    assert (per_mask[:2] == (y + 1) % 3).mean() > 0.9
+    assert (lb.predict(x5) == y).mean() > 0.9
