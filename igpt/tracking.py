@@ -59,7 +59,9 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+    # a tracking server keeps artifacts where it was told to (proxied over HTTP); a local store beside its files
+    remote = tracking_uri.startswith(("http://", "https://", "databricks"))
+    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None and not remote else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
