@@ -1,0 +1,180 @@
+"""Against real servers on 127.0.0.1: a Ray head started with ``ray start --head`` and an ``mlflow server``
+(SQLite backend, local artifact root). Jobs go in with ``ray job submit`` exactly as on a cluster; results are read
+back over HTTP. Both servers are stopped by their process ids at the end (``ray stop`` would also stop every other
+Ray runtime on this machine)."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # a Ray head, an MLflow server and three submitted jobs: ~6-10 min on 2 cores
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(port: int) -> set[str]:
+    """The local addresses something listens on at ``port`` (from ``ss``)."""
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    return {line.split()[3].rsplit(":", 1)[0] for line in out.splitlines() if line.split()[3].endswith(f":{port}")}
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            return
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.fixture(scope="module")
+def servers():
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled", DS_ACCELERATOR="cpu")
+    env.pop("RAY_ADDRESS", None)
+    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    gcs, dash, mlf = free_port(), free_port(), free_port()
+    subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "3", "--port", str(gcs),
+                    "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                    "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True, capture_output=True,
+                   timeout=180)
+    store = temp / "mlflow"
+    store.mkdir()
+    mlflow_proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    dashboard, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlf}"
+    try:
+        wait_http(f"{dashboard}/api/version")
+        wait_http(f"{tracking}/health")
+        yield {"dashboard": dashboard, "tracking": tracking, "env": env, "dash_port": dash, "mlflow_port": mlf,
+               "temp": temp}
+    finally:
+        os.killpg(mlflow_proc.pid, signal.SIGTERM)
+        mlflow_proc.wait(timeout=30)
+        # the head's processes: every process started under its own temp dir
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        time.sleep(3)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert not subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+
+
+def submit(servers, *argv, wait=True, job_id=None):
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", servers["dashboard"], "--working-dir", str(ROOT)]
+    if job_id:
+        cmd += ["--submission-id", job_id]
+    if not wait:
+        cmd.append("--no-wait")
+    return subprocess.run([*cmd, "--", "python", *argv], env=servers["env"], capture_output=True, text=True,
+                          timeout=1200, cwd=ROOT)
+
+
+def job_status(servers, job_id) -> str:
+    with urllib.request.urlopen(f"{servers['dashboard']}/api/jobs/{job_id}") as r:
+        return json.load(r)["status"]
+
+
+def test_servers_bind_to_loopback_only(servers):
+    assert listening(servers["dash_port"]) == {"127.0.0.1"}
+    assert listening(servers["mlflow_port"]) == {"127.0.0.1"}
+
+
+def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, tmp_path):
+    out = servers["temp"] / "runs"  # the job's files; the MLflow runs and artifacts live on the server
+    p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--train.steps", "8",
+               "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
+               "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served",
+               job_id="igpt-main-ok")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert job_status(servers, "igpt-main-ok") == "SUCCEEDED"
+    client = MlflowClient(servers["tracking"])  # over HTTP only
+    exp = client.get_experiment_by_name("served")
+    runs = client.search_runs([exp.experiment_id], "tags.`igpt.job` != ''", max_results=500)
+    jobs = {r.data.tags["igpt.job"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert {"fit_palette", "pretrain", "extract", "probe", "compare"} <= set(jobs)
+    assert all(r.info.status == "FINISHED" for r in jobs.values())
+    pre = jobs["pretrain"]
+    assert len(client.get_metric_history(pre.info.run_id, "train/loss")) == 8
+    assert {"config.json", "deepspeed_config.json", "palette"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert "test/accuracy" in jobs["probe"].data.metrics
+    # an artifact comes back through the server's artifact proxy
+    local = client.download_artifacts(jobs["compare"].info.run_id, "table.csv", str(tmp_path))
+    assert "debug" in Path(local).read_text()
+
+
+def _pretrain_argv(servers, name, *extra):
+    sample = ROOT / "igpt" / "data" / "cifar10_sample.parquet"
+    palette = servers["temp"] / "runs" / "sub" / "palette" / "palette.npy"  # from the pipeline test
+    return ["-m", "pipelines.pretrain", "--name", name, "--storage_path", str(servers["temp"] / "runs" / "jobs"),
+            "--palette_path", str(palette), "--train.path", str(sample), "--train.key_prefix", "train/",
+            "--val.path", str(sample), "--val.key_prefix", "test/", "--val_images", "16", "--model.size", "debug",
+            "--deepspeed.preset", "cpu", "--deepspeed.zero_stage", "2", "--deepspeed.precision", "fp32",
+            "--deepspeed.micro_batch", "4", "--optim.global_batch", "8", "--scaling.workers", "2",
+            "--completions", "0", "--tracking.tracking_uri", servers["tracking"],
+            "--tracking.experiment", "served", *extra]
+
+
+def _run_of(servers, name):
+    client = MlflowClient(servers["tracking"])
+    exp = client.get_experiment_by_name("served")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    return runs[0] if runs else None
+
+
+def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
+    p = submit(servers, *_pretrain_argv(servers, "diverges", "--max_steps", "6", "--nan_at_step", "2"),
+               job_id="igpt-fails")
+    assert p.returncode != 0
+    assert job_status(servers, "igpt-fails") == "FAILED"
+    run = _run_of(servers, "diverges")
+    assert run.info.status == "FAILED" and run.data.metrics["train/nonfinite_loss"] == 1.0
+
+
+def test_a_stopped_job_ends_killed_in_mlflow(servers):
+    p = submit(servers, *_pretrain_argv(servers, "stopped", "--max_steps", "100000", "--checkpoint.every_steps",
+                                        "100000"), wait=False, job_id="igpt-stopped")
+    assert p.returncode == 0, p.stderr[-2000:]
+    deadline = time.time() + 600
+    while True:  # until it trains: its MLflow run exists and has logged a step
+        run = _run_of(servers, "stopped")
+        if run is not None and "train/loss" in run.data.metrics:
+            break
+        assert time.time() < deadline and job_status(servers, "igpt-stopped") in ("PENDING", "RUNNING")
+        time.sleep(2)
+    assert run.info.status == "RUNNING"
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", servers["dashboard"], "igpt-stopped"],
+                   env=servers["env"], check=True, capture_output=True, timeout=120)
+    deadline = time.time() + 120
+    while job_status(servers, "igpt-stopped") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert job_status(servers, "igpt-stopped") == "STOPPED"
+    assert _run_of(servers, "stopped").info.status == "KILLED"
