@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
+
 from igpt.config import MODEL_SIZES, PAPER_PARAMS_M, ModelConfig
 
 
@@ -20,6 +22,14 @@ def sizes(resolution: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # its flags are CompareJobConfig's (igpt.cli), as for pipelines.compare
+        from igpt.compare import main as compare
+
+        compare(argv[1:], prog="python -m igpt compare")
+        return
     parser = argparse.ArgumentParser(prog="igpt")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("sizes", help="the named model sizes and their parameter counts against the paper")
@@ -36,11 +46,127 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--global-batch", type=int, default=None, help="default: the paper's 128 (64 for XL)")
     p.add_argument("--micro-batch", type=int, default=None, help="per GPU; default: global batch / GPUs")
     p.add_argument("--activation-checkpointing", action="store_true", help="(default: compare off and on)")
+    p = sub.add_parser("sample", help="unconditional samples and top-half completions of a checkpoint, as a PNG grid")
+    p.add_argument("--checkpoint", required=True,
+                   help="weights.pt, a checkpoint folder step_*/, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--n", type=int, default=8, help="unconditional samples, and images to complete from --images")
+    p.add_argument("--completions", type=int, default=3, help="completions per given image")
+    p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely colours; 0: all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images", default=None,
+                   help="Parquet file, or folder of <split>-*.parquet, with key/image columns: images whose top "
+                        "half is completed (picked evenly through the file)")
+    p.add_argument("--images_split", default="test", help="split of an --images folder")
+    p.add_argument("--key_prefix", default="", help="only --images rows whose key starts with this (e.g. test/)")
+    p.add_argument("--recipe", choices=["imagenet", "cifar", "none"], default="imagenet",
+                   help="eval transform of --images to the model's resolution (imagenet: centre crop, box filter)")
+    p.add_argument("--no_cache", action="store_true", help="decode without the KV cache (slow; for checking)")
+    p.add_argument("--out", default="samples.png", help="the PNG to write")
+    p.add_argument("--tracking_uri", default=None, help="MLflow store to log the PNG to (default: MLflow's own)")
+    p.add_argument("--run_id", default=None,
+                   help="MLflow run to log the PNG to (under samples/); with only --tracking_uri, a new run is made")
+    p.add_argument("--experiment", default="igpt", help="experiment of the new run (only without --run_id)")
+    sub.add_parser("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
+                   "and plots, logged as a run; flags: python -m igpt compare --help")
     args = parser.parse_args(argv)
     if args.cmd == "sizes":
         print(sizes(args.resolution))
     elif args.cmd == "plan":
         print(plan_table(args))
+    elif args.cmd == "sample":
+        print(sample_command(args))
+
+
+def read_images(path: str, n: int, resolution: int, split: str = "test", key_prefix: str = "",
+                recipe: str = "imagenet") -> np.ndarray:
+    """Up to ``n`` images from a Parquet file or folder (``key``/``image`` columns, as igpt.sources reads them),
+    picked evenly through the rows, each through the eval transform to uint8 (IR, IR, 3). Records that do not
+    decode are skipped with a note on stderr."""
+    import sys
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from igpt.images import BadImage
+    from igpt.sources import DatasetSpec, check
+    from igpt.transforms import apply
+
+    spec = DatasetSpec(path=path, format="parquet", split=split, key_prefix=key_prefix)
+    plan = check(spec)  # clear errors for a wrong path, no split files, missing columns
+    where = []  # (file, row) of every eligible record, from the key column alone
+    for f in plan.files:
+        keys = pq.read_table(f, columns=[spec.key_column], filesystem=plan.fs)[spec.key_column]
+        rows = range(len(keys)) if not key_prefix else \
+            np.flatnonzero(pc.starts_with(keys, key_prefix).to_numpy(zero_copy_only=False))
+        where += [(f, int(r)) for r in rows]
+    if not where:
+        raise ValueError(f"no images in {path} (split {split!r}, key prefix {key_prefix!r})")
+    picks = [where[i] for i in np.unique(np.linspace(0, len(where) - 1, min(n, len(where))).round().astype(int))]
+    out = []
+    for f in dict.fromkeys(f for f, _ in picks):
+        t = pq.read_table(f, columns=[spec.key_column, spec.image_column], filesystem=plan.fs)
+        for _, r in (p for p in picks if p[0] == f):
+            key, data = t[spec.key_column][r].as_py(), t[spec.image_column][r].as_py()
+            try:
+                out.append(apply(data or b"", recipe, resolution, train=False))
+            except BadImage as e:
+                print(f"skipped {key}: {e}", file=sys.stderr)
+    if not out:
+        raise ValueError(f"none of the {len(picks)} images picked from {path} could be decoded")
+    return np.stack(out)
+
+
+def sample_command(args) -> str:
+    """``python -m igpt sample``: write the picture; log it to MLflow when asked. Returns a one-line summary."""
+    import time
+    from pathlib import Path
+
+    import torch
+    from PIL import Image
+
+    from igpt.checkpoints import load_model, load_palette  # imported here: only this command needs it
+    from igpt.sampling import picture
+
+    model, palette = load_model(args.checkpoint), load_palette(args.checkpoint)
+    res = model.cfg.resolution
+    images = None
+    if args.images:
+        px = read_images(args.images, args.n, res, args.images_split, args.key_prefix, args.recipe)
+        images = torch.as_tensor(palette.quantize(px).reshape(len(px), res * res).astype(np.int64))
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    pic = picture(model, palette, images, n=args.n, completions=args.completions, temperature=args.temperature,
+                  top_k=args.top_k or None, generator=g, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pic).save(out)
+    msg = (f"wrote {out} ({pic.shape[1]}x{pic.shape[0]}): {args.n} samples"
+           f"{f', {len(images)} images x {args.completions} completions' if images is not None else ''}"
+           f" in {seconds:.1f} s")
+    if args.tracking_uri or args.run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(args.tracking_uri)
+        run_id = args.run_id
+        if run_id is None:  # a run of its own, with what made the picture
+            from igpt.tracking import ensure_experiment
+
+            uri = client.tracking_uri
+            # a local SQLite store keeps its artifacts beside it, as the jobs' stores do (igpt.tracking)
+            root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+            exp = ensure_experiment(uri, args.experiment, root)
+            run_id = client.create_run(exp, run_name="sample", tags={"igpt.job": "sample"}).info.run_id
+            for k in ("checkpoint", "n", "completions", "temperature", "top_k", "seed", "images", "recipe"):
+                client.log_param(run_id, k, getattr(args, k))
+            client.log_metric(run_id, "sample/seconds", seconds)
+        # an existing run (the checkpoint's own pretraining run, say) only gains the artifact: its params stay
+        client.log_artifact(run_id, str(out), "samples")
+        if args.run_id is None:
+            client.set_terminated(run_id, "FINISHED")
+        msg += f"; logged to MLflow run {run_id} as samples/{out.name}"
+    return msg
 
 
 def plan_table(args) -> str:

@@ -10,6 +10,10 @@ Where it differs from GPT-2, and why (each follows the release):
 - BERT objective: no SOS, no causal mask; masked positions have their *content* embedding zeroed (the position
   embedding is still added), and the loss counts masked positions only.
 
+Decoding (``igpt/sampling.py``) passes a :class:`KVCache` to :meth:`IGPT.forward`: each block keeps the keys and
+values of the positions already seen, so a new pixel costs one position's worth of work instead of re-running
+the whole prefix. Without a cache the forward pass is exactly the training one.
+
 This file knows nothing of Ray or DeepSpeed: parallelism wraps the module from outside.
 """
 
@@ -42,6 +46,37 @@ def gelu2(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+class KVCache:
+    """Keys and values of every block for the positions decoded so far, for incremental AR decoding.
+
+    Why: without it, predicting pixel i re-runs positions 0..i through every block (O(T^2) position-steps for
+    an image, each re-computing keys and values that cannot change under a causal mask). With it, each call
+    runs only the new positions and attends to the stored keys and values.
+
+    Buffers are allocated on the first write with the full context length (n_ctx) and the dtype/device of the
+    keys themselves (bf16 under a bf16 engine), so appending is an in-place copy, never a growing ``cat``.
+    ``length`` is the number of positions stored; :meth:`IGPT.forward` advances it after all blocks ran.
+    """
+
+    def __init__(self, n_layer: int, n_ctx: int):
+        self.n_ctx = n_ctx
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new positions' k, v (B, H, t, hd) of one block after the cached ones; return all of them
+        (B, H, length + t, hd) as views into the buffers."""
+        b, h, t, hd = k.shape
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(b, h, self.n_ctx, hd)
+            self.v[layer] = v.new_empty(b, h, self.n_ctx, hd)
+        end = self.length + t
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,11 +84,26 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)  # q, k, v stacked: one matmul
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = (y.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for y in self.qkv(x).split(d, -1))
-        # SDPA dispatches to flash / memory-efficient kernels on GPUs; the scale is 1/sqrt(head_dim) as released.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        if cache is None:
+            # SDPA dispatches to flash / memory-efficient kernels on GPUs; the scale is 1/sqrt(head_dim) as released.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        else:
+            past = cache.length
+            k, v = cache.append(layer, k, v)  # now every position 0 .. past + t - 1
+            if t == 1:
+                # one new query, the last position: everything stored is in its past, so no mask at all
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif past == 0:
+                # prefill of a prefix into an empty cache: queries and keys are the same positions, plain causal
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                # several new queries after cached ones: SDPA's is_causal aligns the mask to the top-left corner
+                # (query 0 would see key 0 only), so give the bottom-right-aligned mask explicitly
+                mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
@@ -75,8 +125,8 @@ class Block(nn.Module):
         self.ln_2 = RMSNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x: torch.Tensor, causal: bool, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -109,14 +159,16 @@ class IGPT(nn.Module):
         nn.init.zeros_(self.head.weight)
 
     # ---- the network ------------------------------------------------------------------------------------
-    def _embed(self, idx: torch.Tensor, content_mask: torch.Tensor | None) -> torch.Tensor:
+    def _embed(self, idx: torch.Tensor, content_mask: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """Content + position embedding of ``idx`` (B, t) sitting at positions ``start .. start + t - 1``
+        (``start`` > 0 only when decoding with a cache: the new tokens follow the cached ones)."""
         t = idx.shape[1]
-        if t > self.cfg.n_ctx:
-            raise ValueError(f"sequence of {t} tokens exceeds the context of {self.cfg.n_ctx}")
+        if start + t > self.cfg.n_ctx:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the context of {self.cfg.n_ctx}")
         h = self.wte(idx)
         if content_mask is not None:
             h = h * (~content_mask).unsqueeze(-1).to(h.dtype)  # zero the content, keep the position below
-        return h + self.wpe(torch.arange(t, device=idx.device))
+        return h + self.wpe(torch.arange(start, start + t, device=idx.device))
 
     def _blocks(self, h: torch.Tensor, causal: bool) -> torch.Tensor:
         for blk in self.h:
@@ -126,10 +178,32 @@ class IGPT(nn.Module):
                 h = blk(h, causal)
         return self.ln_f(h)
 
-    def forward(self, idx: torch.Tensor, causal: bool = True, content_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        causal: bool = True,
+        content_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, 512) for raw input ids (B, T) in [0, 513); ``content_mask`` (B, T) bool zeroes the
-        content embedding of those positions. Use :meth:`ar_inputs` / :meth:`loss` for the objectives."""
-        return self.head(self._blocks(self._embed(idx, content_mask), causal))
+        content embedding of those positions. Use :meth:`ar_inputs` / :meth:`loss` for the objectives.
+
+        With ``cache`` (from :meth:`new_cache`; AR decoding only): ``idx`` holds the *next* input ids, at
+        positions ``cache.length ..``; they attend to the cached positions and themselves, their keys and values
+        are appended, and the logits are those the full causal forward gives at these positions."""
+        if cache is None:
+            return self.head(self._blocks(self._embed(idx, content_mask), causal))
+        if not causal or content_mask is not None:
+            raise ValueError("a KV cache is for causal (AR) decoding: no content_mask, causal=True")
+        h = self._embed(idx, None, start=cache.length)
+        for i, blk in enumerate(self.h):
+            h = blk(h, True, cache, i)
+        cache.length += idx.shape[1]  # only now: every block wrote its keys at the same positions
+        return self.head(self.ln_f(h))
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for this model (buffers appear on the first cached forward)."""
+        return KVCache(self.cfg.n_layer, self.cfg.n_ctx)
 
     # ---- objectives -------------------------------------------------------------------------------------
     def ar_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
