@@ -7,6 +7,9 @@ import threading
 from pathlib import Path
 
 
+STOP_REQUESTED = threading.Event()
+
+
 class Stopped(BaseException):
     """The job was asked to stop (SIGTERM: ``ray job stop``, a preempted node, Ctrl-C's cousin)."""
 
@@ -15,17 +18,41 @@ def stop_on_sigterm() -> None:
     """Turn SIGTERM into :class:`Stopped` so the job's MLflow run ends KILLED, not RUNNING. ``ray job stop``
     sends SIGTERM and a SIGKILL a few seconds later: ending the run is one quick call to the store."""
     def _raise(signum, frame):
+        STOP_REQUESTED.set()
         raise Stopped(f"stopped by signal {signum}")
 
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         signal.signal(signal.SIGTERM, _raise)
 
 
+def interruptible(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a worker thread while the main thread waits in short slices, so a SIGTERM's
+    Python handler runs at once. (A blocking call such as ``TorchTrainer.fit`` waits in C++; the handler would
+    only run once it returned, after ``ray job stop``'s SIGKILL, leaving the MLflow run RUNNING.)"""
+    out: dict = {}
+
+    def target():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # re-raised in the caller's thread
+            out["error"] = e
+
+    t = threading.Thread(target=target, name=f"interruptible-{getattr(fn, '__name__', 'fn')}", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.25)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def end_status(exc: BaseException | None) -> str:
-    """The MLflow status a run ends with: FINISHED, KILLED (stopped) or FAILED (anything else)."""
+    """The MLflow status a run ends with: FINISHED, KILLED (stopped) or FAILED (anything else). A stop request
+    wins over whatever error it caused: ``ray job stop`` signals the whole process group, so Ray Train's workers
+    may die first and surface as a training failure in the driver before (or instead of) the driver's signal."""
     if exc is None:
         return "FINISHED"
-    return "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED"
+    return "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) or STOP_REQUESTED.is_set() else "FAILED"
 
 
 class JobRun:

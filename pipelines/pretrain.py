@@ -62,7 +62,7 @@ def run(cfg: PretrainJobConfig) -> dict:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from igpt.tracking import default_tracking_uri, end_status, ensure_experiment, flatten
+    from igpt.tracking import default_tracking_uri, end_status, ensure_experiment, flatten, interruptible
 
     if not cfg.palette_path:
         raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
@@ -130,7 +130,7 @@ def run(cfg: PretrainJobConfig) -> dict:
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_execution_options(cfg)),
     )
     try:
-        result = trainer.fit()
+        result = interruptible(trainer.fit)
     except BaseException as e:  # FAILED, or KILLED when stopped (ray job stop): never left RUNNING
         client.set_terminated(run_id, end_status(e))
         raise

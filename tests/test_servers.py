@@ -52,10 +52,13 @@ def servers():
     env.pop("RAY_ADDRESS", None)
     temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     gcs, dash, mlf = free_port(), free_port(), free_port()
+    # every port of its own: Ray's defaults (the agent's 52365, ...) collide with any other Ray on this machine
+    ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                            "--runtime-env-agent-port", "--ray-client-server-port") for a in (flag, str(free_port()))]
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "3", "--port", str(gcs),
                     "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-                    "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True, capture_output=True,
-                   timeout=180)
+                    *ports, "--temp-dir", str(temp), "--disable-usage-stats"], env=env, check=True,
+                   capture_output=True, timeout=180)
     store = temp / "mlflow"
     store.mkdir()
     mlflow_proc = subprocess.Popen(
@@ -63,6 +66,11 @@ def servers():
          "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     dashboard, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlf}"
+    import numpy as np
+    from igpt.palette import Palette
+
+    Palette.fit(np.random.default_rng(0).integers(0, 256, (20000, 3), dtype=np.uint8), max_iter=3).save(
+        temp / "palette.npy")  # for the single-stage jobs below
     try:
         wait_http(f"{dashboard}/api/version")
         wait_http(f"{tracking}/health")
@@ -70,21 +78,24 @@ def servers():
                "temp": temp}
     finally:
         os.killpg(mlflow_proc.pid, signal.SIGTERM)
-        mlflow_proc.wait(timeout=30)
+        try:
+            mlflow_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # its workers can be slow to drain on a loaded machine
+            os.killpg(mlflow_proc.pid, signal.SIGKILL)
+            mlflow_proc.wait(timeout=30)
         # the head's processes: every process started under its own temp dir
-        pids = [int(p) for p in subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        time.sleep(3)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        assert not subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout.split()
+        def head_pids() -> list[int]:
+            out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout
+            return [int(p) for p in out.split()]
+
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):  # workers the raylet spawned while dying too
+            for pid in head_pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3)
+        assert not head_pids()
 
 
 def submit(servers, *argv, wait=True, job_id=None):
@@ -93,8 +104,13 @@ def submit(servers, *argv, wait=True, job_id=None):
         cmd += ["--submission-id", job_id]
     if not wait:
         cmd.append("--no-wait")
-    return subprocess.run([*cmd, "--", "python", *argv], env=servers["env"], capture_output=True, text=True,
-                          timeout=1200, cwd=ROOT)
+    for _ in range(30):  # the head answers HTTP before its job agent is up: Ray says to try again later
+        p = subprocess.run([*cmd, "--", "python", *argv], env=servers["env"], capture_output=True, text=True,
+                           timeout=1200, cwd=ROOT)
+        if "No available agent to submit job" not in p.stderr:
+            return p
+        time.sleep(5)
+    return p
 
 
 def job_status(servers, job_id) -> str:
@@ -125,6 +141,8 @@ def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, tmp_pa
     assert len(client.get_metric_history(pre.info.run_id, "train/loss")) == 8
     assert {"config.json", "deepspeed_config.json", "palette"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert "test/accuracy" in jobs["probe"].data.metrics
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{jobs['probe'].info.run_id}'")
+    assert len(children) >= 4 and all(c.info.status == "FINISHED" for c in children)  # one per Tune trial
     # an artifact comes back through the server's artifact proxy
     local = client.download_artifacts(jobs["compare"].info.run_id, "table.csv", str(tmp_path))
     assert "debug" in Path(local).read_text()
@@ -132,7 +150,7 @@ def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, tmp_pa
 
 def _pretrain_argv(servers, name, *extra):
     sample = ROOT / "igpt" / "data" / "cifar10_sample.parquet"
-    palette = servers["temp"] / "runs" / "sub" / "palette" / "palette.npy"  # from the pipeline test
+    palette = servers["temp"] / "palette.npy"
     return ["-m", "pipelines.pretrain", "--name", name, "--storage_path", str(servers["temp"] / "runs" / "jobs"),
             "--palette_path", str(palette), "--train.path", str(sample), "--train.key_prefix", "train/",
             "--val.path", str(sample), "--val.key_prefix", "test/", "--val_images", "16", "--model.size", "debug",
@@ -145,6 +163,8 @@ def _pretrain_argv(servers, name, *extra):
 def _run_of(servers, name):
     client = MlflowClient(servers["tracking"])
     exp = client.get_experiment_by_name("served")
+    if exp is None:  # not created yet: the job is still starting
+        return None
     runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
     return runs[0] if runs else None
 
