@@ -1,0 +1,360 @@
+"""Fine-tune a pretrained iGPT for classification: a Ray Tune sweep of the learning rate, early-stopped on held-out
+validation accuracy, then a refit of the best on train + held-out, evaluated once on the test split.
+
+    python -m pipelines.finetune --name cifar-ft --checkpoint runs/train/s-cifar \\
+        --train.path ../shared/datasets/cifar10 --test.path ../shared/datasets/cifar10 \\
+        --deepspeed.preset cpu --scaling.workers 2
+    ray job submit --working-dir . -- python -m pipelines.finetune ...   # same flags
+
+**Procedure** (the paper's fine-tuning, section 3.3 and appendix). The classifier (``igpt.finetune_loop``) pools
+the pretrained model's last layer over the sequence into a linear head; the loss is L_CLF + L_GEN, L_GEN being the
+checkpoint's own objective (AR or BERT) on the same images. Training images get the CIFAR augmentations
+(``--transform.recipe cifar``, new crops and flips every epoch); the learning rate warms up linearly for
+``--optim.warmup_epochs`` and then stays constant (no decay). Each Tune trial (one per value of the space,
+``tune_spaces/finetune.json`` by default, ``--max_concurrent_trials`` at once) fine-tunes the checkpoint on the
+training split less a held-out share (``part=rest``, ``--holdout``), evaluates validation accuracy on that share
+(``part=holdout``) after every epoch, keeps the best epoch's weights and stops after ``--patience`` epochs without
+a higher accuracy (at most ``--max_epochs``). The best trial (highest validation accuracy; ties: the earlier best
+epoch, then the smaller learning rate) is refitted on train + held-out (``part=all``) for its best epoch count,
+with no early stopping, and evaluated once on ``--test``.
+
+Each fine-tuning run is a Ray Train job of ``--scaling.workers`` DeepSpeed engines (ZeRO stage and precision from
+``--deepspeed.*``, as in pretraining); its result and kept weights (``classifier.pt``) are in
+``<storage_path>/<name>/<run>/classifier/``.
+
+**MLflow** (store and experiment from ``--tracking.*``): a parent run (tags ``igpt.job=finetune`` and
+``igpt.pretrain_run_id``, the checkpoint's pretraining run, by which ``igpt.compare`` finds it; params; metrics
+``trial/lr``, ``trial/val_accuracy``, ``trial/best_epoch`` at step = trial index; ``best/lr``,
+``best/val_accuracy``, ``best/epoch``; the refit's ``test/accuracy`` and ``test/images``). One child run per trial
+and one for the refit (tag ``mlflow.parentRunId``, ``igpt.job`` = ``finetune_trial`` / ``finetune_refit``): every
+step's ``train/loss``, ``train/loss_clf``, ``train/loss_gen``, ``train/accuracy``, ``train/lr``; every epoch's
+``epoch/loss_clf``, ``epoch/loss_gen``, ``val/accuracy``, ``val/images``; at the end ``best/val_accuracy``,
+``best/epoch``, ``epochs``, ``stopped_early`` (trials) or ``test/accuracy`` (refit).
+
+Layout: ``<storage_path>/<name>/`` holds ``<run>/`` per fine-tuning run (``lr_<lr>``, ``refit``), ``tune/`` (Ray
+Tune's experiment), ``palette.npy`` with its lookup table (unless ``--palette_path``), ``mlflow_run_id`` and
+``summary.json``. A folder with a ``summary.json`` is a finished job: re-submitting its name is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from igpt import checkpoints, cli, tune_space
+from igpt.config import FinetuneJobConfig
+
+METRIC = "val_accuracy"
+
+
+def _absolute(path: str) -> str:
+    """Local paths made absolute in the driver: Tune runs trials in their own working directory."""
+    return path if not path or "://" in path else str(Path(path).resolve())
+
+
+def absolute_paths(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
+    d = cli.to_dict(cfg)
+    for k in ("storage_path", "checkpoint", "palette_path"):
+        d[k] = _absolute(d[k])
+    for split in ("train", "test"):
+        for k in ("path", "labels_file"):
+            d[split][k] = _absolute(d[split][k])
+    if d["deepspeed"]["preset"].endswith(".json"):
+        d["deepspeed"]["preset"] = _absolute(d["deepspeed"]["preset"])
+    return cli.from_dict(FinetuneJobConfig, d)
+
+
+def job_dir(cfg: FinetuneJobConfig) -> Path:
+    return Path(cfg.storage_path) / cfg.name
+
+
+def tracking_uri(cfg: FinetuneJobConfig) -> str:
+    from igpt.tracking import default_tracking_uri
+
+    return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
+
+
+def checkpoint_info(path: str) -> dict:
+    """A checkpoint's model config, palette and step, read without loading its weights (memory-mapped): the
+    driver needs only these, the workers load the weights themselves."""
+    import torch
+
+    data = torch.load(checkpoints.resolve(path), map_location="cpu", weights_only=True, mmap=True)
+    return {"model": dict(data["model"]), "palette": data["palette"].clone(), "step": data["step"]}
+
+
+def palette_file(cfg: FinetuneJobConfig) -> Path:
+    """A palette .npy with its cached lookup table, equal to the checkpoint's palette: ``--palette_path``, else one
+    written (and its table built, once) into the job folder."""
+    from igpt.palette import Palette
+
+    centres = checkpoint_info(cfg.checkpoint)["palette"].numpy()
+    if cfg.palette_path:
+        if not np.array_equal(Palette.load(cfg.palette_path).centres, centres):
+            raise ValueError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
+        return Path(cfg.palette_path)
+    path = job_dir(cfg) / "palette.npy"
+    if not (path.exists() and np.array_equal(np.load(path), centres) and Palette(centres).lut_path(path).exists()):
+        Palette(centres).save(path)  # builds the table (tens of seconds) and keeps it beside the centres
+    return path
+
+
+def split_specs(cfg: FinetuneJobConfig, part: str) -> dict:
+    """Training part (``rest`` for a trial, ``all`` for the refit), its validation share (trials) or test (refit)."""
+    train = replace(cfg.train, holdout=cfg.holdout, part=part)
+    if part == "rest":
+        return {"train": train, "val": replace(train, part="holdout")}
+    return {"train": train, "test": cfg.test}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, parent_run_id: str | None = None,
+        clf_weight: float | None = None) -> dict:
+    """One fine-tuning run through Ray Train: ``part="rest"`` (a trial: early stopping on the held-out share,
+    at most ``epochs``) or ``part="all"`` (the refit: exactly ``epochs``, then the test split once). Logs to its
+    own MLflow run (a child of ``parent_run_id`` when given); returns the workers' result (``best_val_accuracy``,
+    ``best_epoch``, ``epochs``, ``test_accuracy``, ...) with ``run_id`` and ``classifier`` (the kept weights)."""
+    import ray
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from igpt import deepspeed_config, ingest, sources
+    from igpt.finetune_loop import finetune_loop
+    from igpt.palette import Palette
+    from igpt.raysetup import init_ray
+    from igpt.tracking import end_status, ensure_experiment, flatten
+
+    if part not in ("rest", "all"):
+        raise ValueError(f"part must be rest (a trial) or all (the refit), got {part!r}")
+    clf_weight = cfg.clf_weight if clf_weight is None else clf_weight
+    ckpt = checkpoint_info(cfg.checkpoint)
+    model_cfg = dict(ckpt["model"])
+    optim = replace(cfg.optim, lr=lr)
+    ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, optim, cfg.scaling.workers, cfg.scaling.use_gpu)
+    if model_over.get("activation_checkpointing"):  # the preset's model needs (XL)
+        model_cfg["activation_checkpointing"] = True
+
+    init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
+    specs = split_specs(cfg, part)
+    plans = {k: sources.check(s) for k, s in specs.items()}
+    count = plans["train"].count
+    if count is None:
+        raise ValueError("the training split's size must be known up front (parquet, imagefolder, cifar, stl10)")
+    steps_per_epoch = count // cfg.optim.global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{count} training images make no full global batch of {cfg.optim.global_batch}")
+    lut = ray.put(Palette.load(palette_file(cfg)).lut)
+    log = ingest.ErrorLog.remote()
+    t, res = cfg.transform, model_cfg["resolution"]
+    # every epoch its own crops and flips and its own order: a split stored class by class (an image folder, a
+    # sorted file) would otherwise give batches of one class; seeded, so a run can be repeated exactly
+    train = [ingest.tokenize(sources.read(specs["train"], plans["train"]), lut,
+                             ingest.TransformSpec(t.recipe, res, t.augment, t.seed, e, t.draft), log
+                             ).select_columns(["tokens", "label"]).random_shuffle(seed=t.seed * 100_003 + e)
+             for e in range(epochs)]
+    datasets = {"train": train[0].union(*train[1:]) if len(train) > 1 else train[0]}
+    evals = [k for k in ("val", "test") if k in specs]
+    for k in evals:
+        datasets[k] = ingest.tokenize(sources.read(specs[k], plans[k]), lut,
+                                      ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft), log
+                                      ).select_columns(["key", "tokens", "label"])
+
+    uri = tracking_uri(cfg)
+    client = MlflowClient(uri)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
+    tags = {"igpt.job": f"finetune_{'trial' if part == 'rest' else 'refit'}",
+            "igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, run_name=f"{cfg.name}/{run}", tags=tags).info.run_id
+    warmup = min(epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    params = {"lr": lr, "clf_weight": clf_weight, "part": part, "epochs": epochs,
+              "patience": cfg.patience if part == "rest" else "none", "steps.per_epoch": steps_per_epoch,
+              "steps.warmup": warmup, "data.train_images": count, "objective": model_cfg["objective"],
+              "eval.masks": 5 if model_cfg["objective"] == "bert" else 1, "checkpoint.step": ckpt["step"],
+              **{f"model.{k}": v for k, v in model_cfg.items()},
+              **{f"deepspeed.{k}": v for k, v in flatten(cli.to_dict(cfg.deepspeed)).items()},
+              **{f"optim.{k}": v for k, v in cli.to_dict(optim).items()}}
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_dict(run_id, ds_conf, "deepspeed_config.json")
+
+    meta = {"checkpoint": str(checkpoints.resolve(cfg.checkpoint)), "model": model_cfg, "n_classes": cfg.n_classes,
+            "palette": ckpt["palette"].tolist(), "lr": lr, "clf_weight": clf_weight, "epochs": epochs,
+            "patience": cfg.patience if part == "rest" else None, "steps_per_epoch": steps_per_epoch,
+            "warmup_steps": warmup, "ds_config": ds_conf, "seed": t.seed, "evals": evals, "run_id": run_id,
+            "tracking_uri": uri, "use_gpu": cfg.scaling.use_gpu}
+    opts = ExecutionOptions()
+    opts.preserve_order = True  # the same batches to the same workers on every run of the same job
+    trainer = TorchTrainer(
+        finetune_loop,
+        train_loop_config={"meta": meta},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=f"{cfg.name}/{run}", storage_path=cfg.storage_path),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
+    )
+    try:
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        out = dict(result.metrics)
+        read, skipped = ray.get(log.stats.remote())
+        names = {"best_val_accuracy": "best/val_accuracy", "best_epoch": "best/epoch", "epochs": "epochs",
+                 "steps": "steps", "stopped_early": "stopped_early"}  # test/accuracy: logged by the workers
+        for k, name in names.items():
+            if k in out:
+                client.log_metric(run_id, name, float(out[k]))
+        client.log_metric(run_id, "data/records_read", read)
+        client.log_metric(run_id, "data/records_skipped", skipped)
+    except BaseException as e:
+        client.set_terminated(run_id, end_status(e))
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    out.update(run_id=run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
+               classifier=str(Path(result.checkpoint.path)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def trial_run_name(config: dict) -> str:
+    return "_".join(f"{k}_{config[k]:g}" for k in sorted(config) if k != "index")
+
+
+def trial(config: dict, job: dict, parent_run_id: str) -> None:
+    """Ray Tune function trainable: one early-stopped fine-tuning run; reports its best validation accuracy."""
+    from ray import tune
+
+    cfg = cli.from_dict(FinetuneJobConfig, job)
+    out = fit(cfg, lr=float(config["lr"]), clf_weight=config.get("clf_weight"), run=trial_run_name(config),
+              part="rest", epochs=cfg.max_epochs, parent_run_id=parent_run_id)
+    tune.report({METRIC: out["best_val_accuracy"], "best_epoch": out["best_epoch"], "epochs": out["epochs"],
+                 "stopped_early": out["stopped_early"], "val_images": out["val_images"], "lr": out["lr"],
+                 "clf_weight": out["clf_weight"], "run_id": out["run_id"]})
+
+
+def param_space(cfg: FinetuneJobConfig) -> dict:
+    if not cfg.space:
+        return {"lr": cfg.optim.lr}  # a single trial
+    return tune_space.to_tune(tune_space.load(cfg.space, job="finetune")["params"])
+
+
+def best_trial(trials: list[dict]) -> dict:
+    """The highest validation accuracy; ties: the earlier best epoch (a cheaper refit), then the smaller lr."""
+    return max(trials, key=lambda t: (t[METRIC], -t["best_epoch"], -t["lr"]))
+
+
+def _ray_cpus(cfg: FinetuneJobConfig) -> int:
+    """Logical CPUs for a local runtime: the trials, their workers, and a whole CPU left for Ray Data's tasks."""
+    s, n = cfg.scaling, cfg.max_concurrent_trials
+    return max(os.cpu_count() or 1, math.ceil(n * (s.workers * s.cpus_per_worker + cfg.cpus_per_trial)) + 1)
+
+
+def run(cfg: FinetuneJobConfig) -> dict:
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from igpt.raysetup import init_ray
+    from igpt.tracking import end_status, ensure_experiment, stop_on_sigterm
+
+    if not cfg.checkpoint:
+        raise ValueError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
+    if cfg.train.part != "all" or cfg.train.holdout:
+        raise ValueError("the job draws its splits itself (trials: part=rest/holdout, refit: part=all): give "
+                         "--holdout, not --train.part/--train.holdout")
+    cfg = absolute_paths(cfg)
+    ckpt = checkpoint_info(cfg.checkpoint)  # a clear error now rather than in every worker
+    if cfg.transform.resolution != ckpt["model"]["resolution"]:
+        raise ValueError(f"transform.resolution ({cfg.transform.resolution}) must equal the model's "
+                         f"({ckpt['model']['resolution']})")
+    space = param_space(cfg)
+    out_dir = job_dir(cfg)
+    if (out_dir / "summary.json").exists():
+        raise FileExistsError(f"{out_dir} holds a finished fine-tuning job; choose another --name")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    palette_file(cfg)  # the lookup table, built once here rather than in every trial
+
+    # the store and experiment are created here, before any trial touches them (SQLite schema race)
+    uri = tracking_uri(cfg)
+    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
+    client = MlflowClient(uri)
+    tags = {"igpt.job": "finetune", "igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
+    if checkpoints.pretrain_run_id(cfg.checkpoint):  # igpt.compare links the job to its pretraining run by it
+        tags["igpt.pretrain_run_id"] = checkpoints.pretrain_run_id(cfg.checkpoint)
+    if getattr(cfg.tracking, "parent_run_id", None):  # the job itself nested under another run
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
+    parent = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags).info.run_id
+    (out_dir / "mlflow_run_id").write_text(parent)
+    params = {"space": cfg.space or f"lr={cfg.optim.lr:g}", "holdout": cfg.holdout, "max_epochs": cfg.max_epochs,
+              "patience": cfg.patience, "refit": cfg.refit, "n_classes": cfg.n_classes, "clf_weight": cfg.clf_weight,
+              "optim.global_batch": cfg.optim.global_batch, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+              "objective": ckpt["model"]["objective"], "checkpoint.step": ckpt["step"]}
+    client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_dict(parent, cli.to_dict(cfg), "config.json")
+    stop_on_sigterm()  # ray job stop: the runs end KILLED, not RUNNING
+    try:
+        init_ray(num_cpus=_ray_cpus(cfg))
+        trainable = tune.with_resources(
+            tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=parent), {"CPU": cfg.cpus_per_trial})
+        tuner = tune.Tuner(trainable, param_space=space,
+                           tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1))
+        grid = tuner.fit()
+        trials, failed = [], []
+        for r in grid:
+            if r.error is not None or METRIC not in (r.metrics or {}):
+                failed.append(f"{r.config}: {r.error}")
+            else:
+                trials.append({k: r.metrics[k] for k in (METRIC, "best_epoch", "epochs", "stopped_early",
+                                                         "val_images", "lr", "clf_weight", "run_id")})
+        if failed:
+            client.set_tag(parent, "finetune.failed_trials", "; ".join(failed)[:5000])
+        if not trials:
+            raise RuntimeError(f"every fine-tuning trial failed: {failed}")
+        trials.sort(key=lambda t: (t["lr"], t["clf_weight"]))
+        for i, t in enumerate(trials):
+            for k, v in (("trial/lr", t["lr"]), ("trial/val_accuracy", t[METRIC]),
+                         ("trial/best_epoch", t["best_epoch"])):
+                client.log_metric(parent, k, float(v), step=i)
+        best = best_trial(trials)
+        client.log_metric(parent, "best/lr", best["lr"])
+        client.log_metric(parent, "best/val_accuracy", best[METRIC])
+        client.log_metric(parent, "best/epoch", best["best_epoch"])
+        client.set_tag(parent, "finetune.best_run_id", best["run_id"])
+        summary = {"name": cfg.name, "parent_run_id": parent, "tracking_uri": uri, "job_dir": str(out_dir),
+                   "trials": trials, "failed_trials": failed, "best": best, "refit": None}
+        if cfg.refit:
+            refit = fit(cfg, lr=best["lr"], clf_weight=best["clf_weight"], run="refit", part="all",
+                        epochs=int(best["best_epoch"]), parent_run_id=parent)
+            client.log_metric(parent, "test/accuracy", refit["test_accuracy"])
+            client.log_metric(parent, "test/images", refit["test_images"])
+            client.set_tag(parent, "finetune.refit_run_id", refit["run_id"])
+            summary["refit"] = refit
+    except BaseException as e:
+        client.set_terminated(parent, end_status(e))
+        raise
+    client.set_terminated(parent, "FINISHED")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    tried = ", ".join(f"lr={t['lr']:g}: {t[METRIC]:.4f} (epoch {t['best_epoch']})" for t in trials)
+    print(f"fine-tuning {cfg.name}: {tried}; best lr {best['lr']:g}"
+          + (f"; refit test accuracy {summary['refit']['test_accuracy']:.4f} on {summary['refit']['test_images']} "
+             f"images" if summary["refit"] else "") + f"; MLflow run {parent} at {uri}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(cli.parse(FinetuneJobConfig, argv, prog="python -m pipelines.finetune"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
