@@ -116,3 +116,11 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None) 
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
         raise  # unreachable: parser.error exits
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute (URIs and empty strings kept): drivers do this before handing configs to Ray
+    Tune, which runs each trial in its own working directory."""
+    from pathlib import Path
+
+    return path if not path or "://" in path else str(Path(path).resolve())

@@ -53,20 +53,15 @@ from igpt.config import FinetuneJobConfig
 METRIC = "val_accuracy"
 
 
-def _absolute(path: str) -> str:
-    """Local paths made absolute in the driver: Tune runs trials in their own working directory."""
-    return path if not path or "://" in path else str(Path(path).resolve())
-
-
 def absolute_paths(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
     d = cli.to_dict(cfg)
     for k in ("storage_path", "checkpoint", "palette_path"):
-        d[k] = _absolute(d[k])
+        d[k] = cli.absolute_path(d[k])
     for split in ("train", "test"):
         for k in ("path", "labels_file"):
-            d[split][k] = _absolute(d[split][k])
+            d[split][k] = cli.absolute_path(d[split][k])
     if d["deepspeed"]["preset"].endswith(".json"):
-        d["deepspeed"]["preset"] = _absolute(d["deepspeed"]["preset"])
+        d["deepspeed"]["preset"] = cli.absolute_path(d["deepspeed"]["preset"])
     return cli.from_dict(FinetuneJobConfig, d)
 
 

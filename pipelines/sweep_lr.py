@@ -146,21 +146,16 @@ class OrderedSearcher(Searcher):
 
 
 # ------------------------------------------------------------------------------------------------ one trial
-def _absolute(path: str) -> str:
-    """Local paths made absolute in the driver: Tune runs trials in their own working directory."""
-    return path if not path or "://" in path else str(Path(path).resolve())
-
-
 def absolute_paths(cfg: SweepLRJobConfig) -> SweepLRJobConfig:
     d = cli.to_dict(cfg)
-    d["storage_path"] = _absolute(d["storage_path"])
+    d["storage_path"] = cli.absolute_path(d["storage_path"])
     p = d["pretrain"]
-    p["palette_path"] = _absolute(p["palette_path"])
+    p["palette_path"] = cli.absolute_path(p["palette_path"])
     for split in ("train", "val"):
         for k in ("path", "labels_file"):
-            p[split][k] = _absolute(p[split][k])
+            p[split][k] = cli.absolute_path(p[split][k])
     if p["deepspeed"]["preset"].endswith(".json"):
-        p["deepspeed"]["preset"] = _absolute(p["deepspeed"]["preset"])
+        p["deepspeed"]["preset"] = cli.absolute_path(p["deepspeed"]["preset"])
     return cli.from_dict(SweepLRJobConfig, d)
 
 
