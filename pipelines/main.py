@@ -37,8 +37,9 @@ def _flags(d: dict, prefix: str = "") -> list[str]:
 
 
 def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
-    """Every stage's typed config, built from the main job's flags."""
-    root = Path(cfg.output_dir) / cfg.name
+    """Every stage's typed config, built from the main job's flags (paths absolute: some stages run Tune trials,
+    each in its own working directory)."""
+    root = Path(cli.absolute_path(cfg.output_dir)) / cfg.name
     uri = cfg.tracking.tracking_uri or default_tracking_uri(root)
     track = {"tracking": {"tracking_uri": uri, "experiment": cfg.tracking.experiment}}
     res = cfg.model.resolution

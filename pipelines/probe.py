@@ -122,8 +122,13 @@ def plot_by_layer(df, path: Path, pixels: float | None) -> None:
 
 
 def run(cfg: ProbeJobConfig) -> dict:
+    import dataclasses
+
     import mlflow
 
+    # Tune runs each trial in its own working directory: the trials must get absolute paths.
+    cfg = dataclasses.replace(cfg, features=cli.absolute_path(cfg.features),
+                              output_dir=cli.absolute_path(cfg.output_dir))
     man = features.manifest(cfg.features)
     space_file = tune_space.load(cfg.space or f"probe_{cfg.protocol}", job=f"probe_{cfg.protocol}")
     space = tune_space.to_tune(space_file["params"], n_layer=man["layers"])

@@ -2,6 +2,7 @@
 DeepSpeed, real MLflow (a local SQLite store), in a subprocess."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     out = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "pipelines.main", "--output_dir", str(out), "--name", "t1",
+    # a relative --output_dir, as the README's command uses: the probe's Tune trials run in their own working
+    # directories, so the job must hand them absolute paths
+    rel = os.path.relpath(out, ROOT)
+    cmd = [sys.executable, "-m", "pipelines.main", "--output_dir", rel, "--name", "t1",
            "--train.steps", "12", "--palette.max_iter", "5", "--palette.sample_pixels", "50000"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
