@@ -42,7 +42,7 @@ forward pass of each model in this process, with the one torch thread each Ray w
 autocast / TF32 forward), and a fixed "load probe" step (4 layers, d 128, 16 images of 16x16: ~0.55 s on an idle
 core of the CI box) whose slowdown scales the fixed allowances (machine load slows start-up as much as compute).
 A cost model turns these into each stage's time -- fixed start-up allowances per job, the pipeline's overhead
-over the bare step (x1.3 + 0.15 s per step on the CPU), evaluation, extraction (x5 forward passes for BERT's five
+over the bare step (x1.8 + 0.3 s per step on the CPU), evaluation, extraction (x5 forward passes for BERT's five
 masks), probe trials -- keeps 10% of the budget spare, and gives the rest to pretraining: ``steps = floor(time
 left / sum over the 3 models of one step's time)`` (at least 20). Where extraction and probes would take more
 than 30% of the budget, P and T shrink (not below 2,000 each). Before extraction the plan is redone with the time
@@ -114,9 +114,9 @@ PAPER = {
 # (LOAD_PROBE), the measured compute already carries it. CPU allowances: from a --smoke run here, divided by
 # the slowdown measured in it.
 COST = {
-    "cpu": dict(ray_start=15, palette_fixed=40, palette_per_image=1 / 1500, pretrain_fixed=70, step_factor=1.3,
-                step_extra=0.15, eval_factor=1.5, extract_fixed=45, extract_factor=1.3, fwd_parallel=2,
-                probe_fixed=35, trial_s=6.0, parallel_trials=2, fit_s_per_elem=2e-6, report=15, once=0),
+    "cpu": dict(ray_start=15, palette_fixed=40, palette_per_image=1 / 1500, pretrain_fixed=70, step_factor=1.8,
+                step_extra=0.3, eval_factor=1.5, extract_fixed=45, extract_factor=1.3, fwd_parallel=2,
+                probe_fixed=10, trial_s=6.0, parallel_trials=2, fit_s_per_elem=2e-6, report=15, once=0),
     "gpu": dict(ray_start=10, palette_fixed=25, palette_per_image=1 / 8000, pretrain_fixed=30, step_factor=1.2,
                 step_extra=0.02, eval_factor=1.5, extract_fixed=20, extract_factor=1.5, fwd_parallel=1,
                 probe_fixed=10, trial_s=3.0, parallel_trials=16, fit_s_per_elem=2e-6, report=10, once=45),
