@@ -162,6 +162,7 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
         datasets[k] = ingest.tokenize(sources.read(specs[k], plans[k]), lut,
                                       ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft), log
                                       ).select_columns(["key", "tokens", "label"])
+        datasets[k] = ingest.materialize_eval(datasets[k])
 
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)

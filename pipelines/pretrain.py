@@ -44,7 +44,7 @@ def datasets(cfg: PretrainJobConfig, palette: Palette):
     val = ingest.tokenize(sources.read(cfg.val, val_plan), lut, val_spec, log).select_columns(["tokens"])
     if cfg.val_images:
         val = val.limit(cfg.val_images)
-    return train, val, count, log
+    return train, ingest.materialize_eval(val), count, log
 
 
 def _execution_options(cfg: PretrainJobConfig):
