@@ -48,9 +48,9 @@ left / sum over the 3 models of one step's time)`` (at least 20). Where extracti
 than 30% of the budget, P and T shrink (not below 2,000 each). Before extraction the plan is redone with the time
 actually left, so an overrun of pretraining shrinks P and T. Each stage prints its planned and actual seconds;
 the report lists them. ``--steps``, ``--probe_images`` and ``--test_images`` override the sizing. On an idle
-2-core CI box (FLOP estimate at 50 GFLOP/s per core) the default plans ~500 steps x 64 = ~33,000 images per
-model (0.8 epoch) and P = T = 5,000 in ~54 minutes. The measurement only sees the load of its own minute: on a
-shared machine whose load rises later, the run takes longer than planned; at the load seen while this was
+2-core CI box the default plans ~420 steps x 64 = ~27,000 images per model (0.67 epoch) and
+P = T = 5,000 in ~53 minutes (measured 2026-11-28: 51.3 minutes; BENCHMARKS.md). The measurement only sees
+the load of its own minute: on a shared machine whose load rises later, the run takes longer than planned; at the load seen while this was
 written (the load probe 3-4x slower than idle) 60 minutes do not fit even 20 steps -- the plan says so in a note
 and runs over.
 
