@@ -50,9 +50,9 @@ actually left, so an overrun of pretraining shrinks P and T. Each stage prints i
 the report lists them. ``--steps``, ``--probe_images`` and ``--test_images`` override the sizing. On an idle
 2-core CI box the default plans ~420 steps x 64 = ~27,000 images per model (0.67 epoch) and
 P = T = 5,000 in ~53 minutes (measured 2026-11-28: 51.3 minutes; BENCHMARKS.md). The measurement only sees
-the load of its own minute: on a shared machine whose load rises later, the run takes longer than planned; at the load seen while this was
-written (the load probe 3-4x slower than idle) 60 minutes do not fit even 20 steps -- the plan says so in a note
-and runs over.
+the load of its own minute: on a shared machine whose load rises later, the run takes longer than planned; at
+the load seen while this was written (the load probe 3-4x slower than idle) 60 minutes do not fit even 20
+steps -- the plan says so in a note and runs over.
 
 ``--gpu``: iGPT-S-shaped, as the paper's smallest: ``small`` (8 layers, d 256) and ``S`` (24 layers, d 512, 76M
 parameters) AR, BERT ``S``, at 32x32 (the paper's resolution for CIFAR) in bf16 with ``--scaling.use_gpu``, one
