@@ -129,8 +129,8 @@ def materialize_eval(ds):
 
     Ray Train hands a split it does not shard to every worker whole, and each pass over a lazy dataset re-runs
     read -> decode -> tokenize: on 2 cores that cost 17-156 s per evaluation of 500 CIFAR-10 images while a
-    training step took 0.36 s. Evaluation splits are small beside their tokens' budget (ImageNet's 50,000
-    validation images at 64x64 are 410 MB of uint16 tokens). Ordered, so the first images (the completion grid)
+    training step took 0.36 s. Evaluation splits are small enough to hold (ImageNet's 50,000 validation images
+    at 64x64 are 410 MB of uint16 tokens). Ordered, so the first images (the completion grid)
     are the same on every run."""
     ds.context.execution_options.preserve_order = True  # the dataset's own context, not the training split's
     return ds.materialize()
