@@ -1,9 +1,11 @@
 """Records -> augmented, tokenized rows, through Ray Data; every record that fails is counted and listed.
 
 ``tokenize(ds, ...)`` maps the reader's records (see ``igpt.sources``) to rows ``key, label, tokens`` (uint16,
-IR^2 per image). A record that cannot be decoded or transformed is skipped *alone* (never its block or shard)
-and its key and reason go to an :class:`ErrorLog` actor, which also counts every record seen, so the driver can
-report read/tokenized/skipped and stop a run whose error rate passes a threshold.
+IR^2 per image). A record's augmentation is drawn for its own epoch: ``TransformSpec.epoch`` plus the record's
+``epoch`` column, so one dataset can hold many differently augmented passes. A record that cannot be decoded or
+transformed is skipped *alone* (never its block or shard) and its key and reason go to an :class:`ErrorLog`
+actor, which also counts every record seen, so the driver can report read/tokenized/skipped and stop a run whose
+error rate passes a threshold.
 
 The palette's 2^24 lookup table (32 MiB) travels once through Ray's object store; each worker process maps it
 read-only and keeps it for all its batches.
@@ -63,8 +65,10 @@ class TransformSpec:
     draft: bool = True
 
 
-def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec) -> np.ndarray:
-    """One record -> uint8 (IR, IR, 3) under the transform; raises BadImage."""
+def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec,
+                  epoch: int | None = None) -> np.ndarray:
+    """One record -> uint8 (IR, IR, 3) under the transform, drawn for ``epoch`` (default ``t.epoch``); raises
+    BadImage."""
     if raw_size:
         arr = np.frombuffer(row_image, np.uint8)
         if arr.size != raw_size * raw_size * 3:
@@ -72,56 +76,71 @@ def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec) -
         image = arr.reshape(raw_size, raw_size, 3)
     else:
         image = row_image
-    return transforms.apply(image, t.recipe, t.resolution, t.train, t.seed, t.epoch, key, t.draft)
+    return transforms.apply(image, t.recipe, t.resolution, t.train, t.seed, t.epoch if epoch is None else epoch,
+                            key, t.draft)
+
+
+def _epochs(batch: pa.Table, t: TransformSpec) -> list[int]:
+    """Each record's epoch: ``t.epoch`` offset by the record's pass (``sources.read(epochs=...)``), so a caller
+    that builds one dataset per epoch with ``TransformSpec(epoch=e)`` gets what it always did."""
+    if "epoch" not in batch.column_names:
+        return [t.epoch] * batch.num_rows
+    return [t.epoch + e for e in batch["epoch"].to_pylist()]
 
 
 def _good_records(batch: pa.Table, t: TransformSpec, log):
-    """(key, label, uint8 pixels) of every record of the batch that decodes and transforms; the others, with
-    their reasons, and the count of records seen go to the error log once the batch is done."""
+    """(key, label, uint8 pixels, epoch) of every record of the batch that decodes and transforms; the others,
+    with their reasons, and the count of records seen go to the error log once the batch is done."""
     errors = []
     cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
-    for key, label, image, raw_size, err in zip(*cols):
+    for key, label, image, raw_size, err, epoch in zip(*cols, _epochs(batch, t)):
         if err:
             errors.append((key, err))
             continue
         try:
-            px = record_pixels(image, raw_size, key, t)
+            px = record_pixels(image, raw_size, key, t, epoch)
         except BadImage as e:
             errors.append((key, str(e)))
             continue
-        yield key, label, px
+        yield key, label, px, epoch
     ray.get(log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
 
 
 class _Tokenize:
-    def __init__(self, lut_box: list, t: TransformSpec, log):
-        self.lut_box, self.t, self.log = lut_box, t, log
+    def __init__(self, lut_box: list, t: TransformSpec, log, with_epoch: bool):
+        self.lut_box, self.t, self.log, self.with_epoch = lut_box, t, log, with_epoch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         lut = _lut(self.lut_box)
         ir = self.t.resolution
-        keys, labels, toks = [], [], []
-        for key, label, px in _good_records(batch, self.t, self.log):
+        keys, labels, toks, epochs = [], [], [], []
+        for key, label, px, epoch in _good_records(batch, self.t, self.log):
             toks.append(px)
             keys.append(key)
             labels.append(label)
+            epochs.append(epoch)
         if toks:  # one vectorised lookup for the whole batch
             flat = lut[colour_keys(np.stack(toks))].reshape(-1)
         else:
             flat = np.zeros(0, np.uint16)
-        return pa.table({
+        cols = {
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels, pa.int64()),
             "tokens": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint16()), ir * ir),
-        })
+        }
+        if self.with_epoch:
+            cols["epoch"] = pa.array(epochs, pa.int32())
+        return pa.table(cols)
 
 
-def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None):
-    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2]).
+def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None, with_epoch: bool = False):
+    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2], and with
+    ``with_epoch`` the epoch each record's augmentation was drawn for, int32). Off by default: the quantize job
+    writes its rows under a fixed key/label/tokens schema.
 
     ``batch_size=None`` works block by block: a fixed batch size would make Ray bundle the reader's small
     work units (one Parquet row group each) into one task and serialise the whole read."""
-    return ds.map_batches(_Tokenize([lut_ref], t, log), batch_format="pyarrow", batch_size=batch_size)
+    return ds.map_batches(_Tokenize([lut_ref], t, log, with_epoch), batch_format="pyarrow", batch_size=batch_size)
 
 
 def materialize_eval(ds):
@@ -142,10 +161,10 @@ class _SamplePixels:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for key, _, px in _good_records(batch, self.t, self.log):
+        for key, _, px, epoch in _good_records(batch, self.t, self.log):
             px = px.reshape(-1, 3)
             rng = np.random.default_rng(np.frombuffer(  # own stream, independent of the crop draws
-                transforms.record_rng(self.t.seed, self.t.epoch, key, stream=1)._u, np.uint64))
+                transforms.record_rng(self.t.seed, epoch, key, stream=1)._u, np.uint64))
             k = min(self.per_image, len(px))
             out.append(px[rng.choice(len(px), size=k, replace=False)])
         flat = np.concatenate(out) if out else np.zeros((0, 3), np.uint8)

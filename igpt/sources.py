@@ -8,19 +8,23 @@ Every reader yields rows with the same columns:
 - ``image`` (binary): the encoded file's bytes, or raw RGB bytes (H x W x 3, row-major) when ``raw_size`` > 0;
 - ``raw_size`` (int32): side of a raw square RGB image (CIFAR: 32, STL-10: 96), 0 for encoded files;
 - ``error`` (str): "" for a good record; otherwise why the *reader* could not produce it (a tar member with no
-  image, a shard cut short). Such rows carry no image and are counted and listed downstream, never dropped here.
+  image, a shard cut short). Such rows carry no image and are counted and listed downstream, never dropped here;
+- ``epoch`` (int32): which pass over the split the row belongs to (:func:`read` can stream several).
 
-:func:`check` validates a spec (path exists, split files present, format known) before any work starts.
+:func:`check` validates a spec (path exists, split files present, format known) before any work starts, cuts the
+split into small read units (a Parquet row group, a chunk of image files, a tar shard, a CIFAR batch, a chunk of
+STL-10 images) and counts exactly the records it yields.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import posixpath
 import tarfile
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +33,7 @@ import pyarrow.fs as pafs
 Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
 FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-COLUMNS = ("key", "label", "image", "raw_size", "error")
+COLUMNS = ("key", "label", "image", "raw_size", "error", "epoch")
 
 
 def _help(text: str, **kw):
@@ -113,16 +117,43 @@ class SpecError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ planning
+FOLDER_CHUNK = 256  # image files per read unit: ~0.1 s of decoding for CIFAR-sized JPEGs, more for photographs
+STL_SIDE = 96
+STL_BYTES = 3 * STL_SIDE * STL_SIDE
+STL_CHUNK = 1000  # STL-10 images per read unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One read task's share of a split, in file order.
+
+    ``path`` is the file to open (empty for an image-folder chunk) and ``pos`` where the unit lies in it: the
+    Parquet row group, the CIFAR batch's index in the split's batch names, the first STL-10 image, or the first
+    file of an image-folder chunk (an index into ``Plan.files``); 0 for a WebDataset shard. ``take``: how many of
+    its records (after ``key_prefix``, before the holdout split) the unit yields; fewer than it holds only where
+    ``max_images`` ends."""
+
+    path: str
+    pos: int
+    take: int
+
+
 @dataclass
 class Plan:
-    """What :func:`check` found: the files to read and, where it is known without reading, the record count."""
+    """What :func:`check` found: the files, the read units, and ``count``: exactly how many records the split
+    yields (after key_prefix, max_images and holdout/part) before decoding. Records the reader marks with an
+    ``error`` count; images that fail to decode are only found later, by the tokenizer."""
 
     spec: DatasetSpec
     fs: pafs.FileSystem
     files: list[str]
-    count: int | None = None
+    count: int = 0
     classes: list[str] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)  # imagefolder flat split: file name -> label
+    units: list[Unit] = field(default_factory=list)
+
+
+Keys = Callable[[Unit], list]  # a unit's record keys, in file order: what the holdout split hashes
 
 
 def check(spec: DatasetSpec) -> Plan:
@@ -134,7 +165,7 @@ def check(spec: DatasetSpec) -> Plan:
     info = _info(fs, root)
     if info.type == pafs.FileType.NotFound:
         raise SpecError(f"dataset path not found: {spec.path}")
-    plan = {
+    plan, keys = {
         "parquet": _plan_parquet,
         "imagefolder": _plan_imagefolder,
         "webdataset": _plan_webdataset,
@@ -144,6 +175,25 @@ def check(spec: DatasetSpec) -> Plan:
     }[spec.format](spec, fs, root, info)
     if not plan.files:
         raise SpecError(f"no {spec.format} files for split {spec.split!r} under {spec.path}")
+    return _cut(plan, keys)
+
+
+def _cut(plan: Plan, keys: Keys) -> Plan:
+    """Cut ``max_images`` from the units in file order (before the holdout split, as its help says; exact in
+    every epoch, as each unit carries its own take), drop empty units, and count the records of ``part`` by
+    hashing their keys as the reader will."""
+    spec, units = plan.spec, []
+    left = spec.max_images if spec.max_images > 0 else float("inf")
+    for u in plan.units:
+        take = min(u.take, left)
+        if take > 0:
+            units.append(replace(u, take=take))
+            left -= take
+    plan.units = units
+    if spec.part == "all":
+        plan.count = sum(u.take for u in units)
+    else:
+        plan.count = sum(int(in_part(keys(u)[:u.take], spec).sum()) for u in units)
     return plan
 
 
@@ -158,7 +208,7 @@ def _split_files(fs, root, info, exts: tuple[str, ...], split: str) -> list[str]
     return [i.path for i in names if posixpath.basename(i.path).startswith((f"{split}-", f"{split}_", f"{split}."))]
 
 
-def _plan_parquet(spec, fs, root, info) -> Plan:
+def _plan_parquet(spec, fs, root, info) -> tuple[Plan, Keys]:
     import pyarrow.parquet as pq
 
     files = _split_files(fs, root, info, (".parquet",), spec.split)
@@ -167,19 +217,32 @@ def _plan_parquet(spec, fs, root, info) -> Plan:
         missing = {spec.key_column, spec.image_column, spec.label_column} - set(schema.names)
         if missing:
             raise SpecError(f"{files[0]} lacks column(s) {sorted(missing)}; has {schema.names}")
-    if spec.key_prefix or spec.part != "all":  # count the matching keys: reads the key column only
-        keys = []
-        for f in files:
-            col = pq.read_table(f, columns=[spec.key_column], filesystem=fs)[spec.key_column].to_pylist()
-            keys += [k for k in col if str(k).startswith(spec.key_prefix)] if spec.key_prefix else col
-        keys = keys[:spec.max_images] if spec.max_images else keys  # max_images applies before the holdout
-        count = int(in_part(keys, spec).sum())
-    else:
-        count = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
-    return Plan(spec, fs, files, count)
+    units, known = [], {}
+    for f in files:
+        pf = pq.ParquetFile(f, filesystem=fs)
+        for g in range(pf.metadata.num_row_groups):
+            if spec.key_prefix:  # a unit's records are its matching keys: reads the key column only
+                known[(f, g)] = _parquet_keys(pf, g, spec)
+                units.append(Unit(f, g, len(known[(f, g)])))
+            else:  # every row is a record: the footer says how many
+                units.append(Unit(f, g, pf.metadata.row_group(g).num_rows))
+
+    def keys(u: Unit) -> list:  # only the row groups a holdout count needs, key column only
+        if (u.path, u.pos) not in known:
+            known[(u.path, u.pos)] = _parquet_keys(pq.ParquetFile(u.path, filesystem=fs), u.pos, spec)
+        return known[(u.path, u.pos)]
+
+    return Plan(spec, fs, files, units=units), keys
 
 
-def _plan_imagefolder(spec, fs, root, info) -> Plan:
+def _parquet_keys(pf, group: int, spec: DatasetSpec) -> list:
+    import pyarrow.compute as pc
+
+    col = pf.read_row_group(group, columns=[spec.key_column])[spec.key_column].cast(pa.string())
+    return (col.filter(pc.starts_with(col, spec.key_prefix)) if spec.key_prefix else col).to_pylist()
+
+
+def _plan_imagefolder(spec, fs, root, info) -> tuple[Plan, Keys]:
     if info.type != pafs.FileType.Directory:
         raise SpecError(f"imagefolder needs a folder, got a file: {spec.path}")
     split_dir = posixpath.join(root, spec.split)
@@ -196,7 +259,10 @@ def _plan_imagefolder(spec, fs, root, info) -> Plan:
         if not spec.labels_file:
             raise SpecError(f"{split_dir} holds images directly; give labels_file (file name -> class)")
         labels = _read_labels_file(spec.labels_file, classes)
-    return Plan(spec, fs, files, len(files), classes, labels)
+    plan = Plan(spec, fs, files, classes=classes, labels=labels,
+                units=[Unit("", s, min(FOLDER_CHUNK, len(files) - s)) for s in range(0, len(files), FOLDER_CHUNK)])
+    index = {c: i for i, c in enumerate(classes)}
+    return plan, lambda u: [_folder_record(p, spec.split, index, labels)[0] for p in files[u.pos:u.pos + u.take]]
 
 
 def _read_labels_file(path: str, classes: list[str]) -> dict[str, int]:
@@ -222,9 +288,13 @@ def _read_labels_file(path: str, classes: list[str]) -> dict[str, int]:
     return out
 
 
-def _plan_webdataset(spec, fs, root, info) -> Plan:
+def _plan_webdataset(spec, fs, root, info) -> tuple[Plan, Keys]:
     files = _split_files(fs, root, info, (".tar",), spec.split)
-    return Plan(spec, fs, files, None)
+    known = {}
+    for f in files:  # tar headers only: tarfile seeks over the members' data in a seekable file
+        with fs.open_input_file(f) as fh:
+            known[f] = [r["key"] for r in _tar_records(f, fh, read=False)]
+    return Plan(spec, fs, files, units=[Unit(f, 0, len(known[f])) for f in files]), lambda u: known[u.path]
 
 
 _CIFAR_FILES = {
@@ -235,22 +305,30 @@ _CIFAR_FILES = {
 }
 
 
-def _plan_cifar(spec, fs, root, info) -> Plan:
+def _plan_cifar(spec, fs, root, info) -> tuple[Plan, Keys]:
+    """Unpickles every batch to count its records (the official batches hold 10,000, cifar-100's train 50,000,
+    but nothing else says so): ~180 MB read once for CIFAR-10."""
     names = _CIFAR_FILES.get((spec.format, spec.split))
     if names is None:
         raise SpecError(f"{spec.format} has splits train and test, not {spec.split!r}")
-    if info.type == pafs.FileType.File:  # the official .tar.gz
-        if not root.endswith((".tar.gz", ".tgz", ".tar")):
+    if info.type == pafs.FileType.File:  # the official .tar.gz: one unit per batch, in the archive's order
+        if not _is_archive(root):
             raise SpecError(f"{spec.path}: expected the official archive (.tar.gz) or its extracted folder")
-        return Plan(spec, fs, [root], 10000 * len(names))
-    files = [posixpath.join(root, n) for n in names]
-    missing = [f for f in files if _info(fs, f).type != pafs.FileType.File]
+        files = [root]
+        sizes = {n: len(_cifar_batch(spec.format, data)[1]) for n, data in _cifar_members(fs, root, names)}
+        units = [Unit(root, names.index(n), size) for n, size in sizes.items()]
+        missing = [n for n in names if n not in sizes]
+    else:
+        files = [posixpath.join(root, n) for n in names]
+        missing = [f for f in files if _info(fs, f).type != pafs.FileType.File]
+        units = [] if missing else [Unit(f, i, len(_cifar_batch(spec.format, _read_all(fs, f))[1]))
+                                    for i, f in enumerate(files)]
     if missing:
         raise SpecError(f"{spec.format} batch files missing under {spec.path}: {missing}")
-    return Plan(spec, fs, files, None)
+    return Plan(spec, fs, files, units=units), lambda u: [_cifar_key(names[u.pos], i) for i in range(u.take)]
 
 
-def _plan_stl10(spec, fs, root, info) -> Plan:
+def _plan_stl10(spec, fs, root, info) -> tuple[Plan, Keys]:
     if spec.split not in ("train", "test", "unlabeled"):
         raise SpecError(f"stl10 has splits train, test and unlabeled, not {spec.split!r}")
     if info.type != pafs.FileType.Directory:
@@ -267,143 +345,199 @@ def _plan_stl10(spec, fs, root, info) -> Plan:
         if _info(fs, y).type != pafs.FileType.File:
             raise SpecError(f"missing {y}")
         files.append(y)
-    return Plan(spec, fs, files, xi.size // STL_BYTES)
+    n = xi.size // STL_BYTES
+    units = [Unit(x, s, min(STL_CHUNK, n - s)) for s in range(0, n, STL_CHUNK)]
+    return Plan(spec, fs, files, units=units), lambda u: [_stl_key(spec.split, i) for i in range(u.pos, u.pos + u.take)]
 
 
 # ------------------------------------------------------------------------------------------------- reading
-def read(spec: DatasetSpec, plan: Plan | None = None):
-    """The Ray Dataset of records (see the module docstring) for ``spec``; streams, nothing read yet."""
+# Up to this many read units (all epochs together), each gets a root block of its own: one ray.put each when
+# execution starts (~2 ms on 2 cores). Beyond, a single root block is split as the reads go (_one_row_blocks), so
+# the time to the first row does not grow with the epochs (measured: benchmarks/epochs_setup.py).
+ROOT_BLOCKS_MAX = 256
+
+
+def read(spec: DatasetSpec, plan: Plan | None = None, epochs: int = 1, shuffle_seed: int | None = None):
+    """The Ray Dataset of ``epochs`` passes over the split, one after another; streams, nothing read yet.
+
+    Rows: the module docstring's columns plus ``epoch`` (int32, the pass: 0 .. epochs-1). Every pass reads the
+    plan's units (one task each, so every CPU decodes) in file order or, with ``shuffle_seed``, in the order
+    :func:`unit_order` gives that epoch; records keep their file order inside a unit. key_prefix, max_images
+    and holdout/part apply to every pass alike, so each pass yields ``plan.count`` records."""
+    import ray
     import ray.data
 
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
     plan = plan or check(spec)
-    fmt = spec.format
-    if fmt == "parquet":
-        # One read task per row group, so records stream and every CPU decodes (Ray 2.60's read_parquet made a
-        # single task and block of a 50k-row CIFAR-10 split, leaving the other cores idle).
-        import pyarrow.parquet as pq
-
-        units, left = [], spec.max_images or float("inf")
-        for f in plan.files:
-            meta = pq.ParquetFile(f, filesystem=plan.fs).metadata
-            for g in range(meta.num_row_groups):
-                # max_images is cut here, exactly, when rows map 1:1 to records (no key_prefix): a Limit
-                # operator after the read would split the fused read+tokenize stage (measured 30% slower)
-                exact = not spec.key_prefix  # max_images cut exactly here, before any holdout filtering
-                take = min(meta.row_group(g).num_rows, left) if exact else meta.row_group(g).num_rows
-                if take > 0:
-                    units.append({"file": f, "row_group": g, "rows": int(take)})
-                    left -= take if exact else 0
-        ds = ray.data.from_items(units, override_num_blocks=len(units))
-        ds = ds.map_batches(_ParquetRows(spec, plan.fs), batch_size=1, batch_format="pyarrow")
-        if not spec.key_prefix and spec.part != "all":  # max_images is already exact: filter in the reader
-            ds = ds.map_batches(_PartFilter(spec), batch_format="pyarrow", batch_size=None)
-    elif fmt == "imagefolder":
-        ds = ray.data.read_binary_files(plan.files, filesystem=plan.fs, include_paths=True)
-        ds = ds.map_batches(_FolderRows(spec.split, plan.classes, plan.labels), batch_format="pyarrow")
-    elif fmt == "webdataset":
-        ds = ray.data.read_binary_files(plan.files, filesystem=plan.fs, include_paths=True)
-        ds = ds.flat_map(_tar_rows)
-    elif fmt in ("cifar10", "cifar100"):
-        ds = ray.data.read_binary_files(plan.files, filesystem=plan.fs, include_paths=True)
-        ds = ds.flat_map(_CifarRows(fmt, spec.split))
+    slots = len(plan.units) * epochs  # slot i: position i % units of epoch i // units
+    if not slots:
+        return ray.data.from_arrow(_rows_table([], [], [], [], [], epoch=[]))
+    if slots <= ROOT_BLOCKS_MAX:
+        ids = ray.data.range(slots, override_num_blocks=slots)
     else:
-        chunks = [{"path": plan.files[0], "labels": plan.files[1] if len(plan.files) > 1 else "",
-                   "start": s, "count": min(STL_CHUNK, plan.count - s)} for s in range(0, plan.count, STL_CHUNK)]
-        ds = ray.data.from_items(chunks).flat_map(_Stl10Rows(spec.path))
-    if spec.max_images and not (fmt == "parquet" and not spec.key_prefix):
-        ds = ds.limit(spec.max_images)
-    if spec.part != "all" and not (fmt == "parquet" and not spec.key_prefix):
-        ds = ds.map_batches(_PartFilter(spec), batch_format="pyarrow", batch_size=None)  # after max_images
-    return ds
+        ids = _one_row_blocks(ray.data.range(slots, override_num_blocks=1))
+    reader = _ReadUnits([ray.put(plan)], len(plan.units), shuffle_seed)
+    return ids.map_batches(reader, batch_format="pyarrow", batch_size=None)
 
 
-def _rows_table(keys, labels, images, raw_size, errors) -> pa.Table:
-    return pa.table({
+@functools.lru_cache(maxsize=8)
+def unit_order(n: int, epoch: int, shuffle_seed: int | None) -> tuple[int, ...]:
+    """The order of a split's ``n`` read units in ``epoch``: file order without a seed; with one, a permutation
+    that depends on (shuffle_seed, epoch) alone: the units sorted by a keyed hash, the same on every machine and
+    library version (numpy promises no stable streams)."""
+    if shuffle_seed is None:
+        return tuple(range(n))
+    from hashlib import blake2b
+
+    salt = f"{shuffle_seed}:{epoch}:".encode()
+    return tuple(sorted(range(n), key=lambda u: blake2b(salt + str(u).encode(), digest_size=8).digest()))
+
+
+def _one_row_blocks(ds):
+    """``ds`` (one block of slot ids) as one-row blocks, made as the reads take them, so each unit is a task.
+
+    Ray's streaming repartition does this, but it asks for a CPU and holds it for the whole stream while
+    backpressure pauses it: half the reading on 2 CPUs (measured 6.3 vs 12.5 units/s). Its public call takes no
+    resources, so the operator is built here with num_cpus=0 (Ray 2.60 internals; the public call if they move)."""
+    import ray.data
+
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators.map_operator import StreamingRepartition
+
+        op = StreamingRepartition(target_num_rows_per_block=1, input_dependencies=[ds._logical_plan.dag],
+                                  ray_remote_args={"num_cpus": 0})
+        return ray.data.Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+    except (ImportError, AttributeError, TypeError):
+        return ds.repartition(target_num_rows_per_block=1)
+
+
+_PLANS: dict[str, Plan] = {}
+
+
+def _fetch(box: list) -> Plan:
+    """The plan a read task needs, fetched once per worker process (an ImageNet plan lists 1.28M files)."""
+    import ray
+
+    key = box[0].hex()
+    if key not in _PLANS:
+        if len(_PLANS) >= 4:  # a worker may serve a few datasets in turn (train, val)
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = ray.get(box[0])
+    return _PLANS[key]
+
+
+class _ReadUnits:
+    """Slot ids -> the records of their units, each with its epoch, filtered to ``part`` (after the take, i.e.
+    after max_images)."""
+
+    def __init__(self, plan_box: list, n_units: int, shuffle_seed: int | None):
+        self.plan_box, self.n, self.seed = plan_box, n_units, shuffle_seed
+
+    def __call__(self, ids: pa.Table) -> pa.Table:
+        plan = _fetch(self.plan_box)
+        tables = [self._slot(plan, i) for i in ids["id"].to_pylist()]
+        return pa.concat_tables(tables) if tables else _rows_table([], [], [], [], [], epoch=[])
+
+    def _slot(self, plan: Plan, slot: int) -> pa.Table:
+        epoch, pos = divmod(slot, self.n)
+        t = _READERS[plan.spec.format](plan, plan.units[unit_order(self.n, epoch, self.seed)[pos]])
+        if plan.spec.part != "all":
+            t = t.filter(pa.array(in_part(t["key"].to_pylist(), plan.spec)))
+        return t.append_column("epoch", pa.array(np.full(t.num_rows, epoch, np.int32)))
+
+
+def _rows_table(keys, labels, images, raw_size, errors, epoch=None) -> pa.Table:
+    cols = {
         "key": pa.array(keys, pa.string()),
         "label": pa.array(labels, pa.int64()),
         "image": pa.array(images, pa.binary()),
         "raw_size": pa.array(raw_size, pa.int32()),
         "error": pa.array(errors, pa.string()),
-    })
+    }
+    if epoch is not None:
+        cols["epoch"] = pa.array(epoch, pa.int32())
+    return pa.table(cols)
+
+
+def _read_all(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_file(path) as fh:
+        return fh.read()
+
+
+def _read_parquet(plan: Plan, u: Unit) -> pa.Table:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    s = plan.spec
+    t = pq.ParquetFile(u.path, filesystem=plan.fs).read_row_group(
+        u.pos, columns=[s.key_column, s.image_column, s.label_column])
+    if s.key_prefix:
+        t = t.filter(pc.starts_with(t[s.key_column].cast(pa.string()), s.key_prefix))
+    t = t.slice(0, u.take)
+    image = t[s.image_column].cast(pa.binary())
+    errors = pc.if_else(pc.is_null(image), "no image bytes (null)", "")
+    label = pc.fill_null(t[s.label_column].cast(pa.int64()), -1)
+    return pa.table({"key": t[s.key_column].cast(pa.string()), "label": label, "image": image,
+                     "raw_size": pa.array(np.zeros(t.num_rows, np.int32)), "error": errors})
 
 
 class _ParquetRows:
+    """The Parquet reader over a one-row (file, row_group, rows) table, without Ray: benchmarks/ingest.py times it."""
+
     def __init__(self, spec: DatasetSpec, fs: pafs.FileSystem):
-        self.k, self.i, self.l, self.prefix = spec.key_column, spec.image_column, spec.label_column, spec.key_prefix
-        self.fs, self.spec = fs, spec
+        self.plan = Plan(spec, fs, [])
 
     def __call__(self, unit: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
-
-        f, g, rows = (unit[c][0].as_py() for c in ("file", "row_group", "rows"))
-        t = pq.ParquetFile(f, filesystem=self.fs).read_row_group(g, columns=[self.k, self.i, self.l]).slice(0, rows)
-
-        if self.prefix:
-            t = t.filter(pc.starts_with(t[self.k], self.prefix))
-        n = t.num_rows
-        image = t[self.i].cast(pa.binary())
-        errors = pc.if_else(pc.is_null(image), "no image bytes (null)", "")
-        label = pc.fill_null(t[self.l].cast(pa.int64()), -1)
-        return pa.table({"key": t[self.k].cast(pa.string()), "label": label, "image": image,
-                         "raw_size": pa.array(np.zeros(n, np.int32)), "error": errors})
+        return _read_parquet(self.plan, Unit(*(unit[c][0].as_py() for c in ("file", "row_group", "rows"))))
 
 
-class _PartFilter:
-    def __init__(self, spec: DatasetSpec):
-        self.spec = spec
-
-    def __call__(self, t: pa.Table) -> pa.Table:
-        return t.filter(pa.array(in_part(t["key"].to_pylist(), self.spec)))
-
-
-class _FolderRows:
-    def __init__(self, split: str, classes: list[str], labels: dict[str, int]):
-        self.split, self.index, self.labels = split, {c: i for i, c in enumerate(classes)}, labels
-
-    def __call__(self, t: pa.Table) -> pa.Table:
-        keys, labels, errors = [], [], []
-        for p in t["path"].to_pylist():
-            parent, name = posixpath.basename(posixpath.dirname(p)), posixpath.basename(p)
-            stem = posixpath.splitext(name)[0]
-            if self.labels or parent == self.split:
-                label = self.labels.get(stem, -1)
-                keys.append(f"{self.split}/{name}")
-                errors.append("" if label >= 0 else "no label for this file in labels_file")
-            else:
-                label = self.index.get(parent, -1)
-                keys.append(f"{self.split}/{parent}/{name}")
-                errors.append("" if label >= 0 else f"class folder {parent!r} is not a training class")
-            labels.append(label)
-        return _rows_table(keys, labels, t["bytes"], np.zeros(len(keys), np.int32), errors)
+def _folder_record(path: str, split: str, index: dict[str, int], labels: dict[str, int]) -> tuple[str, int, str]:
+    """(key, label, error) of an image file; the planner's keys come from here too, so its count is exact."""
+    parent, name = posixpath.basename(posixpath.dirname(path)), posixpath.basename(path)
+    if labels or parent == split:
+        label = labels.get(posixpath.splitext(name)[0], -1)
+        return f"{split}/{name}", label, "" if label >= 0 else "no label for this file in labels_file"
+    label = index.get(parent, -1)
+    return (f"{split}/{parent}/{name}", label,
+            "" if label >= 0 else f"class folder {parent!r} is not a training class")
 
 
-def _tar_rows(row: dict) -> list[dict]:
-    """Expand one WebDataset shard into records: members grouped by key (name up to the first dot)."""
-    shard = posixpath.splitext(posixpath.basename(row["path"]))[0]
+def _read_imagefolder(plan: Plan, u: Unit) -> pa.Table:
+    index = {c: i for i, c in enumerate(plan.classes)}
+    paths = plan.files[u.pos:u.pos + u.take]
+    keys, labels, errors = zip(*(_folder_record(p, plan.spec.split, index, plan.labels) for p in paths))
+    return _rows_table(keys, labels, [_read_all(plan.fs, p) for p in paths], np.zeros(len(paths), np.int32), errors)
+
+
+def _tar_groups(fileobj, read: bool) -> tuple[dict[str, dict[str, bytes]], str]:
+    """A shard's members grouped by key (the name up to the first dot), in file order, with their bytes when
+    ``read`` (else b"": the planner lists headers only, and groups them here too, so its count is the reader's).
+    The second value says why the shard ended early ("" when it did not)."""
     groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
-    tail_error = ""
     try:
-        with tarfile.open(fileobj=io.BytesIO(row["bytes"]), mode="r:") as tf:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tf:
             for m in tf:
                 if not m.isfile():
                     continue
                 base = posixpath.basename(m.name)
-                key = posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0])
-                ext = base.split(".", 1)[1].lower() if "." in base else ""
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext] = tf.extractfile(m).read()
+                group = groups.setdefault(posixpath.join(posixpath.dirname(m.name), base.split(".", 1)[0]), {})
+                group[base.split(".", 1)[1].lower() if "." in base else ""] = tf.extractfile(m).read() if read else b""
     except (tarfile.TarError, OSError, EOFError) as e:
-        tail_error = f"shard unreadable after {len(order)} records: {type(e).__name__}: {e}"
+        return groups, f"shard unreadable after {len(groups)} records: {type(e).__name__}: {e}"
+    return groups, ""
+
+
+def _tar_records(path: str, fileobj, read: bool = True) -> list[dict]:
+    """One WebDataset shard's records; a shard cut short ends with one error record for the rest."""
+    shard = posixpath.splitext(posixpath.basename(path))[0]
+    groups, tail_error = _tar_groups(fileobj, read)
     out = []
-    for key in order:
-        g = groups[key]
+    for key, g in groups.items():
         img_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in g), None)
         label, err = -1, ""
-        if "cls" in g:
+        if "cls" in g and read:
             try:
                 label = int(g["cls"].decode().strip())
             except ValueError:
@@ -417,53 +551,75 @@ def _tar_rows(row: dict) -> list[dict]:
     return out
 
 
-class _CifarRows:
-    def __init__(self, fmt: str, split: str):
-        self.names = set(_CIFAR_FILES[(fmt, split)])
-        self.label_key = b"labels" if fmt == "cifar10" else b"fine_labels"
-
-    def _batch(self, name: str, data: bytes) -> list[dict]:
-        d = pickle.loads(data, encoding="bytes")
-        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
-        labels = d[self.label_key]
-        return [{"key": f"{name}/{i:05d}", "label": int(labels[i]), "image": x[i].tobytes(), "raw_size": 32,
-                 "error": ""} for i in range(len(x))]
-
-    def __call__(self, row: dict) -> list[dict]:
-        path = row["path"]
-        if path.endswith((".tar.gz", ".tgz", ".tar")):
-            out = []
-            with tarfile.open(fileobj=io.BytesIO(row["bytes"]), mode="r:*") as tf:
-                for m in tf:
-                    if m.isfile() and posixpath.basename(m.name) in self.names:
-                        out.extend(self._batch(posixpath.basename(m.name), tf.extractfile(m).read()))
-            return out
-        return self._batch(posixpath.basename(path), row["bytes"])
+def _read_webdataset(plan: Plan, u: Unit) -> pa.Table:
+    data = _read_all(plan.fs, u.path)  # one request; member by member would be one request each on S3
+    rows = _tar_records(u.path, io.BytesIO(data))[:u.take]
+    return _rows_table(*([r[c] for r in rows] for c in ("key", "label", "image", "raw_size", "error")))
 
 
-STL_SIDE = 96
-STL_BYTES = 3 * STL_SIDE * STL_SIDE
-STL_CHUNK = 1000
+def _is_archive(path: str) -> bool:
+    return path.endswith((".tar.gz", ".tgz", ".tar"))
 
 
-class _Stl10Rows:
-    def __init__(self, root: str):
-        self.root = root
+def _cifar_key(batch: str, i: int) -> str:
+    return f"{batch}/{i:05d}"
 
-    def __call__(self, chunk: dict) -> list[dict]:
-        fs, _ = _fs(self.root)
-        start, count = chunk["start"], chunk["count"]
-        with fs.open_input_file(chunk["path"]) as fh:
-            fh.seek(start * STL_BYTES)
-            raw = fh.read(count * STL_BYTES)
-        # STL-10 stores each image as 3 planes in column-major order: (3, W, H) -> (H, W, 3)
-        x = np.frombuffer(raw, np.uint8).reshape(-1, 3, STL_SIDE, STL_SIDE).transpose(0, 3, 2, 1)
-        if chunk["labels"]:
-            with fs.open_input_file(chunk["labels"]) as fh:
-                fh.seek(start)
-                y = np.frombuffer(fh.read(count), np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
-        else:
-            y = np.full(len(x), -1, np.int64)
-        split = posixpath.basename(chunk["path"]).rsplit("_", 1)[0]
-        return [{"key": f"{split}/{start + i:06d}", "label": int(y[i]), "image": np.ascontiguousarray(x[i]).tobytes(),
-                 "raw_size": STL_SIDE, "error": ""} for i in range(len(x))]
+
+def _cifar_members(fs: pafs.FileSystem, path: str, names: list[str], only: str = ""):
+    """(name, bytes) of the archive's batch files named in ``names`` (or just ``only``), in archive order."""
+    with fs.open_input_file(path) as fh, tarfile.open(fileobj=fh, mode="r:*") as tf:
+        for m in tf:
+            name = posixpath.basename(m.name)
+            if m.isfile() and name in names and only in ("", name):
+                yield name, tf.extractfile(m).read()
+                if only:
+                    return
+
+
+def _cifar_batch(fmt: str, data: bytes) -> tuple[np.ndarray, list[int]]:
+    """A pickled batch -> (uint8 (N, 32, 32, 3) images, labels)."""
+    d = pickle.loads(data, encoding="bytes")
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
+    return x, d[b"labels" if fmt == "cifar10" else b"fine_labels"]
+
+
+def _read_cifar(plan: Plan, u: Unit) -> pa.Table:
+    fmt = plan.spec.format
+    names = _CIFAR_FILES[(fmt, plan.spec.split)]
+    name = names[u.pos]
+    data = next(_cifar_members(plan.fs, u.path, names, name))[1] if _is_archive(u.path) else _read_all(plan.fs, u.path)
+    x, labels = _cifar_batch(fmt, data)
+    n = u.take
+    return _rows_table([_cifar_key(name, i) for i in range(n)], labels[:n], [x[i].tobytes() for i in range(n)],
+                       np.full(n, 32, np.int32), [""] * n)
+
+
+def _stl_key(split: str, i: int) -> str:
+    return f"{split}/{i:06d}"
+
+
+def _read_stl10(plan: Plan, u: Unit) -> pa.Table:
+    with plan.fs.open_input_file(u.path) as fh:
+        fh.seek(u.pos * STL_BYTES)
+        raw = fh.read(u.take * STL_BYTES)
+    # STL-10 stores each image as 3 planes in column-major order: (3, W, H) -> (H, W, 3)
+    x = np.frombuffer(raw, np.uint8).reshape(-1, 3, STL_SIDE, STL_SIDE).transpose(0, 3, 2, 1)
+    if len(plan.files) > 1:
+        with plan.fs.open_input_file(plan.files[1]) as fh:
+            fh.seek(u.pos)
+            y = np.frombuffer(fh.read(u.take), np.uint8).astype(np.int64) - 1  # 1..10 -> 0..9
+    else:
+        y = np.full(len(x), -1, np.int64)
+    return _rows_table([_stl_key(plan.spec.split, u.pos + i) for i in range(len(x))], y,
+                       [np.ascontiguousarray(img).tobytes() for img in x], np.full(len(x), STL_SIDE, np.int32),
+                       [""] * len(x))
+
+
+_READERS = {
+    "parquet": _read_parquet,
+    "imagefolder": _read_imagefolder,
+    "webdataset": _read_webdataset,
+    "cifar10": _read_cifar,
+    "cifar100": _read_cifar,
+    "stl10": _read_stl10,
+}

@@ -147,3 +147,27 @@ def test_training_stream_changes_crops_every_epoch(palette_file, ray_local):
     c = tokens[1][0]
     changed = sum(not np.array_equal(a[k], c[k]) for k in a)
     assert changed > 48  # new crops/flips for (nearly) every image in a new epoch
+
+
+def test_one_dataset_of_two_epochs_augments_each_by_its_own_epoch(palette_file, ray_local):
+    lut = ray.put(Palette.load(palette_file[0]).lut)
+    spec = DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/", max_images=64)
+
+    def run(t, **read_kw):
+        log = ingest.ErrorLog.remote()
+        rows = ingest.tokenize(sources.read(spec, **read_kw), lut, t, log, with_epoch=True).take_all()
+        return rows, ray.get(log.stats.remote())
+
+    rows, stats = run(ingest.TransformSpec("cifar", 32, True, seed=0, epoch=0), epochs=2, shuffle_seed=5)
+    assert stats == (128, 0)
+    by_epoch = {e: {r["key"]: np.asarray(r["tokens"]) for r in rows if r["epoch"] == e} for e in (0, 1)}
+    assert by_epoch[0].keys() == by_epoch[1].keys() and len(by_epoch[0]) == 64
+    changed = sum(not np.array_equal(by_epoch[0][k], by_epoch[1][k]) for k in by_epoch[0])
+    assert changed > 48  # each epoch its own crops and flips
+    for e in (0, 1):  # the same as a one-epoch dataset tokenized with TransformSpec(epoch=e)
+        single, _ = run(ingest.TransformSpec("cifar", 32, True, seed=0, epoch=e))
+        assert all(np.array_equal(by_epoch[e][r["key"]], np.asarray(r["tokens"])) for r in single)
+        assert {r["epoch"] for r in single} == {e}
+    # without with_epoch the rows keep the columns the quantize job writes
+    plain = ingest.tokenize(sources.read(spec), lut, ingest.TransformSpec("none", 32, False), ingest.ErrorLog.remote())
+    assert plain.columns() == ["key", "label", "tokens"]

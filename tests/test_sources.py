@@ -1,5 +1,7 @@
 """Every reader, through a real local Ray runtime, on fixtures the tests write (and the real CIFAR-10 Parquet)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -51,7 +53,9 @@ def test_truncated_webdataset_shard_keeps_what_came_before(tmp_path, ray_local):
     shard = tmp_path / "train-000.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) * 3 // 4])  # cut inside the second member's image
-    rows = read_all(DatasetSpec(str(tmp_path), "webdataset", "train"))
+    spec = DatasetSpec(str(tmp_path), "webdataset", "train")
+    rows = read_all(spec)
+    assert sources.check(spec).count == len(rows)  # the header scan ends where the reader does
     assert rows["train-000/s/k1"]["error"] == ""  # the first record survives
     errors = {k: r["error"] for k, r in rows.items() if r["error"]}
     assert any("unreadable" in e or "no image" in e for e in errors.values()), errors
@@ -140,3 +144,86 @@ def test_max_images_applies_before_the_holdout_split(ray_local):
     assert parts["rest"] | parts["holdout"] == set(read_all(DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300)))
     s = DatasetSpec(str(SAMPLE), max_images=300, holdout=0.3, part="holdout")  # no prefix: exact cut in the reader
     assert sources.check(s).count == len(read_all(s)) < 150
+
+
+# ------------------------------------------------------------------------------ exact counts, epochs, unit order
+def format_cases(tmp_path, monkeypatch) -> dict[str, DatasetSpec]:
+    """A small split of every format, each cut into several read units (smaller chunks than the defaults)."""
+    monkeypatch.setattr(sources, "FOLDER_CHUNK", 1)
+    monkeypatch.setattr(sources, "STL_CHUNK", 2)
+    fixtures.imagefolder(tmp_path / "inet")
+    fixtures.webdataset(tmp_path / "wds")
+    fixtures.cifar(tmp_path / "c10", per_batch=20)
+    fixtures.cifar(tmp_path / "c100", "cifar100", per_batch=30)
+    fixtures.stl10(tmp_path / "stl", n=7)
+    return {
+        "parquet": DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/"),
+        "imagefolder": DatasetSpec(str(tmp_path / "inet"), "imagefolder", "train"),
+        "imagefolder-flat": DatasetSpec(str(tmp_path / "inet"), "imagefolder", "val",
+                                        labels_file=str(tmp_path / "inet" / "LOC_val_solution.csv")),
+        "webdataset": DatasetSpec(str(tmp_path / "wds"), "webdataset", "train"),
+        "cifar10": DatasetSpec(str(tmp_path / "c10"), "cifar10", "train"),
+        "cifar10-archive": DatasetSpec(str(fixtures.targz(tmp_path / "c10", tmp_path / "c10.tgz")), "cifar10"),
+        "cifar100-archive": DatasetSpec(str(fixtures.targz(tmp_path / "c100", tmp_path / "c100.tgz")), "cifar100"),
+        "stl10": DatasetSpec(str(tmp_path / "stl"), "stl10", "train"),
+    }
+
+
+def ordered_keys(spec: DatasetSpec, **kw) -> list:
+    ds = sources.read(spec, **kw)
+    ds.context.execution_options.preserve_order = True
+    return [(r["epoch"], r["key"], r["error"]) for r in ds.take_all()]
+
+
+@pytest.mark.parametrize("case", ["parquet", "imagefolder", "imagefolder-flat", "webdataset", "cifar10",
+                                  "cifar10-archive", "cifar100-archive", "stl10"])
+def test_plan_count_is_what_the_reader_yields(tmp_path, monkeypatch, case, ray_local):
+    spec = format_cases(tmp_path, monkeypatch)[case]
+    plan = sources.check(spec)
+    rows = read_all(spec)
+    assert plan.count == len(rows) > 0  # records the reader marks with an error (webdataset k4) count too
+    assert len(plan.units) > 1 or spec.format == "cifar100"  # (one batch file per split)
+    cut = max(1, plan.count * 2 // 3)  # ends inside a unit
+    parts = {}
+    for part in ("rest", "holdout"):
+        s = replace(spec, max_images=cut, holdout=0.3, part=part)
+        parts[part] = set(read_all(s))
+        assert sources.check(s).count == len(parts[part])
+    assert len(parts["rest"]) + len(parts["holdout"]) == cut
+    assert parts["rest"] | parts["holdout"] == {k for _, k, _ in ordered_keys(spec)[:cut]}  # the first, in file order
+
+
+@pytest.mark.parametrize("root_blocks", [True, False], ids=["block-per-unit", "split-as-read"])
+def test_epochs_stream_in_one_dataset_each_in_its_unit_order(monkeypatch, root_blocks, ray_local):
+    if not root_blocks:
+        monkeypatch.setattr(sources, "ROOT_BLOCKS_MAX", 0)
+    spec = DatasetSpec(str(SAMPLE), "parquet", max_images=1100)  # 6 row groups, the last cut to 100 records
+    plan = sources.check(spec)
+    takes = [u.take for u in plan.units]
+    assert takes == [200] * 5 + [100] and plan.count == 1100
+    one = [k for _, k, _ in ordered_keys(spec)]
+    units = [one[sum(takes[:i]):sum(takes[:i + 1])] for i in range(len(takes))]
+    rows = ordered_keys(spec, plan=plan, epochs=3, shuffle_seed=1)
+    assert len(rows) == 3 * plan.count
+    orders = [sources.unit_order(len(takes), e, 1) for e in range(3)]
+    assert len(set(orders)) == 3 and sorted(orders[0]) == list(range(6))  # a new order every epoch
+    for e in range(3):
+        got = [k for ep, k, _ in rows if ep == e]
+        assert got == [k for u in orders[e] for k in units[u]]  # units in the epoch's order, records in file order
+    assert sources.unit_order.__wrapped__(6, 2, 1) == orders[2]  # a pure function of (seed, epoch)
+    assert sources.unit_order(6, 0, 2) != orders[0]
+    assert [k for _, k, _ in ordered_keys(spec, plan=plan, epochs=2)] == one * 2  # no seed: file order
+
+
+def test_setup_does_not_grow_with_epochs(ray_local):
+    import time
+
+    spec = DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/")
+    plan = sources.check(spec)
+    times = {}
+    for epochs in (1, 20_000):  # 100,000 units: one root block each would cost minutes before the first row
+        t = time.perf_counter()
+        batch = next(iter(sources.read(spec, plan, epochs=epochs, shuffle_seed=3).iter_batches(batch_size=None)))
+        times[epochs] = time.perf_counter() - t
+        assert len(batch["key"]) == 200
+    assert times[20_000] < times[1] + 10, times
