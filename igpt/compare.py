@@ -8,10 +8,14 @@ store's files, so the same command works on a local SQLite store and on a tracki
   ``model.n_layer``, ``model.d_model``, ``model.params``, ``steps.total``, ``optim.global_batch``; the histories of
   ``train/loss`` and ``val/loss``; the run name;
 * probe runs (``igpt.job=probe``) linked by the tag ``igpt.pretrain_run_id``, trained or random-init by the tag
-  ``igpt.random_init``: ``test/accuracy``, ``best_layer`` (0-based), ``best_layer_relative`` ((layer + 1) /
-  n_layer), the history ``val/accuracy_by_layer`` (step = layer) and, if there, ``baseline/pixels_test_accuracy``;
+  ``igpt.random_init``: ``test/accuracy``, ``best_layer`` (0 .. L for L blocks: layer l is the stream after l
+  blocks, layer L the final norm's output), the history ``val/accuracy_by_layer`` (step = layer) and, if there,
+  ``baseline/pixels_test_accuracy``. Depth is layer / L, computed here from ``best_layer`` and ``model.n_layer``
+  (the probe's ``best_layer_relative`` only where the layer count is unknown: older probes logged (l + 1) / L);
 * fine-tuning runs (``igpt.job=finetune``) linked the same way: ``test/accuracy``.
 
+Every pretraining run is a row of the table with its MLflow status (FINISHED, FAILED, KILLED, RUNNING); the plots
+show FINISHED runs only, unless ``include_unfinished``: a failed or running run's last loss is no final loss.
 Child runs (tag ``mlflow.parentRunId``: trials of sweeps, a sweep's refit) are left out everywhere. Where a
 pretraining run has several probes (or fine-tunings), the newest one (by start time) that holds
 ``test/accuracy`` is taken. Probe and fine-tuning runs are looked up in the same experiment.
@@ -33,6 +37,7 @@ class Row:
 
     name: str
     run_id: str
+    status: str | None = None  # MLflow's: FINISHED, FAILED, KILLED, RUNNING, SCHEDULED
     size: str | None = None
     objective: str | None = None
     resolution: int | None = None
@@ -170,6 +175,15 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(s, latest[s][1]) for s in sorted(latest)]
 
 
+def depth(layer: int | None, n_layer: int | None, logged: float | None = None) -> float | None:
+    """Relative depth of probe layer ``layer`` of an ``n_layer``-block model: layer / L. Feature l is taken after
+    l blocks, so layer 0 (the embeddings) is depth 0 and layer L (the final norm's output) depth 1. ``logged``
+    (the probe's own ``best_layer_relative``) is the fallback where the layer count is unknown."""
+    if layer is None or not n_layer:
+        return logged
+    return layer / n_layer
+
+
 def _newest_with(runs: list, metric: str):
     """The newest run (by start time) holding ``metric``, or None."""
     having = [r for r in runs if metric in r.data.metrics]
@@ -189,7 +203,7 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
     cmp = Comparison(rows=[], filter_string=flt)
     for run in pretrain:
         rid, p = run.info.run_id, run.data.params
-        row = Row(name=run.info.run_name or rid, run_id=rid, size=p.get("model.size"),
+        row = Row(name=run.info.run_name or rid, run_id=rid, status=run.info.status, size=p.get("model.size"),
                   objective=p.get("model.objective"), resolution=_int(p, "model.resolution"),
                   n_layer=_int(p, "model.n_layer"), d_model=_int(p, "model.d_model"), params=_int(p, "model.params"),
                   steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"))
@@ -206,9 +220,7 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
             m = probe.data.metrics
             row.probe_run_id, row.probe_test_accuracy = probe.info.run_id, m["test/accuracy"]
             row.best_layer = int(m["best_layer"]) if "best_layer" in m else None
-            row.best_layer_relative = m.get("best_layer_relative")
-            if row.best_layer_relative is None and row.best_layer is not None and row.n_layer:
-                row.best_layer_relative = (row.best_layer + 1) / row.n_layer
+            row.best_layer_relative = depth(row.best_layer, row.n_layer, m.get("best_layer_relative"))
             row.pixels_test_accuracy = m.get("baseline/pixels_test_accuracy")
             cmp.probe_by_layer[rid] = _history(client, probe.info.run_id, "val/accuracy_by_layer")
         if twin is not None:
@@ -245,6 +257,7 @@ def _pct(x: float | None) -> str:
 # (header, Row field, formatter, right-aligned) of the printed and Markdown tables
 COLUMNS = [
     ("name", "name", str, False),
+    ("status", "status", lambda x: x or "-", False),
     ("size", "size", lambda x: x or "-", False),
     ("objective", "objective", lambda x: x or "-", False),
     ("IR", "resolution", _f("d"), True),
@@ -259,8 +272,10 @@ COLUMNS = [
     ("fine-tune acc", "finetune_test_accuracy", _pct, True),
 ]
 NOTES = ("compute ≈ 6 · params · tokens, tokens = steps × global batch × IR²; final val loss: `val/loss` at the "
-         "largest step; probe layer: 0-based, depth = (layer + 1) / layers; accuracies on the test split (probe: "
-         "the newest trained-weights probe; random-init: its random-init twin)")
+         "largest step; probe layer: 0 .. L for L blocks (0: the embeddings, L: the final norm's output), depth = "
+         "layer / L; accuracies on the test split (probe: the newest trained-weights probe; random-init: its "
+         "random-init twin); status: the pretraining run's in MLflow (plots show FINISHED runs only unless "
+         "--include_unfinished)")
 
 
 def _cells(rows: list[Row]) -> list[list[str]]:
@@ -340,30 +355,38 @@ def _scatter_loss(rows: list[Row], x_field: str, xlabel: str, path: Path) -> Non
     _save(fig, ax, path, None if pts else "no run with both values")
 
 
-def plots(cmp: Comparison, folder: Path) -> list[Path]:
-    """The four plots (names in ``PLOTS``); a plot with nothing to show says so instead of being left out."""
+def plotted_rows(rows: list[Row], include_unfinished: bool = False) -> list[Row]:
+    """The rows the plots show: FINISHED runs, or every row with ``include_unfinished`` (a failed, killed or
+    running run's last loss and probe are no final results, so they stay in the table only)."""
+    return list(rows) if include_unfinished else [r for r in rows if r.status == "FINISHED"]
+
+
+def plots(cmp: Comparison, folder: Path, include_unfinished: bool = False) -> list[Path]:
+    """The four plots (names in ``PLOTS``) of :func:`plotted_rows`; a plot with nothing to show says so instead
+    of being left out."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in PLOTS]
-    _scatter_loss(cmp.rows, "params", "parameters", paths[0])
-    _scatter_loss(cmp.rows, "compute_flops", "training compute (FLOPs, ≈ 6 · params · tokens)", paths[1])
+    rows = plotted_rows(cmp.rows, include_unfinished)
+    _scatter_loss(rows, "params", "parameters", paths[0])
+    _scatter_loss(rows, "compute_flops", "training compute (FLOPs, ≈ 6 · params · tokens)", paths[1])
 
     fig, ax = _figure()
     drawn = False
-    for i, r in enumerate(cmp.rows):
+    for i, r in enumerate(rows):
         for curves, style, label in ((cmp.probe_by_layer, "o-", r.name), (cmp.twin_by_layer, "x--",
                                                                            f"{r.name} (random init)")):
             pts = curves.get(r.run_id) or []
             if pts and r.n_layer:
-                ax.plot([(layer + 1) / r.n_layer for layer, _ in pts], [v for _, v in pts], style, color=f"C{i}",
+                ax.plot([depth(layer, r.n_layer) for layer, _ in pts], [v for _, v in pts], style, color=f"C{i}",
                         label=label)
                 drawn = True
-    ax.set_xlabel("relative depth (layer + 1) / layers")
+    ax.set_xlabel("relative depth layer / L (0: embeddings, 1: final norm output)")
     ax.set_ylabel("probe validation accuracy")
     _save(fig, ax, paths[2], None if drawn else "no probe runs with per-layer accuracy")
 
     fig, ax = _figure((7.0, 4.5))
     drawn = False
-    for i, r in enumerate(cmp.rows):
+    for i, r in enumerate(rows):
         train, val = cmp.losses.get(r.run_id, {}).get("train/loss"), cmp.losses.get(r.run_id, {}).get("val/loss")
         if train:
             ax.plot(*zip(*train), "-", color=f"C{i}", alpha=0.45, lw=1, label=f"{r.name} train")
@@ -401,7 +424,10 @@ def run(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(cmp.rows, out / "table.csv")
     (out / "table.md").write_text(markdown_table(cmp.rows))
-    plot_paths = plots(cmp, out / "plots")
+    plot_paths = plots(cmp, out / "plots", cfg.include_unfinished)
+    plotted = [r.run_id for r in plotted_rows(cmp.rows, cfg.include_unfinished)]
+    left_out = ", ".join(f"{r.name} ({r.status})" for r in cmp.rows if r.run_id not in plotted)
+    left_out = f"not plotted (not FINISHED; --include_unfinished plots them): {left_out}\n" if left_out else ""
 
     mrun, _ = start_run(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare", cli.to_dict(cfg))
     try:
@@ -420,10 +446,11 @@ def run(cfg) -> dict:
           f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n"
           f"table: {out / 'table.csv'}, {out / 'table.md'}\n"
           f"plots: {', '.join(str(p) for p in plot_paths)}\n"
+          f"{left_out}"
           f"MLflow run {run_id} (tag igpt.job=compare) with table.csv, table.md and plots/")
     return {"rows": cmp.rows, "filter": cmp.filter_string, "output_dir": str(out), "csv": str(out / "table.csv"),
             "markdown": str(out / "table.md"), "plots": [str(p) for p in plot_paths], "run_id": run_id,
-            "tracking_uri": uri, "experiment_id": exp_id}
+            "plotted": plotted, "tracking_uri": uri, "experiment_id": exp_id}
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") -> dict:

@@ -6,6 +6,9 @@ Layout of a feature set (``pipelines/extract.py`` writes it)::
     <set>/<split>/shard-00000.npz       keys (N,), labels (N,), layer_00 .. layer_L (N, M, d) float32,
                                         pixels (N, 1, IR*IR*3) float32 when written
 
+There are L + 1 layers for an L-block model (``IGPT.features``): layer l < L is the normalised input of block l
+(layer 0: the embeddings), layer L the final norm's output after every block, which the fine-tuning head reads.
+
 ``M`` is 1 for AR models and 5 for BERT models (one feature vector per evaluation mask, igpt/ensemble.py). A probe
 trial reads one layer of each shard (``np.load`` of an ``.npz`` reads only the member asked for).
 """
@@ -45,21 +48,21 @@ class FeatureActor:
         cfg = self.model.cfg
         keys = batch["key"].to_pylist()
         tokens = np.asarray(batch["tokens"].combine_chunks().flatten(), np.int64).reshape(len(keys), cfg.n_ctx)
-        n_layer, masks = cfg.n_layer, cfg.objective == "bert"
-        feats = {l: [] for l in range(n_layer)}
+        layers, masks = range(cfg.n_layer + 1), cfg.objective == "bert"  # 0..L: the last is ln_f's output
+        feats = {l: [] for l in layers}
         for i in range(0, len(keys), self.batch_size):
             x = torch.from_numpy(tokens[i:i + self.batch_size]).to(self.device)
             if masks:  # the paper's BERT evaluation: 5 masks per image, each its own feature vector
                 m = eval_masks(keys[i:i + self.batch_size], cfg.n_ctx, cfg.bert_mask_prob).to(self.device)
                 per_mask = [self.model.features(x, mask=m[k]) for k in range(len(m))]
-                for l in range(n_layer):
+                for l in layers:
                     feats[l].append(torch.stack([f[l] for f in per_mask], 1).float().cpu().numpy())
             else:
                 out = self.model.features(x)
-                for l in range(n_layer):
+                for l in layers:
                     feats[l].append(out[l].float().cpu().numpy()[:, None])
         cols = {"key": batch["key"], "label": batch["label"]}
-        for l in range(n_layer):
+        for l in layers:
             arr = np.concatenate(feats[l]) if feats[l] else np.zeros((0, 1, cfg.d_model), np.float32)
             cols[layer_key(l)] = _tensor_column(arr)
         if self.pixels:
@@ -98,6 +101,19 @@ def load(feature_set: str | Path, split: str, layer: int | str) -> tuple[np.ndar
             ys.append(z["labels"])
             ks.append(z["keys"])
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ks)
+
+
+def labels_and_keys(feature_set: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels (N,), keys (N,)) of one split, without reading any features (for checks on the splits)."""
+    shards = sorted((Path(feature_set) / split).glob("shard-*.npz"))
+    if not shards:
+        raise FileNotFoundError(f"no feature shards in {Path(feature_set) / split} (run pipelines.extract first)")
+    ys, ks = [], []
+    for s in shards:
+        with np.load(s) as z:
+            ys.append(z["labels"])
+            ks.append(z["keys"])
+    return np.concatenate(ys), np.concatenate(ks)
 
 
 def manifest(feature_set: str | Path) -> dict:

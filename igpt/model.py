@@ -245,26 +245,30 @@ class IGPT(nn.Module):
         objective: str | None = None,
         mask: torch.Tensor | None = None,
     ) -> dict[int, torch.Tensor]:
-        """For each requested layer l (0-based; default all), the sequence-mean of ``ln_1(h_l)``, the input of
-        block l after its first norm: (B, d) each, all from a single forward pass. The pass runs as the model
-        was trained: AR models see the SOS-shifted input under a causal mask, BERT models the unshifted input
-        with no mask (and ``mask`` zeroed, if given)."""
+        """For each requested layer l in 0..L (L = ``n_layer``; default all L + 1), the sequence-mean (B, d) of
+        the residual stream after l blocks, normalised: ``ln_1(h_l)`` of block l's input for l < L, and
+        ``ln_f(h_L)`` for l = L, the final output the fine-tuning head pools (the paper probes every layer, the
+        last included). All from a single forward pass, run as the model was trained: AR models see the
+        SOS-shifted input under a causal mask, BERT models the unshifted input with no mask (and ``mask``
+        zeroed, if given)."""
         objective = objective or self.cfg.objective
-        layers = list(range(self.cfg.n_layer)) if layers is None else list(layers)
+        n_layer = self.cfg.n_layer
+        layers = list(range(n_layer + 1)) if layers is None else list(layers)
         for l in layers:
-            if not 0 <= l < self.cfg.n_layer:
-                raise ValueError(f"layer {l} out of range [0, {self.cfg.n_layer})")
+            if not 0 <= l <= n_layer:
+                raise ValueError(f"layer {l} out of range [0, {n_layer}]")
         taps: dict[int, torch.Tensor] = dict.fromkeys(layers)  # type: ignore[arg-type]
         if objective == "ar":
             h = self._embed(self.ar_inputs(tokens), None)
         else:
             h = self._embed(tokens, mask)
-        # stop after the deepest requested block: later layers cannot change the taps
-        deepest = max(layers) + 1
-        for i, blk in enumerate(self.h[:deepest]):
-            if i in taps:
-                taps[i] = blk.ln_1(h).mean(1)  # the paper's probe feature: pooled input after the first norm
-            h = blk(h, objective == "ar")
+        # run only the blocks below the deepest requested layer: later ones cannot change the taps
+        deepest = max(layers)
+        for i in range(deepest + 1):
+            if i in taps:  # the paper's probe feature: the pooled stream after i blocks, normalised
+                taps[i] = (self.h[i].ln_1(h) if i < n_layer else self.ln_f(h)).mean(1)
+            if i < deepest:
+                h = self.h[i](h, objective == "ar")
         return taps
 
     def num_params(self) -> int:

@@ -116,3 +116,34 @@ def balanced_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
             raise ValueError(f"class {c} has {len(idx)} examples, fewer than the {per} needed")
         out.append(rng.choice(idx, per, replace=False))
     return np.sort(np.concatenate(out))
+
+
+# ---- warnings: conditions under which a probe's numbers mean less than they seem ----------------------------
+
+
+def unseen_classes(train_labels: np.ndarray, held: dict[str, np.ndarray]) -> str | None:
+    """Classes of a held-out split (name -> labels) with no training example: the probe never predicts them
+    (``fit_lbfgs`` gives them a -1e9 bias), so their images count as errors whatever the features hold."""
+    seen = set(np.unique(train_labels).tolist())
+    missing = {s: sorted(set(np.unique(y).tolist()) - seen) for s, y in held.items()}
+    parts = [f"{s} has class(es) {m} with no training example" for s, m in missing.items() if m]
+    return "; ".join(parts) + " (the probe cannot predict them)" if parts else None
+
+
+def tied_trials(val_accuracies) -> str | None:
+    """Every trial of a sweep (two or more) with the same validation accuracy: the "best" setting is then an
+    arbitrary pick (Tune's first), not a choice the data made."""
+    acc = np.asarray(list(val_accuracies), np.float64)
+    if len(acc) < 2 or not np.all(acc == acc[0]):
+        return None
+    return f"all {len(acc)} trials tie at validation accuracy {acc[0]:.4f}: the best setting is arbitrary"
+
+
+def leaked_keys(test_keys: np.ndarray, seen_keys: np.ndarray, show: int = 3) -> str | None:
+    """Test images whose keys are also among the training/validation keys: the probe (refit on train+val) has
+    seen them, so the test accuracy is not held out."""
+    common = np.intersect1d(np.asarray(test_keys).astype(str), np.asarray(seen_keys).astype(str))
+    if not len(common):
+        return None
+    return (f"{len(common)} of {len(test_keys)} test key(s) are also train/val keys (e.g. "
+            f"{', '.join(map(str, common[:show]))}): the test accuracy is not held out")

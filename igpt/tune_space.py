@@ -5,7 +5,8 @@ A file names the job it is for and one entry per swept parameter::
     {"_comment": "why these values", "job": "probe_lbfgs",
      "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [0.01, 0.1, 1.0]}}}
 
-Kinds: ``grid_search`` (a list; ``"all"`` for every layer of the model, filled in by the job), ``choice`` (a list),
+Kinds: ``grid_search`` (a list; ``"all"`` for every layer of the model, 0 .. L for L blocks, the last being the
+final norm's output (``IGPT.features``); filled in by the job), ``choice`` (a list),
 ``uniform`` / ``loguniform`` (``[low, high]``), ``ordered`` (a list tried in that order until the objective stops
 improving: the paper's learning-rate procedure, used by ``sweep_lr``). Every file is validated by the tests.
 """
@@ -85,7 +86,8 @@ def validate(data: dict, where: str = "space") -> None:
 
 
 def to_tune(params: dict, n_layer: int | None = None) -> dict:
-    """Ray Tune's sampling objects for a validated ``params`` dict (``ordered`` stays a plain list)."""
+    """Ray Tune's sampling objects for a validated ``params`` dict (``ordered`` stays a plain list). ``n_layer``:
+    the model's blocks L; its feature layers are 0 .. L inclusive."""
     from ray import tune
 
     out = {}
@@ -94,9 +96,9 @@ def to_tune(params: dict, n_layer: int | None = None) -> dict:
         if value == "all":
             if n_layer is None:
                 raise SpaceError("layer 'all' needs the model's layer count")
-            value = list(range(n_layer))
-        if name == "layer" and n_layer is not None and max(value) >= n_layer:
-            raise SpaceError(f"layer {max(value)} out of range for a {n_layer}-layer model")
+            value = list(range(n_layer + 1))
+        if name == "layer" and n_layer is not None and max(value) > n_layer:
+            raise SpaceError(f"layer {max(value)} out of range [0, {n_layer}] for a {n_layer}-layer model")
         out[name] = {"grid_search": tune.grid_search, "choice": tune.choice, "ordered": list,
                      "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}[kind](value)
     return out

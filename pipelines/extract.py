@@ -6,7 +6,8 @@
 
 Splits: ``train`` and ``val`` are the training split's records outside / inside the held-out share (a hash of
 the key, ``--holdout``), ``test`` the test split. Images go through the eval transform (no augmentation) and the
-run's own palette. One forward pass per image (per mask for BERT models) gives every layer at once. Each split
+run's own palette. One forward pass per image (per mask for BERT models) gives every layer at once: layers
+0 .. L of an L-block model, layer L being the final norm's output (manifest: ``n_layer``, ``layers``). Each split
 is written into ``<split>.partial/`` and renamed when complete; ``manifest.json`` is written last. Probes
 (pipelines/probe.py) then sweep layers and learning rates without recomputing anything.
 """
@@ -29,6 +30,9 @@ from igpt.raysetup import init_ray
 from igpt.tracking import start_run, stop_on_sigterm
 
 ROWS_PER_SHARD = 10_000
+# the manifest says it in words, so a reader of a feature set needs no code to know what layer L is
+LAYER_DEFINITION = ("layer l < n_layer: sequence mean of ln_1 of block l's input (layer 0: the embeddings); "
+                    "layer n_layer: sequence mean of ln_f of the last block's output (what fine-tuning pools)")
 
 
 def split_specs(cfg: ExtractJobConfig) -> dict[str, sources.DatasetSpec]:
@@ -45,8 +49,7 @@ def run(cfg: ExtractJobConfig) -> dict:
     ckpt = checkpoints.load(cfg.checkpoint)  # a clear error now rather than in every actor
     model_cfg, palette = ckpt["model"], ckpt["palette"].numpy()
     res = model_cfg["resolution"]
-    if cfg.transform.resolution != res:
-        raise ValueError(f"transform.resolution ({cfg.transform.resolution}) must equal the model's ({res})")
+    cfg.transform.check_model(res)
     specs = split_specs(cfg)
     plans = {s: sources.check(spec) for s, spec in specs.items()}
     out = Path(cfg.output_dir) / cfg.name
@@ -62,7 +65,8 @@ def run(cfg: ExtractJobConfig) -> dict:
     tspec = ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft)
     m = 5 if model_cfg["objective"] == "bert" else 1
     d = model_cfg["d_model"]
-    shape = {features.layer_key(l): (m, d) for l in range(model_cfg["n_layer"])}
+    n_layer = model_cfg["n_layer"]
+    shape = {features.layer_key(l): (m, d) for l in range(n_layer + 1)}  # 0..L: layer L is ln_f's output
     if cfg.pixels:
         shape["pixels"] = (1, res * res * 3)
 
@@ -122,7 +126,8 @@ def run(cfg: ExtractJobConfig) -> dict:
                                 f"{split}/images_per_s": written / seconds})
             mlflow.log_artifact(str(out / f"{split}.errors.tsv"), "errors")
             print(f"{split}: {written} images, {guard.skipped} skipped, {shard} shard(s), {seconds:.1f} s")
-        man = {"layers": model_cfg["n_layer"], "d_model": d, "masks": m, "objective": model_cfg["objective"],
+        man = {"n_layer": n_layer, "layers": list(range(n_layer + 1)), "layer_definition": LAYER_DEFINITION,
+               "d_model": d, "masks": m, "objective": model_cfg["objective"],
                "resolution": res, "pixels": cfg.pixels, "columns": {k: list(v) for k, v in shape.items()},
                "splits": counts, "checkpoint": str(checkpoints.resolve(cfg.checkpoint)),
                "checkpoint_step": ckpt["step"], "random_init": cfg.random_init, "model": model_cfg,
@@ -137,7 +142,8 @@ def run(cfg: ExtractJobConfig) -> dict:
                 mlflow.log_artifacts(str(out / split), f"features/{split}")
         else:
             mlflow.set_tag("igpt.features_at", str(out.resolve()))
-    print(f"features of {model_cfg['n_layer']} layers x {m} mask(s) in {out}")
+    print(f"features of layers 0..{n_layer} ({n_layer} blocks; layer {n_layer}: the final norm's output) x {m} "
+          f"mask(s) in {out}")
     return man
 
 

@@ -6,10 +6,13 @@
     ray job submit --working-dir . -- python -m pipelines.probe ... --tracking.tracking_uri http://mlflow:5000
 
 Every trial reads one layer of an extracted feature set (pipelines/extract.py) and reports its validation
-accuracy; the best (layer, hyper-parameter) is refit on train+val and evaluated once on test. With ``pixels``,
-the same sweep of the regularisation runs on the raw pixels as a baseline. MLflow: this job's run is the parent;
+accuracy; the best (layer, hyper-parameter) is refit on train+val and evaluated once on test. Layers are 0 .. L
+of an L-block model, L being the final norm's output (the fine-tuning head's input); depth is layer / L. With
+``pixels``, the same sweep of the regularisation runs on the raw pixels as a baseline. MLflow: this job's run is the parent;
 Ray's ``MLflowLoggerCallback`` makes one child run per trial; the parent gets the best setting, the test accuracy,
-a table of every trial and a plot of validation accuracy against layer.
+a table of every trial and a plot of validation accuracy against layer. Conditions that make the numbers mean less
+than they seem (held-out classes absent from train, every trial tied, test keys among train/val keys) are printed
+as ``warning: ...`` on stderr and tagged ``igpt.warning.<kind>`` on the parent run.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def low_data_trial(config: dict, cfg_dict: dict, layer, C: float) -> None:
     tune.report({"test_accuracy": p.accuracy(xt, yt), "C": float(np.atleast_1d(cv.C_)[0])})
 
 
-def plot_by_layer(df, path: Path, pixels: float | None) -> None:
+def plot_by_layer(df, path: Path, pixels: float | None, n_layer: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,12 +116,58 @@ def plot_by_layer(df, path: Path, pixels: float | None) -> None:
     ax.plot(by_layer.index, by_layer.values, "o-", label="best over the sweep")
     if pixels is not None:
         ax.axhline(pixels, color="grey", ls="--", label="raw pixels")
-    ax.set_xlabel("layer")
+    ax.set_xlabel(f"layer (0: embeddings, {n_layer}: final norm output)")
     ax.set_ylabel("validation accuracy")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def model_blocks(man: dict, where: str) -> int:
+    """The block count L of a feature set's model; its layers are 0..L. A set extracted before layer L (the final
+    norm's output) existed has no ``n_layer`` in its manifest: refused, rather than a sweep of a missing layer."""
+    if "n_layer" not in man:
+        raise ValueError(f"{where} has no layer L (the final norm's output; its manifest has no n_layer): "
+                         f"extract it again with pipelines.extract")
+    return int(man["n_layer"])
+
+
+def warn(kind: str, message: str | None, found: dict[str, str]) -> None:
+    """A condition that makes the numbers mean less than they seem: ``warning: ...`` on stderr and the tag
+    ``igpt.warning.<kind>`` on the active (parent) MLflow run, so it shows beside the results it qualifies."""
+    import mlflow
+
+    if message is None:
+        return
+    print(f"warning: {message}", file=sys.stderr)
+    mlflow.set_tag(f"igpt.warning.{kind}", message[:5000])
+    found[kind] = message
+
+
+def check_splits(cfg: ProbeJobConfig, found: dict[str, str]) -> None:
+    """Labels and keys of the three splits (no features read): classes the training split lacks, test leakage."""
+    (ytr, ktr), (yva, kva), (yte, kte) = (features.labels_and_keys(cfg.features, s) for s in features.SPLITS)
+    warn("classes_missing_from_train", probe.unseen_classes(ytr, {"val": yva, "test": yte}), found)
+    warn("test_keys_in_train_val", probe.leaked_keys(kte, np.concatenate([ktr, kva])), found)
+
+
+def log_layer_sweep(out: Path, df, best: dict, n_layer: int, result: dict) -> None:
+    """The layer sweep's table, per-layer accuracy and best setting into ``result`` and the parent run. Depth of
+    layer l is l / L: feature l is taken after l blocks (layer 0 the embeddings, layer L the final output)."""
+    import mlflow
+
+    by_layer = df.groupby("config/layer")["val_accuracy"].max()
+    result["val_accuracy_by_layer"] = {int(k): float(v) for k, v in by_layer.items()}
+    result["best_val_accuracy"] = float(by_layer.max())
+    result["trials"] = len(df)
+    df.to_csv(out / "trials.csv", index=False)
+    mlflow.log_artifact(str(out / "trials.csv"))
+    for l, acc in result["val_accuracy_by_layer"].items():
+        mlflow.log_metric("val/accuracy_by_layer", acc, step=l)
+    mlflow.log_params({f"best.{k}": v for k, v in best.items()})
+    mlflow.log_metrics({"test/accuracy": result["test_accuracy"], "val/best_accuracy": result["best_val_accuracy"],
+                        "best_layer": best["layer"], "best_layer_relative": best["layer"] / n_layer})
 
 
 def run(cfg: ProbeJobConfig) -> dict:
@@ -130,13 +179,14 @@ def run(cfg: ProbeJobConfig) -> dict:
     cfg = dataclasses.replace(cfg, features=cli.absolute_path(cfg.features),
                               output_dir=cli.absolute_path(cfg.output_dir))
     man = features.manifest(cfg.features)
+    n_layer = model_blocks(man, cfg.features)
     space_file = tune_space.load(cfg.space or f"probe_{cfg.protocol}", job=f"probe_{cfg.protocol}")
-    space = tune_space.to_tune(space_file["params"], n_layer=man["layers"])
+    space = tune_space.to_tune(space_file["params"], n_layer=n_layer)  # layers 0..L, the final output included
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
     run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "probe", cli.to_dict(cfg))
-    experiment = cfg.tracking.experiment
+    experiment, found = cfg.tracking.experiment, {}
     with run_:
         parent = run_.info.run_id
         mlflow.log_dict(space_file, "search_space.json")
@@ -145,32 +195,26 @@ def run(cfg: ProbeJobConfig) -> dict:
                          "igpt.objective": man["objective"], "igpt.features_run_id": man["run_id"]})
         if man.get("pretrain_run_id"):
             mlflow.set_tag("igpt.pretrain_run_id", man["pretrain_run_id"])
+        check_splits(cfg, found)
         best, df = sweep(cfg, space, "layers", uri, experiment, parent)
+        warn("trials_tied", probe.tied_trials(df["val_accuracy"]), found)
         result = {"best": best, **refit_and_test(cfg, best)}
-        by_layer = df.groupby("config/layer")["val_accuracy"].max()
-        result["val_accuracy_by_layer"] = {int(k): float(v) for k, v in by_layer.items()}
-        result["best_val_accuracy"] = float(by_layer.max())
-        result["trials"] = len(df)
-        df.to_csv(out / "trials.csv", index=False)
-        mlflow.log_artifact(str(out / "trials.csv"))
-        for l, acc in result["val_accuracy_by_layer"].items():
-            mlflow.log_metric("val/accuracy_by_layer", acc, step=l)
-        mlflow.log_params({f"best.{k}": v for k, v in best.items()})
-        mlflow.log_metrics({"test/accuracy": result["test_accuracy"], "val/best_accuracy": result["best_val_accuracy"],
-                            "best_layer": best["layer"], "best_layer_relative": (best["layer"] + 1) / man["layers"]})
+        log_layer_sweep(out, df, best, n_layer, result)
         pixels_val = None
         if cfg.pixels and man.get("pixels"):
             pspace = {**space, "layer": "pixels"}
             pbest, pdf = sweep(cfg, pspace, "pixels", uri, experiment, parent)
+            warn("pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
             pres = refit_and_test(cfg, pbest)
             pixels_val = float(pdf["val_accuracy"].max())
             result["pixels"] = {"best": pbest, "val_accuracy": pixels_val, **pres}
             mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"],
                                 "baseline/pixels_val_accuracy": pixels_val})
-        plot_by_layer(df, out / "val_accuracy_by_layer.png", pixels_val)
+        plot_by_layer(df, out / "val_accuracy_by_layer.png", pixels_val, n_layer)
         mlflow.log_artifact(str(out / "val_accuracy_by_layer.png"), "plots")
         if cfg.low_data:
             result["low_data"] = low_data(cfg, best, uri, experiment, parent)
+        result["warnings"] = found
         (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
         mlflow.log_artifact(str(out / "result.json"))
         result.update(run_id=parent, tracking_uri=uri)

@@ -14,14 +14,15 @@ from igpt.tracking import default_tracking_uri, ensure_experiment
 T0 = 1_700_000_000_000  # ms; runs get explicit start times so "newest" is unambiguous
 
 
-def _run(client, exp, name, job, t, tags=None, params=None, metrics=None, histories=None):
+def _run(client, exp, name, job, t, tags=None, params=None, metrics=None, histories=None, status="FINISHED"):
     tags = {"igpt.job": job, **(tags or {})}
     rid = client.create_run(exp, start_time=T0 + t, run_name=name, tags=tags).info.run_id
     ms = [Metric(k, v, T0 + t, 0) for k, v in (metrics or {}).items()]
     for k, points in (histories or {}).items():  # logged in the given order (val/loss: largest step first)
         ms += [Metric(k, v, T0 + t + i, step) for i, (step, v) in enumerate(points)]
     client.log_batch(rid, params=[Param(k, str(v)) for k, v in (params or {}).items()], metrics=ms)
-    client.set_terminated(rid, "FINISHED")
+    if status != "RUNNING":
+        client.set_terminated(rid, status)
     return rid
 
 
@@ -56,15 +57,18 @@ def store(tmp_path_factory):
                         histories={"val/loss": [(5, 1.0)]})
 
     def probe(t, pid, random_init, acc, best, rel, by_layer, exp_=exp, extra=None):
+        rel = {} if rel is None else {"best_layer_relative": rel}
         return _run(client, exp_, f"probe-{t}", "probe", t,
                     tags={"igpt.pretrain_run_id": pid, "igpt.random_init": str(random_init), **(extra or {})},
-                    metrics={"test/accuracy": acc, "best_layer": best, "best_layer_relative": rel},
+                    metrics={"test/accuracy": acc, "best_layer": best, **rel},
                     histories={"val/accuracy_by_layer": list(enumerate(by_layer))})
 
-    probe(3000, ids["debug"], False, 0.30, 0, 0.5, [0.28, 0.27])  # older: superseded by the next one
-    ids["debug_probe"] = probe(4000, ids["debug"], False, 0.35, 1, 1.0, [0.30, 0.34])
-    ids["debug_twin"] = probe(5000, ids["debug"], True, 0.20, 0, 0.5, [0.19, 0.18])
-    ids["tiny_probe"] = probe(6000, ids["tiny"], False, 0.42, 2, 0.75, [0.31, 0.37, 0.41, 0.40])
+    # layers 0..L (L = n_layer: the final norm's output). debug's probe logged the (layer + 1) / L of older
+    # probes (1.0), tiny's none: compare recomputes layer / L from best_layer and model.n_layer either way
+    probe(3000, ids["debug"], False, 0.30, 0, 0.0, [0.28, 0.27, 0.26])  # older: superseded by the next one
+    ids["debug_probe"] = probe(4000, ids["debug"], False, 0.35, 1, 1.0, [0.30, 0.34, 0.33])
+    ids["debug_twin"] = probe(5000, ids["debug"], True, 0.20, 0, 0.0, [0.19, 0.18, 0.17])
+    ids["tiny_probe"] = probe(6000, ids["tiny"], False, 0.42, 2, None, [0.31, 0.37, 0.41, 0.40, 0.39])
     probe(6500, ids["tiny"], False, 0.99, 3, 1.0, [0.9] * 4, extra={"mlflow.parentRunId": sweep})  # a child
     probe(6600, ids["tiny"], False, 0.98, 3, 1.0, [0.9] * 4, exp_=other)  # another experiment
     # an extract run links to a pretraining run too, but is no probe
@@ -100,13 +104,15 @@ def test_table_files_plots_and_run(store, capsys):
     assert debug.tokens == 20 * 16 * 32**2 and tiny.tokens == 40 * 32 * 32**2
     assert debug.compute_flops == pytest.approx(6 * dparams * 20 * 16 * 1024)
     assert tiny.compute_flops == pytest.approx(6 * tparams * 40 * 32 * 1024)
-    # the newest trained probe (0.35, not the older 0.30), its layer and depth; the random-init twin
-    assert (debug.probe_test_accuracy, debug.best_layer, debug.best_layer_relative) == (0.35, 1, 1.0)
+    assert debug.status == tiny.status == "FINISHED"
+    # the newest trained probe (0.35, not the older 0.30), its layer and depth layer / L: feature l is taken after
+    # l blocks (layer 1 of 2 blocks is depth 0.5, not the (l + 1) / L = 1.0 the probe logged); the random-init twin
+    assert (debug.probe_test_accuracy, debug.best_layer, debug.best_layer_relative) == (0.35, 1, 0.5)
     assert debug.probe_run_id == ids["debug_probe"]
     assert (debug.random_init_test_accuracy, debug.random_init_run_id) == (0.20, ids["debug_twin"])
     # tiny: the top-level probe (not the child's 0.99 nor the other experiment's 0.98); no twin; the fine-tuning
     # parent's accuracy (not its refit child's 0.96)
-    assert (tiny.probe_test_accuracy, tiny.best_layer, tiny.best_layer_relative) == (0.42, 2, 0.75)
+    assert (tiny.probe_test_accuracy, tiny.best_layer, tiny.best_layer_relative) == (0.42, 2, 0.5)  # not 3 / 4
     assert tiny.random_init_test_accuracy is None and tiny.random_init_run_id is None
     assert (tiny.finetune_test_accuracy, tiny.finetune_run_id) == (0.55, ids["tiny_ft"])
     assert debug.finetune_test_accuracy is None
@@ -116,28 +122,31 @@ def test_table_files_plots_and_run(store, capsys):
         table = list(csv.DictReader(fh))
     assert [r["name"] for r in table] == ["debug-ar", "tiny-bert"]
     assert table[0]["run_id"] == ids["debug"] and float(table[0]["final_val_loss"]) == 3.5
+    assert table[0]["status"] == table[1]["status"] == "FINISHED"
     assert float(table[0]["compute_flops"]) == pytest.approx(debug.compute_flops)
-    assert float(table[0]["best_layer_relative"]) == 1.0 and float(table[0]["random_init_test_accuracy"]) == 0.2
+    assert float(table[0]["best_layer_relative"]) == 0.5 and float(table[0]["random_init_test_accuracy"]) == 0.2
     assert table[1]["random_init_test_accuracy"] == "" and float(table[1]["finetune_test_accuracy"]) == 0.55
 
     md = (folder / "table.md").read_text().splitlines()
-    assert md[0].startswith("| name | size | objective | IR | params |") and "fine-tune acc" in md[0]
-    assert md[1].startswith("|---|---|---|---:|")
+    assert md[0].startswith("| name | status | size | objective | IR | params |") and "fine-tune acc" in md[0]
+    assert md[1].startswith("|---|---|---|---|---:|")
     cells = [c.strip() for c in md[2].strip("|").split("|")]
-    assert cells[:4] == ["debug-ar", "debug", "ar", "32"]
-    assert cells[7:] == ["3.5000", "1", "1.00", "35.00%", "20.00%", "-"]
+    assert cells[:5] == ["debug-ar", "FINISHED", "debug", "ar", "32"]
+    assert cells[8:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     cells = [c.strip() for c in md[3].strip("|").split("|")]
-    assert cells[0] == "tiny-bert" and cells[7:] == ["2.7000", "2", "0.75", "42.00%", "-", "55.00%"]
+    assert cells[0] == "tiny-bert" and cells[8:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
+    assert "depth = layer / L" in (folder / "table.md").read_text()
 
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
     assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
-    assert re.split(r"\s{2,}", lines[head + 2])[7:] == ["3.5000", "1", "1.00", "35.00%", "20.00%", "-"]
+    assert re.split(r"\s{2,}", lines[head + 2])[8:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     # columns aligned: every row's cells end (right-aligned ones) where the header's do
     assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
     assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed
+    assert "not plotted" not in printed and out["plotted"] == [ids["debug"], ids["tiny"]]
 
     for name in compare.PLOTS:
         png = folder / "plots" / name
@@ -221,3 +230,49 @@ def test_clear_errors(store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("python -m pipelines.compare: error: MLflow rejected the search filter")
     assert "Traceback" not in err and "metrics.x = 'a'" in err
+
+
+def test_depth_is_layer_over_blocks():
+    # feature l is taken after l blocks: layer 0 (the embeddings) is depth 0, layer L (ln_f's output) depth 1
+    assert [compare.depth(l, 4) for l in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert compare.depth(2, None, 0.7) == 0.7 and compare.depth(None, 4) is None
+
+
+def test_unfinished_runs_are_listed_with_their_status_and_left_out_of_the_plots(tmp_path, monkeypatch, capsys):
+    uri = default_tracking_uri(tmp_path)
+    exp = ensure_experiment(uri, "igpt", tmp_path / "mlartifacts")
+    client = MlflowClient(uri)
+    ids = {}
+    for t, (name, status) in enumerate([("done", "FINISHED"), ("broken", "FAILED"), ("going", "RUNNING")]):
+        ids[name] = _run(client, exp, name, "pretrain", 1000 * t, params=_pretrain_params("debug", "ar", 20, 16),
+                         histories={"val/loss": [(10, 3.0 + t)], "train/loss": [(10, 4.0 + t)]}, status=status)
+        _run(client, exp, f"probe-{name}", "probe", 1000 * t + 500, tags={"igpt.pretrain_run_id": ids[name]},
+             metrics={"test/accuracy": 0.3, "best_layer": 2}, histories={"val/accuracy_by_layer": [(0, 0.2), (2, 0.3)]})
+    plotted = []  # the rows the two loss scatters draw (the depth and loss-curve plots draw the same rows)
+    real = compare._scatter_loss
+    monkeypatch.setattr(compare, "_scatter_loss", lambda rows, *a: (plotted.append([r.name for r in rows]),
+                                                                    real(rows, *a)))
+
+    out = compare.run(CompareJobConfig(name="st", output_dir=str(tmp_path), tracking=TrackingConfig(tracking_uri=uri)))
+    assert {r.name: r.status for r in out["rows"]} == {"done": "FINISHED", "broken": "FAILED", "going": "RUNNING"}
+    assert out["plotted"] == [ids["done"]] and plotted == [["done"], ["done"]]
+    assert [r.name for r in compare.plotted_rows(out["rows"])] == ["done"]
+    with open(tmp_path / "st" / "table.csv") as fh:
+        assert {r["name"]: r["status"] for r in csv.DictReader(fh)} == \
+               {"done": "FINISHED", "broken": "FAILED", "going": "RUNNING"}
+    md = (tmp_path / "st" / "table.md").read_text()
+    assert "| broken | FAILED |" in md and "| going | RUNNING |" in md and "| done | FINISHED |" in md
+    printed = capsys.readouterr().out
+    assert re.search(r"^broken\s+FAILED\s", printed, re.M) and \
+           "not plotted (not FINISHED; --include_unfinished plots them): broken (FAILED), going (RUNNING)" in printed
+    assert next(r for r in out["rows"] if r.name == "broken").best_layer_relative == 1.0  # layer 2 of 2 blocks
+
+    # asked for: every run is plotted, from the command line too
+    plotted.clear()
+    from pipelines.compare import main as job_main
+
+    out = job_main(["--name", "all", "--output_dir", str(tmp_path), "--include_unfinished",
+                    "--tracking.tracking_uri", uri])
+    assert sorted(out["plotted"]) == sorted(ids.values())
+    assert [sorted(p) for p in plotted] == [["broken", "done", "going"]] * 2
+    assert "not plotted" not in capsys.readouterr().out

@@ -56,9 +56,25 @@ def test_features_match_hf_hidden_states():
     x = torch.randint(0, 512, (2, 64))
     with torch.no_grad():
         hs = hf(input_ids=ours.ar_inputs(x), output_hidden_states=True).hidden_states  # inputs of each block
-        for layer, feat in ours.features(x).items():
+        feats = ours.features(x)
+        assert sorted(feats) == list(range(len(hf.transformer.h) + 1))
+        for layer in range(len(hf.transformer.h)):
             ref = hf.transformer.h[layer].ln_1(hs[layer]).mean(1)
-            assert (ref - feat).abs().max().item() < 1e-5
+            assert (ref - feats[layer]).abs().max().item() < 1e-5
+
+
+def test_last_layer_feature_is_the_mean_of_hf_last_hidden_state():
+    hf = random_hf()
+    ours = from_hf(hf).eval()
+    x = torch.randint(0, 512, (2, 64))
+    L = ours.cfg.n_layer
+    with torch.no_grad():
+        # HF applies ln_f to the output of the last block: its last hidden state is the final norm's output
+        out = hf.transformer(input_ids=ours.ar_inputs(x), output_hidden_states=True)
+        assert torch.equal(out.hidden_states[-1], out.last_hidden_state) and len(out.hidden_states) == L + 1
+        ref = out.last_hidden_state.mean(1)
+        got = ours.features(x, layers=[L])[L]
+    assert (ref - got).abs().max().item() < 1e-5
 
 
 def test_a_non_zero_bias_is_refused_not_dropped():

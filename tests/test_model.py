@@ -138,18 +138,44 @@ def test_features_are_pooled_ln1_inputs_from_one_pass():
         ref1 = m.h[1].ln_1(h).mean(1)
     torch.testing.assert_close(feats[0], ref0)
     torch.testing.assert_close(feats[1], ref1)
-    # one forward pass: each block runs once however many layers are asked for
+    # one forward pass: each block runs once however many layers are asked for, and only the blocks below the
+    # deepest requested layer run at all
     calls = []
     hooks = [b.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, b in enumerate(m.h)]
-    m.features(x, layers=[0, 1])
+    m.features(x, layers=[0, 1, 2])
     assert calls == [0, 1]
     calls.clear()
+    m.features(x, layers=[0, 1])
+    assert calls == [0]
+    calls.clear()
     m.features(x, layers=[0])
-    assert calls == [0]  # nothing past the deepest requested layer
+    assert calls == []
     for hk in hooks:
         hk.remove()
+    with pytest.raises(ValueError, match=r"layer 3 out of range \[0, 2\]"):
+        m.features(x, layers=[3])
     with pytest.raises(ValueError, match="out of range"):
-        m.features(x, layers=[2])
+        m.features(x, layers=[-1])
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_features_have_every_layer_and_the_last_is_the_final_norm_output(objective):
+    m = small(resolution=8, objective=objective)
+    L = m.cfg.n_layer
+    with torch.no_grad():  # gains other than 1, so that ln_f is told apart from any other norm
+        m.ln_f.weight.uniform_(0.5, 1.5)
+    x = torch.randint(0, 512, (3, 64))
+    mask = m.bert_mask(x, torch.Generator().manual_seed(0)) if objective == "bert" else None
+    feats = m.features(x, mask=mask)
+    assert sorted(feats) == list(range(L + 1))
+    with torch.no_grad():  # the blocks run by hand: layer l < L is ln_1 of block l's input, layer L is ln_f(h_L)
+        h = m._embed(m.ar_inputs(x), None) if objective == "ar" else m._embed(x, mask)
+        for l, blk in enumerate(m.h):
+            torch.testing.assert_close(feats[l], blk.ln_1(h).mean(1))
+            h = blk(h, objective == "ar")
+        torch.testing.assert_close(feats[L], m.ln_f(h).mean(1))
+    assert not torch.allclose(feats[L], feats[L - 1])
+    torch.testing.assert_close(m.features(x, layers=[L], mask=mask)[L], feats[L])
 
 
 def test_activation_checkpointing_gives_the_same_gradients():

@@ -51,12 +51,14 @@ def feature_sets(pretrained):
 @pytest.mark.slow
 def test_extraction_writes_every_layer_of_every_split(feature_sets):
     tmp, summary, man, twin = feature_sets
-    assert man["layers"] == 2 and man["masks"] == 1 and man["d_model"] == 64
+    # 2 blocks -> layers 0, 1, 2: layer 2 is the final norm's output, which the manifest says in words
+    assert man["n_layer"] == 2 and man["layers"] == [0, 1, 2] and "ln_f" in man["layer_definition"]
+    assert man["masks"] == 1 and man["d_model"] == 64
     n = {s: man["splits"][s]["images"] for s in ("train", "val", "test")}
     assert n["train"] + n["val"] == 1000 and 120 < n["val"] < 280 and n["test"] in (200, 300)
     root = Path(tmp / "features" / "trained")
     for split in ("train", "val", "test"):
-        for layer in (0, 1):
+        for layer in (0, 1, 2):
             x, y, keys = features.load(root, split, layer)
             assert x.shape == (n[split], 1, 64) and x.dtype == np.float32 and np.isfinite(x).all()
             assert y.shape == (n[split],) and set(y) <= set(range(10))
@@ -81,6 +83,12 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
     tok = torch.from_numpy(np.stack([pal.quantize(record_pixels(rows[k]["image"], 0, k, t)).reshape(-1)
                                      for k in k0[:4]]).astype(np.int64))
     np.testing.assert_allclose(model.features(tok, [1])[1].numpy(), x0[:4, 0], rtol=1e-4, atol=1e-5)
+    x2 = features.load(root, "test", 2)[0]  # the last layer: ln_f of the last block's output, pooled
+    with torch.no_grad():
+        h = model._embed(model.ar_inputs(tok), None)
+        for blk in model.h:
+            h = blk(h, True)
+        np.testing.assert_allclose(model.ln_f(h).mean(1).numpy(), x2[:4, 0], rtol=1e-4, atol=1e-5)
     # the random-init twin: same shapes, different values, no pixels
     xr, _, kr = features.load(tmp / "features" / "random", "test", 1)
     assert list(kr) == list(k0) and not np.allclose(xr, x0)
@@ -100,20 +108,25 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": "all"},
                                                                  "C": {"grid_search": [0.01, 1.0]}}}))
     res = probe_job.run(cli.parse(ProbeJobConfig, argv + ["--space", str(space)]))
-    assert res["trials"] == 4 and set(res["val_accuracy_by_layer"]) == {0, 1}
-    assert res["best"]["layer"] in (0, 1) and res["best"]["C"] in (0.01, 1.0)
+    assert res["trials"] == 6 and set(res["val_accuracy_by_layer"]) == {0, 1, 2}  # layers 0..L, L = 2
+    assert res["best"]["layer"] in (0, 1, 2) and res["best"]["C"] in (0.01, 1.0)
     assert res["best_val_accuracy"] == max(res["val_accuracy_by_layer"].values())
     assert res["test_accuracy"] > 0.2, res  # chance is 0.1 (200-300 test images: a clear margin)
     assert 0.1 < res["pixels"]["test_accuracy"] < 1.0
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(res["run_id"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["test/accuracy"] == pytest.approx(res["test_accuracy"])
+    assert parent.data.metrics["best_layer_relative"] == res["best"]["layer"] / 2
+    # test keys are apart from train/val; whatever else was warned of is tagged on the parent, word for word
+    assert "test_keys_in_train_val" not in res["warnings"]
+    assert {k: v for k, v in parent.data.tags.items() if k.startswith("igpt.warning.")} == \
+           {f"igpt.warning.{k}": v for k, v in res["warnings"].items()}
     assert {"trials.csv", "plots", "result.json", "search_space.json"} <= {a.path for a in client.list_artifacts(res["run_id"])}
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
     layer_children = [c for c in children if c.data.tags.get("igpt.sweep") == "layers"]
-    assert len(layer_children) == 4 and len(children) == 6  # 4 layer x C trials + 2 raw-pixel trials
+    assert len(layer_children) == 6 and len(children) == 8  # 6 layer x C trials + 2 raw-pixel trials
     assert all(c.info.status == "FINISHED" and "val_accuracy" in c.data.metrics for c in children)
-    assert {c.data.params["layer"] for c in layer_children} == {"0", "1"}
+    assert {c.data.params["layer"] for c in layer_children} == {"0", "1", "2"}
 
     # the random-init twin, probed the same way, for the record beside it
     twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--output_dir", str(tmp / "probe"),
@@ -163,3 +176,63 @@ def test_sgd_protocol_and_bert_modal_prediction():
     per_mask = lb.scores(x5).argmax(-1)  # (5, N)
     assert (per_mask[:2] == (y + 1) % 3).mean() > 0.9
     assert (lb.predict(x5) == y).mean() > 0.9
+
+
+def test_warnings_detect_unseen_classes_tied_trials_and_leaked_test_keys():
+    # (a) classes in val or test that train lacks: the probe can never predict them
+    assert probe.unseen_classes(np.array([0, 1, 2, 2]), {"val": np.array([0, 1]), "test": np.array([2])}) is None
+    msg = probe.unseen_classes(np.array([0, 1, 1]), {"val": np.array([0, 3]), "test": np.array([2, 3, 0])})
+    assert msg.startswith("val has class(es) [3] with no training example; test has class(es) [2, 3]")
+    assert "cannot predict" in msg
+    # (b) every trial ties: the "best" is arbitrary; one trial, or any difference, is no tie
+    assert "all 3 trials tie at validation accuracy 0.2500" in probe.tied_trials([0.25, 0.25, 0.25])
+    assert probe.tied_trials([0.25, 0.25, 0.26]) is None and probe.tied_trials([0.5]) is None
+    assert probe.tied_trials([]) is None
+    assert probe.tied_trials(np.zeros(4)) is not None  # e.g. every SGD trial diverged (reported as 0)
+    # (c) test keys among the train/val keys
+    assert probe.leaked_keys(np.array(["test/1", "test/2"]), np.array(["train/1", "train/2"])) is None
+    msg = probe.leaked_keys(np.array(["a", "b", "c", "d"]), np.array(["d", "b", "x"]))
+    assert msg.startswith("2 of 4 test key(s) are also train/val keys (e.g. b, d)") and "not held out" in msg
+
+
+def _shard(root, split, keys, labels):
+    (root / split).mkdir(parents=True)
+    np.savez(root / split / "shard-00000.npz", keys=np.asarray(keys), labels=np.asarray(labels, np.int64),
+             layer_00=np.zeros((len(keys), 1, 4), np.float32))
+
+
+def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
+    import mlflow
+
+    from igpt.config import TrackingConfig
+    from igpt.tracking import default_tracking_uri, start_run
+
+    root = tmp_path / "features"
+    _shard(root, "train", ["train/0", "train/1", "train/2"], [0, 1, 1])
+    _shard(root, "val", ["train/3", "train/4"], [0, 2])
+    _shard(root, "test", ["test/0", "train/1"], [1, 0])  # one test image is a training image
+    assert [list(a) for a in features.labels_and_keys(root, "val")] == [[0, 2], ["train/3", "train/4"]]
+    cfg = ProbeJobConfig(features=str(root), output_dir=str(tmp_path))
+    uri = default_tracking_uri(tmp_path)
+    run_, _ = start_run(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {})
+    found = {}
+    with run_:
+        probe_job.check_splits(cfg, found)
+        probe_job.warn("trials_tied", probe.tied_trials([0.5, 0.5]), found)
+        probe_job.warn("never", None, found)  # nothing to warn of: no line, no tag
+        run_id = mlflow.active_run().info.run_id
+    assert set(found) == {"classes_missing_from_train", "test_keys_in_train_val", "trials_tied"}
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]  # not MLflow's
+    assert err == [f"warning: {found[k]}" for k in ("classes_missing_from_train", "test_keys_in_train_val",
+                                                     "trials_tied")]
+    assert "val has class(es) [2]" in found["classes_missing_from_train"]
+    assert "1 of 2 test key(s)" in found["test_keys_in_train_val"]
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert {k: v for k, v in tags.items() if k.startswith("igpt.warning.")} == \
+           {f"igpt.warning.{k}": v for k, v in found.items()}
+
+
+def test_a_feature_set_without_the_last_layer_is_refused():
+    assert probe_job.model_blocks({"n_layer": 4, "layers": [0, 1, 2, 3, 4]}, "set") == 4
+    with pytest.raises(ValueError, match="no layer L .*extract it again"):
+        probe_job.model_blocks({"layers": 4}, "old-set")  # written before layer L existed

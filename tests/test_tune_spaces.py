@@ -29,7 +29,7 @@ def test_every_space_file_validates_and_converts(path):
         else:
             assert isinstance(out[name], Domain)
     if "layer" in out and data["params"]["layer"]["grid_search"] == "all":
-        assert out["layer"] == tune.grid_search([0, 1, 2, 3])
+        assert out["layer"] == tune.grid_search([0, 1, 2, 3, 4])  # every layer, the final norm's output (4) too
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -50,3 +50,6 @@ def test_bad_spaces_are_rejected_with_a_reason(tmp_path, bad, match):
 def test_layers_beyond_the_model_are_rejected():
     with pytest.raises(tune_space.SpaceError, match="out of range"):
         tune_space.to_tune({"layer": {"grid_search": [0, 9]}, "C": {"grid_search": [1.0]}}, n_layer=4)
+    with pytest.raises(tune_space.SpaceError, match=r"layer 5 out of range \[0, 4\]"):
+        tune_space.to_tune({"layer": {"grid_search": [5]}, "C": {"grid_search": [1.0]}}, n_layer=4)
+    assert tune_space.to_tune({"layer": {"grid_search": [4]}, "C": {"grid_search": [1.0]}}, n_layer=4)
