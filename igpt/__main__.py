@@ -30,11 +30,15 @@ def main(argv: list[str] | None = None) -> None:
 
         compare(argv[1:], prog="python -m igpt compare")
         return
-    parser = argparse.ArgumentParser(prog="igpt")
+    parser = argparse.ArgumentParser(prog="igpt", allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("sizes", help="the named model sizes and their parameter counts against the paper")
+
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, allow_abbrev=False, **kw)  # a subparser does not inherit it
+
+    p = add("sizes", help="the named model sizes and their parameter counts against the paper")
     p.add_argument("--resolution", type=int, default=None, help="override each size's input resolution")
-    p = sub.add_parser("plan", help="per-GPU memory of model states and activations, and whether it fits")
+    p = add("plan", help="per-GPU memory of model states and activations, and whether it fits")
     p.add_argument("--size", default="all", help="a model size, or 'all' for S, M, L and XL")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--gpus", type=int, default=8, help="GPUs in the data-parallel group")
@@ -43,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
-    p.add_argument("--global-batch", type=int, default=None, help="default: the paper's 128 (64 for XL)")
-    p.add_argument("--micro-batch", type=int, default=None, help="per GPU; default: global batch / GPUs")
+    p.add_argument("--global-batch", type=int, default=None, help="default: the size's recipe (cluster/recipes.json; paper: 128, 64 for XL)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per GPU; default: the recipe's (at most global batch / GPUs)")
     p.add_argument("--activation-checkpointing", action="store_true", help="(default: compare off and on)")
-    p = sub.add_parser("sample", help="unconditional samples and top-half completions of a checkpoint, as a PNG grid")
+    p = add("sample", help="unconditional samples and top-half completions of a checkpoint, as a PNG grid")
     p.add_argument("--checkpoint", required=True,
                    help="weights.pt, a checkpoint folder step_*/, or a run folder (its newest complete checkpoint)")
     p.add_argument("--n", type=int, default=8, help="unconditional samples, and images to complete from --images")
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run_id", default=None,
                    help="MLflow run to log the PNG to (under samples/); with only --tracking_uri, a new run is made")
     p.add_argument("--experiment", default="igpt", help="experiment of the new run (only without --run_id)")
-    sub.add_parser("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
+    add("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
                    "and plots, logged as a run; flags: python -m igpt compare --help")
     args = parser.parse_args(argv)
     if args.cmd == "sizes":
@@ -171,12 +175,14 @@ def sample_command(args) -> str:
 
 def plan_table(args) -> str:
     from igpt.plan import PlanInput, table
+    from igpt.recipes import recipe
 
     rows = []
     for name in (["S", "M", "L", "XL"] if args.size == "all" else [args.size]):
         cfg = ModelConfig.from_name(name, resolution=args.resolution)
-        global_batch = args.global_batch or (64 if name == "XL" else 128)
-        micro = args.micro_batch or max(1, global_batch // args.gpus)
+        rec = recipe(name)  # the batch the run will use (cluster/recipes.json), so the plan and the run agree
+        global_batch = args.global_batch or rec.global_batch
+        micro = args.micro_batch or min(rec.micro_batch, max(1, global_batch // args.gpus))
         for stage in [args.zero] if args.zero is not None else [2, 3]:
             for ckpt in [True] if args.activation_checkpointing else [False, True]:
                 p = PlanInput(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, zero_stage=stage,

@@ -22,14 +22,15 @@ def _help(text: str, **kw):
 # train on a CPU in tests. XL's heads are our choice (the paper does not state them): 24 heads give a head
 # dimension of 128, the size flash-attention kernels are tuned for (S: 64, M: 128, L: 96), and it is the head
 # dimension of GPT-3 6.7B. Head count does not change the parameter count.
+# The input resolution a size trains at is part of its recipe (cluster/recipes.json, igpt.recipes).
 MODEL_SIZES: dict[str, dict[str, int]] = {
-    "debug": dict(n_layer=2, d_model=64, n_head=2, resolution=32),
-    "tiny": dict(n_layer=4, d_model=128, n_head=4, resolution=32),
-    "small": dict(n_layer=8, d_model=256, n_head=8, resolution=32),
-    "S": dict(n_layer=24, d_model=512, n_head=8, resolution=32),
-    "M": dict(n_layer=36, d_model=1024, n_head=8, resolution=32),
-    "L": dict(n_layer=48, d_model=1536, n_head=16, resolution=32),
-    "XL": dict(n_layer=60, d_model=3072, n_head=24, resolution=64),
+    "debug": dict(n_layer=2, d_model=64, n_head=2),
+    "tiny": dict(n_layer=4, d_model=128, n_head=4),
+    "small": dict(n_layer=8, d_model=256, n_head=8),
+    "S": dict(n_layer=24, d_model=512, n_head=8),
+    "M": dict(n_layer=36, d_model=1024, n_head=8),
+    "L": dict(n_layer=48, d_model=1536, n_head=16),
+    "XL": dict(n_layer=60, d_model=3072, n_head=24),
 }
 
 # The paper's parameter counts (millions), which tests check our sizes against.
@@ -45,8 +46,8 @@ class ModelConfig:
     d_model: int | None = _help("width; default from the size table; divisible by n_head", default=None)
     n_head: int | None = _help("attention heads; default from the size table; >= 1", default=None)
     resolution: int | None = _help(
-        "input resolution IR (images are IR x IR, context IR^2); default from the size table "
-        "(32 for S/M/L, 64 for XL); the paper uses 32, 48 or 64; 1..64",
+        "input resolution IR (images are IR x IR, context IR^2); default from the size's recipe "
+        "(cluster/recipes.json: 32 for S/M/L, 64 for XL); the paper uses 32, 48 or 64; 1..64",
         default=None,
     )
     n_colors: int = _help("palette size (vocabulary without SOS); 2..65535", default=512)
@@ -60,6 +61,10 @@ class ModelConfig:
         for k, v in MODEL_SIZES[self.size].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if self.resolution is None:
+            from igpt.recipes import recipe
+
+            self.resolution = recipe(self.size).resolution
         if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
             raise ValueError("model: n_layer, n_head and d_model must be >= 1")
         if self.d_model % self.n_head:
@@ -209,14 +214,25 @@ class TransformConfig:
         "cifar: reflect-pad 4 + random crop + flip (train) / none (eval); none: box-resize to IR only",
         default="cifar",
     )
-    resolution: int = _help("input resolution IR: images come out IR x IR; 1..64", default=32)
+    resolution: int | None = _help("input resolution IR: images come out IR x IR; 1..64; default: the model's "
+                                   "(pretrain, finetune, extract), else 32", default=None)
     augment: bool = _help("train-time randomness (random crops and flips); off for eval splits", default=False)
     seed: int = _help("seed of every per-record random choice", default=0)
     epoch: int = _help("epoch number mixed into the per-record seed (new crops every epoch)", default=0)
     draft: bool = _help("decode large JPEGs at reduced DCT scale when the crop stays >= 4x IR wide (mean abs change <= 1.5 levels)", default=True)
 
+    @property
+    def ir(self) -> int:
+        """The resolution of a job with no model to take it from (fit_palette, quantize)."""
+        return self.resolution or 32
+
+    def check_model(self, model_resolution: int) -> None:
+        if self.resolution not in (None, model_resolution):
+            raise ValueError(f"transform.resolution ({self.resolution}) must equal the model's resolution "
+                             f"({model_resolution}); leave it unset to take the model's")
+
     def __post_init__(self) -> None:
-        if not 1 <= self.resolution <= 64:
+        if self.resolution is not None and not 1 <= self.resolution <= 64:
             raise ValueError(f"transform.resolution must be in 1..64, got {self.resolution}")
         if self.recipe not in ("imagenet", "cifar", "none"):
             raise ValueError(f"transform.recipe must be imagenet, cifar or none, got {self.recipe!r}")
@@ -271,15 +287,15 @@ CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"
 class DeepSpeedConfig:
     """How DeepSpeed runs the model. Unset fields come from the preset, then from DeepSpeed's defaults."""
 
-    preset: str = _help("a preset in cluster/deepspeed/ (S, M, L, XL, cpu) or a path to one; '' for none",
-                        default="")
+    preset: str | None = _help("a preset in cluster/deepspeed/ (S, M, L, XL, cpu) or a path to one; '' for none; "
+                               "default: pretraining takes the size's recipe's, fine-tuning none", default=None)
     zero_stage: int | None = _help("ZeRO stage 0..3", default=None)
     precision: Literal["fp32", "bf16", "fp16"] | None = _help("training precision", default=None)
     offload_optimizer: bool | None = _help("optimizer state on the host (ZeRO >= 1; compiles cpu_adam)", default=None)
     offload_params: bool | None = _help("parameters on the host (ZeRO 3 only)", default=None)
-    micro_batch: int | None = _help("images per GPU per forward/backward; the global batch is reached by "
-                                    "gradient accumulation and must be a multiple of micro_batch x workers",
-                                    default=None)
+    micro_batch: int | None = _help("images per GPU per forward/backward (default: the size's recipe, else the "
+                                    "preset's); the global batch is reached by gradient accumulation and must be "
+                                    "a multiple of micro_batch x workers", default=None)
 
     def __post_init__(self) -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
@@ -303,24 +319,28 @@ def preset_path(name: str) -> Path:
 
 @dataclass
 class OptimConfig:
-    """The paper's recipe by default: Adam(0.9, 0.95), no weight decay, warm-up one epoch, cosine to 0."""
+    """The paper's recipe by default: Adam(0.9, 0.95), no weight decay, warm-up one epoch, cosine to 0. The batch
+    and the run's length come from the size's recipe (cluster/recipes.json) unless given."""
 
     lr: float = _help("peak learning rate; > 0", default=1e-3)
     beta1: float = _help("Adam beta1; in [0, 1)", default=0.9)
     beta2: float = _help("Adam beta2; in [0, 1)", default=0.95)
     eps: float = _help("Adam epsilon; > 0", default=1e-8)
     weight_decay: float = _help("decoupled weight decay (paper: 0); >= 0", default=0.0)
-    global_batch: int = _help("images per optimizer step over all workers (paper: 128; 64 for XL)", default=128)
-    warmup_epochs: float = _help("linear warm-up length in epochs (paper: 1)", default=1.0)
+    global_batch: int | None = _help("images per optimizer step over all workers; default: the size's recipe "
+                                     "(paper: 128; 64 for XL); >= 1", default=None)
+    warmup_steps: int | None = _help("linear warm-up in optimizer steps; default: one epoch of the records actually "
+                                     "in the training split (the paper's); must be shorter than the run; >= 0",
+                                     default=None)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"optim.lr must be a positive number, got {self.lr}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError("optim.beta1 and optim.beta2 must be in [0, 1)")
-        if self.eps <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("optim.eps must be > 0; optim.weight_decay and optim.warmup_epochs >= 0")
-        if self.global_batch < 1:
+        if self.eps <= 0 or self.weight_decay < 0 or (self.warmup_steps or 0) < 0:
+            raise ValueError("optim.eps must be > 0; optim.weight_decay and optim.warmup_steps >= 0")
+        if self.global_batch is not None and self.global_batch < 1:
             raise ValueError("optim.global_batch must be >= 1")
 
 
@@ -366,8 +386,13 @@ class PretrainJobConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    epochs: int = _help("passes over the training split; >= 1", default=1)
-    max_steps: int = _help("stop after this many optimizer steps (0: epochs x steps per epoch)", default=0)
+    steps: int | None = _help("the run's length in optimizer steps; the stream cycles through as many epochs as "
+                              "they need (each epoch its own augmentations); default: the size's recipe (paper: "
+                              "1M; 2M for XL); >= 1", default=None)
+    schedule_fraction: float = _help("run this fraction of the resolved schedule, warm-up and cosine decay scaled "
+                                     "alike (sweep trials); in (0, 1]", default=1.0)
+    dry_run: bool = _help("resolve the recipe, count the split's records, print the schedule as one JSON object "
+                          "and exit without training", default=False)
     eval_every: int = _help("validation loss every this many steps, besides every epoch (0: epochs only)",
                             default=0)
     val_images: int = _help("validation images per evaluation (0: the whole split)", default=1000)
@@ -383,8 +408,10 @@ class PretrainJobConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.max_steps < 0 or self.eval_every < 0 or self.val_images < 0:
-            raise ValueError("epochs must be >= 1; max_steps, eval_every and val_images >= 0")
+        if (self.steps is not None and self.steps < 1) or self.eval_every < 0 or self.val_images < 0:
+            raise ValueError("steps must be >= 1; eval_every and val_images >= 0")
+        if not 0.0 < self.schedule_fraction <= 1.0:
+            raise ValueError(f"schedule_fraction must be in (0, 1], got {self.schedule_fraction}")
 
 
 @dataclass
@@ -411,7 +438,7 @@ class FinetuneJobConfig:
     transform: TransformConfig = field(default_factory=lambda: TransformConfig(recipe="cifar", augment=True))
     space: str = _help("learning-rate search space: a tune_spaces/ name or a JSON file (job finetune); '' for a "
                        "single trial at optim.lr", default="finetune")
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_epochs=0.1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, global_batch=128))
     clf_weight: float = _help("weight of L_CLF in L = clf_weight * L_CLF + L_GEN (paper: 1); >= 0", default=1.0)
     max_epochs: int = _help("epochs of a trial at most; >= 1", default=20)
     patience: int = _help("a trial stops after this many epochs without a higher validation accuracy; >= 1",
@@ -459,6 +486,9 @@ class SweepLRJobConfig:
                               "complete checkpoint (-1: unlimited); a diverged trial is not retried", default=2)
     cpus_per_trial: float = _help("CPUs reserved for each trial's own process (its Ray Train workers reserve "
                                   "pretrain.scaling's); > 0", default=0.1)
+    trial_fraction: float = _help(
+        "each trial runs this fraction of the pretraining schedule (steps and warm-up scaled alike, so it still "
+        "warms up and decays to 0); the refit runs the whole schedule; in (0, 1]", default=0.1)
     pretrain: PretrainJobConfig = field(default_factory=PretrainJobConfig)
 
     def __post_init__(self) -> None:
@@ -468,6 +498,8 @@ class SweepLRJobConfig:
             raise ValueError(f"cpus_per_trial must be > 0 (Ray Tune rejects 0), got {self.cpus_per_trial}")
         if self.max_failures < -1:
             raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
+        if not 0.0 < self.trial_fraction <= 1.0:
+            raise ValueError(f"trial_fraction must be in (0, 1], got {self.trial_fraction}")
         if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
             raise ValueError(f"name must be a relative folder name, got {self.name!r}")
 
@@ -542,8 +574,8 @@ class ProbeJobConfig:
 class CompareJobConfig:
     """Compare pretraining runs recorded in MLflow (igpt.compare): one row per pretraining run (size, objective,
     IR, parameters, steps, training compute, final validation loss, best probe layer and accuracy, the random-init
-    twin's accuracy, fine-tuning accuracy), printed and written as CSV and Markdown with plots, and logged as an
-    MLflow run with tag igpt.job=compare."""
+    twin's accuracy, fine-tuning accuracy, MLflow status), printed and written as CSV and Markdown with plots
+    (of FINISHED runs unless include_unfinished), and logged as an MLflow run with tag igpt.job=compare."""
 
     name: str = _help("compare run name (MLflow) and folder: <output_dir>/<name>/ gets table.csv, table.md and "
                       "plots/", default="compare")
@@ -556,6 +588,9 @@ class CompareJobConfig:
                      "hold); empty: no tag filter", default="")
     filter: str = _help("a further MLflow search filter on the pretraining runs, ANDed with the others, e.g. "
                         "\"params.`model.objective` = 'ar'\"; empty: none", default="")
+    include_unfinished: bool = _help("also plot pretraining runs whose MLflow status is not FINISHED (failed, "
+                                     "killed, still running); the table lists every run with its status",
+                                     default=False)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

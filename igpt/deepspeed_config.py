@@ -40,6 +40,9 @@ def build(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, on_gpu: bool
     if conf.get("bf16", {}).get("enabled") and conf.get("fp16", {}).get("enabled"):
         raise ValueError("bf16 and fp16 cannot both be enabled")
 
+    if optim.global_batch is None:
+        raise ValueError("optim.global_batch is unresolved: pretraining takes it from the size's recipe "
+                         "(igpt.schedule.resolve) before building the DeepSpeed config")
     micro = ds.micro_batch or conf.get("train_micro_batch_size_per_gpu", 1)
     if optim.global_batch % (micro * world_size):
         raise ValueError(f"global batch {optim.global_batch} is not a multiple of micro batch {micro} x "

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from igpt.checkpoints import MARKER, full_fp32_state_dict, newest_complete, write_weights
+from igpt.checkpoints import MARKER, full_fp32_state_dict, newest_complete, prune, write_marker, write_weights
 from igpt.model import IGPT
 from igpt.optim import lr_factor
 from igpt.sampling import complete, grid
@@ -37,6 +37,13 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+
+
+def bert_mask(model: IGPT, x: torch.Tensor, seed: int, rank: int, micro_batch: int) -> torch.Tensor:
+    """The BERT mask of one micro-batch, drawn from a generator seeded by (seed, rank, micro-batch index): ranks
+    differ at the same step, and the draw depends on no RNG state a resume would have to restore."""
+    g = torch.Generator().manual_seed(hash((seed, rank, micro_batch)) & (2**63 - 1))
+    return model.bert_mask(x.cpu(), g).to(x.device)
 
 
 def cpu_peak_flops(seconds: float = 0.3) -> float:
@@ -92,16 +99,22 @@ def train_loop(config: dict) -> None:
     run_dir = Path(meta["run_dir"])
     if (run_dir / NONFINITE).exists():  # Ray Train restarts failed workers; retrying a diverged run is futile
         raise FloatingPointError(f"this run diverged ({(run_dir / NONFINITE).read_text().strip()}); not retrying")
-    ckpt = newest_complete(run_dir)
+    ckpt = newest_complete(run_dir, report=rank == 0)  # the newest that verifies; skipped ones say why
     if ckpt is None and ray.train.get_checkpoint() is not None:
         raise RuntimeError(f"Ray reports a checkpoint but none under {run_dir} is complete")
     if ckpt is not None:
         state = json.loads((ckpt / MARKER).read_text())
+        if state.get("world_size", world) != world:
+            # the data position is per worker and DeepSpeed's shards per rank: neither maps to another count
+            raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {world}: resume "
+                             f"with --scaling.workers {state['world_size']}, or start a new --name")
         path, client = engine.load_checkpoint(str(ckpt), tag=state["tag"])
         if path is None:  # DeepSpeed only warns when 'latest' is missing; a checkpoint was expected here
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt} (tag {state['tag']})")
         step, consumed = client["step"], client["micro_batches"]
-        _set_rng_state(client["rng"][rank] if rank < len(client["rng"]) else client["rng"][0])
+        if rank >= len(client["rng"]):
+            raise ValueError(f"{ckpt} holds RNG states of {len(client['rng'])} ranks, not of rank {rank}")
+        _set_rng_state(client["rng"][rank])
         if rank == 0:
             print(f"resumed from {ckpt.name}: step {step}, {consumed} micro-batches consumed per worker")
 
@@ -118,8 +131,19 @@ def train_loop(config: dict) -> None:
     batches = shard.iter_torch_batches(batch_size=micro, drop_last=True, dtypes={"tokens": torch.int64},
                                        device=device)
     it = iter(batches)
+
+    def next_batch() -> torch.Tensor:
+        try:
+            return next(it)["tokens"]
+        except StopIteration:  # the planned passes hold a spare epoch; only many undecodable records get here
+            raise RuntimeError(
+                f"the training stream ended on worker {rank} after {consumed} micro-batches of {micro} at step "
+                f"{step} of {total}: it holds {meta['epochs']} passes over {meta['records']} records, one more "
+                f"than the steps need, so more records failed to decode than a whole epoch (see the run's "
+                f"errors.tsv)") from None
+
     for _ in range(consumed):  # data position: skip what the checkpointed run already trained on
-        next(it)
+        next_batch()
 
     def evaluate() -> float:
         engine.eval()
@@ -171,9 +195,8 @@ def train_loop(config: dict) -> None:
                              checkpoint_dir_name=name)
         dist.barrier()  # every rank's upload has returned
         if rank == 0:  # written last, into the persisted folder: its presence means every rank's files are in
-            tmp_marker = run_dir / name / (MARKER + ".tmp")
-            tmp_marker.write_text(json.dumps({"tag": tag, "step": step, "world_size": world}))
-            tmp_marker.rename(run_dir / name / MARKER)
+            write_marker(run_dir / name, {"tag": tag, "step": step, "world_size": world})
+            prune(run_dir, cfg.checkpoint.keep)  # also what an earlier, stopped attempt left beyond keep
         dist.barrier()
 
     engine.train()
@@ -181,10 +204,14 @@ def train_loop(config: dict) -> None:
     while step < total:
         t0 = time.perf_counter()
         losses = []
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside its last engine.step)
         for _ in range(accum):
-            x = next(it)["tokens"]
+            x = next_batch()
             consumed += 1
-            loss = engine.module.loss(x) if model.cfg.objective == "ar" else engine.module.loss(x, "bert")
+            # BERT: each rank draws its own masks, a function of (seed, rank, micro-batch), so data-parallel ranks
+            # mask independently (the paper) and a resumed run draws the same masks again
+            mask = bert_mask(model, x, meta["seed"], rank, consumed) if model.cfg.objective == "bert" else None
+            loss = engine.module.loss(x, mask=mask)
             if step + 1 == cfg.nan_at_step:
                 loss = loss * float("nan")  # fault injection for tests: a diverged step, gradients included
             engine.backward(loss)
@@ -204,13 +231,13 @@ def train_loop(config: dict) -> None:
             raise FloatingPointError(f"loss is {mean} at step {step}: stopping (lower optim.lr, or check the data)")
         dt = time.perf_counter() - t0
         if client and step > logged_until:
-            tok_s = cfg.optim.global_batch * n_ctx / dt
+            tok_s = meta["global_batch"] * n_ctx / dt
             gn = engine.get_global_grad_norm()
             from mlflow.entities import Metric
 
             ms = int(time.time() * 1000)
             vals = {"train/loss": mean, "train/bits_per_dim": mean / math.log(2),
-                    "train/lr": engine.get_lr()[0], "train/tokens_per_s": tok_s,
+                    "train/lr": lr, "train/tokens_per_s": tok_s,
                     "train/mfu": tok_s * flops_per_token / (peak * world)}
             if gn is not None:
                 vals["train/grad_norm"] = float(gn)

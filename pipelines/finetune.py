@@ -10,7 +10,7 @@ validation accuracy, then a refit of the best on train + held-out, evaluated onc
 the pretrained model's last layer over the sequence into a linear head; the loss is L_CLF + L_GEN, L_GEN being the
 checkpoint's own objective (AR or BERT) on the same images. Training images get the CIFAR augmentations
 (``--transform.recipe cifar``, new crops and flips every epoch); the learning rate warms up linearly for
-``--optim.warmup_epochs`` and then stays constant (no decay). Each Tune trial (one per value of the space,
+``--optim.warmup_steps`` (default: a tenth of an epoch) and then stays constant (no decay). Each Tune trial (one per value of the space,
 ``tune_spaces/finetune.json`` by default, ``--max_concurrent_trials`` at once) fine-tunes the checkpoint on the
 training split less a held-out share (``part=rest``, ``--holdout``), evaluates validation accuracy on that share
 (``part=holdout``) after every epoch, keeps the best epoch's weights and stops after ``--patience`` epochs without
@@ -172,7 +172,9 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(exp_id, run_name=f"{cfg.name}/{run}", tags=tags).info.run_id
-    warmup = min(epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    # no recipe for fine-tuning (the paper gives none): a tenth of an epoch unless set
+    warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(0.1 * steps_per_epoch)
+    warmup = min(epochs * steps_per_epoch, warmup)
     params = {"lr": lr, "clf_weight": clf_weight, "part": part, "epochs": epochs,
               "patience": cfg.patience if part == "rest" else "none", "steps.per_epoch": steps_per_epoch,
               "steps.warmup": warmup, "data.train_images": count, "objective": model_cfg["objective"],
@@ -270,9 +272,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
                          "--holdout, not --train.part/--train.holdout")
     cfg = absolute_paths(cfg)
     ckpt = checkpoint_info(cfg.checkpoint)  # a clear error now rather than in every worker
-    if cfg.transform.resolution != ckpt["model"]["resolution"]:
-        raise ValueError(f"transform.resolution ({cfg.transform.resolution}) must equal the model's "
-                         f"({ckpt['model']['resolution']})")
+    cfg.transform.check_model(ckpt["model"]["resolution"])
     space = param_space(cfg)
     out_dir = job_dir(cfg)
     if (out_dir / "summary.json").exists():
@@ -293,7 +293,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
     (out_dir / "mlflow_run_id").write_text(parent)
     params = {"space": cfg.space or f"lr={cfg.optim.lr:g}", "holdout": cfg.holdout, "max_epochs": cfg.max_epochs,
               "patience": cfg.patience, "refit": cfg.refit, "n_classes": cfg.n_classes, "clf_weight": cfg.clf_weight,
-              "optim.global_batch": cfg.optim.global_batch, "optim.warmup_epochs": cfg.optim.warmup_epochs,
+              "optim.global_batch": cfg.optim.global_batch, "optim.warmup_steps": cfg.optim.warmup_steps,
               "objective": ckpt["model"]["objective"], "checkpoint.step": ckpt["step"]}
     client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()])
     client.log_dict(parent, cli.to_dict(cfg), "config.json")

@@ -34,14 +34,14 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
     t0 = time.perf_counter()
-    tspec = ingest.TransformSpec(cfg.transform.recipe, cfg.transform.resolution, False, cfg.palette.seed, 0,
+    tspec = ingest.TransformSpec(cfg.transform.recipe, cfg.transform.ir, False, cfg.palette.seed, 0,
                                  cfg.transform.draft)
     n_records = plan.count if plan.count is not None else None
     if cfg.data.max_images:
         n_records = min(n_records or cfg.data.max_images, cfg.data.max_images)
     # enough pixels per image to reach the target; 64 per image when the record count is unknown up front
     per_image = max(1, -(-cfg.palette.sample_pixels // n_records)) if n_records else 64
-    per_image = min(per_image, cfg.transform.resolution**2)
+    per_image = min(per_image, cfg.transform.ir**2)
     log = ingest.ErrorLog.remote()
     run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "fit_palette", cli.to_dict(cfg))
     with run_:

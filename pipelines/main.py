@@ -55,13 +55,14 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
         run_dir = root / "train" / size
         out[f"pretrain/{size}"] = cli.parse(PretrainJobConfig, _flags({
             "name": size, "storage_path": str(root / "train"), "palette_path": palette_path or "-",
-            "train": train, "val": {**test, "max_images": 0}, "val_images": 200, "transform": {"resolution": res},
+            "train": train, "val": {**test, "max_images": 0}, "val_images": 200,
+            "transform": {"resolution": res, "seed": t.seed},
             "model": {"size": size, "resolution": res, "objective": cfg.model.objective},
             "optim": {"lr": t.lr, "beta1": t.beta1, "beta2": t.beta2, "weight_decay": t.weight_decay,
-                      "global_batch": t.batch_size, "warmup_epochs": 0.0},
+                      "global_batch": t.batch_size, "warmup_steps": t.warmup_steps},
             "deepspeed": {"preset": "cpu", "zero_stage": 2, "precision": "fp32",
                           "micro_batch": t.batch_size // cfg.workers},
-            "scaling": {"workers": cfg.workers}, "max_steps": t.steps, "checkpoint": {"every_steps": t.steps},
+            "scaling": {"workers": cfg.workers}, "steps": t.steps, "checkpoint": {"every_steps": t.steps},
             "completions": 4, **track}))
         out[f"extract/{size}"] = cli.parse(ExtractJobConfig, _flags({
             "name": size, "output_dir": str(root / "features"), "checkpoint": str(run_dir), "train": train,

@@ -13,38 +13,80 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import ray
 
 from igpt.tracking import stop_on_sigterm
-from igpt import cli, deepspeed_config, ingest, sources
+from igpt import cli, deepspeed_config, ingest, schedule, sources
 from igpt.config import PretrainJobConfig
+from igpt.lease import Lease
+from igpt.schedule import Schedule
+from igpt.tracking import flatten
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
 from igpt.train_loop import NONFINITE, train_loop
 
 
-def datasets(cfg: PretrainJobConfig, palette: Palette):
-    """The training stream (every epoch's own augmentations, one after another) and the validation split."""
-    plan = sources.check(cfg.train)
+def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):
+    """The training stream (``epochs`` passes in one Dataset, each epoch its own augmentations and its own order
+    of read units) and the validation split, materialized once."""
     val_plan = sources.check(cfg.val)
-    if plan.count is None:
-        raise ValueError("the training split's size must be known up front (parquet, imagefolder, cifar, stl10)")
-    count = min(plan.count, cfg.train.max_images) if cfg.train.max_images else plan.count
     lut = ray.put(palette.lut)
     log = ingest.ErrorLog.remote()
     t = cfg.transform
-    epochs = []
-    for e in range(cfg.epochs):
-        spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, e, t.draft)
-        epochs.append(ingest.tokenize(sources.read(cfg.train, plan), lut, spec, log).select_columns(["tokens"]))
-    train = epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]
+    spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft)
+    stream = sources.read(cfg.train, plan, epochs=epochs, shuffle_seed=t.seed)
+    train = ingest.tokenize(stream, lut, spec, log).select_columns(["tokens"])
     val_spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, False, t.seed, 0, t.draft)
     val = ingest.tokenize(sources.read(cfg.val, val_plan), lut, val_spec, log).select_columns(["tokens"])
     if cfg.val_images:
         val = val.limit(cfg.val_images)
-    return train, ingest.materialize_eval(val), count, log
+    return train, ingest.materialize_eval(val), log
+
+
+def resolve(cfg: PretrainJobConfig) -> tuple[Schedule, sources.Plan, dict, dict]:
+    """Everything a run needs decided before Ray starts: the schedule (recipe, flags, the split's record count),
+    the DeepSpeed config and the model config. Raises ValueError with what to change."""
+    cfg.transform.check_model(cfg.model.resolution)
+    plan = sources.check(cfg.train)
+    if plan.count is None:
+        raise ValueError(f"the training split's record count is unknown for format {cfg.train.format}")
+    sched = schedule.resolve(cfg, plan.count)
+    ds = replace(cfg.deepspeed, preset=sched.preset, micro_batch=sched.micro_batch)
+    optim = replace(cfg.optim, global_batch=sched.global_batch)
+    ds_conf, model_over = deepspeed_config.build(ds, optim, cfg.scaling.workers, cfg.scaling.use_gpu)
+    model_cfg = cli.to_dict(cfg.model)
+    for k, v in model_over.items():  # the preset's model needs (XL: activation checkpointing), unless set
+        if k == "activation_checkpointing" and v and not cfg.model.activation_checkpointing:
+            model_cfg[k] = v
+    return sched, plan, ds_conf, model_cfg
+
+
+def dry_run(cfg: PretrainJobConfig) -> dict:
+    """``--dry_run``: the resolved schedule and DeepSpeed settings as one JSON object; nothing trains."""
+    sched, _, ds_conf, model_cfg = resolve(cfg)
+    out = sched.as_dict()
+    out.update(zero_stage=ds_conf["zero_optimization"].get("stage", 0),
+               precision="bf16" if ds_conf.get("bf16", {}).get("enabled") else
+               "fp16" if ds_conf.get("fp16", {}).get("enabled") else "fp32",
+               activation_checkpointing=model_cfg["activation_checkpointing"],
+               params=cfg.model.param_count(), tokens=sched.total_steps * sched.global_batch * cfg.model.n_ctx)
+    print(json.dumps(out))
+    return out
+
+
+def resolved_params(cfg: PretrainJobConfig, sched: Schedule) -> dict:
+    """The run's params for MLflow: the config with every recipe default replaced by the value that ran."""
+    params = flatten(cli.to_dict(cfg))
+    params.update({"model.params": cfg.model.param_count(), "steps": sched.total_steps,
+                   "steps.total": sched.total_steps, "steps.per_epoch": sched.steps_per_epoch,
+                   "steps.warmup": sched.warmup_steps, "optim.warmup_steps": sched.warmup_steps,
+                   "optim.global_batch": sched.global_batch, "deepspeed.micro_batch": sched.micro_batch,
+                   "deepspeed.preset": sched.preset, "data.train_records": sched.records,
+                   "data.epochs_planned": sched.epochs})
+    return params
 
 
 def _execution_options(cfg: PretrainJobConfig):
@@ -58,38 +100,35 @@ def _execution_options(cfg: PretrainJobConfig):
 
 
 def run(cfg: PretrainJobConfig) -> dict:
-    import mlflow
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from igpt.tracking import default_tracking_uri, end_status, ensure_experiment, flatten, interruptible
-
+    if cfg.dry_run:
+        return dry_run(cfg)
     if not cfg.palette_path:
         raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
-    if cfg.transform.resolution != cfg.model.resolution:
-        raise ValueError(f"transform.resolution ({cfg.transform.resolution}) must equal model.resolution "
-                         f"({cfg.model.resolution})")
+    sched, plan, ds_conf, model_cfg = resolve(cfg)
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise ValueError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
     run_dir = Path(cfg.storage_path).resolve() / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with Lease(run_dir):  # one job per run name: a second one fails now, naming the owner
+        return _train(cfg, sched, plan, ds_conf, model_cfg, palette, run_dir)
+
+
+def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf: dict, model_cfg: dict,
+           palette: Palette, run_dir: Path) -> dict:
+    import mlflow
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from igpt.tracking import check_reachable, default_tracking_uri, end_status, ensure_experiment, interruptible
+
     (run_dir / NONFINITE).unlink(missing_ok=True)  # a re-submission is a new attempt (e.g. with a lower lr)
-    ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, cfg.optim, cfg.scaling.workers, cfg.scaling.use_gpu)
-    model_cfg = cli.to_dict(cfg.model)
-    for k, v in model_over.items():  # the preset's model needs (XL: activation checkpointing), unless set
-        if k == "activation_checkpointing" and v and not cfg.model.activation_checkpointing:
-            model_cfg[k] = v
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(Path(cfg.storage_path))
+    check_reachable(uri)  # seconds, before Ray and the data start
     init_ray()
-    train, val, count, log = datasets(cfg, palette)
-    steps_per_epoch = count // cfg.optim.global_batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"{count} training images make no full global batch of {cfg.optim.global_batch}")
-    total = min(cfg.max_steps, steps_per_epoch * cfg.epochs) if cfg.max_steps else steps_per_epoch * cfg.epochs
-    warmup = min(total, round(cfg.optim.warmup_epochs * steps_per_epoch))
+    train, val, log = datasets(cfg, palette, plan, sched.epochs)
+    total = sched.total_steps
 
     # one MLflow run per named run: a re-submission continues it
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(Path(cfg.storage_path))
     exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
     id_file = run_dir / "mlflow_run_id"
     resumed = id_file.exists()
@@ -102,10 +141,7 @@ def run(cfg: PretrainJobConfig) -> dict:
             tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
         run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags).info.run_id
         id_file.write_text(run_id)
-        params = flatten(cli.to_dict(cfg))
-        params.update({"model.params": cfg.model.param_count(), "steps.total": total,
-                       "steps.per_epoch": steps_per_epoch, "steps.warmup": warmup})
-        items = list(params.items())
+        items = list(resolved_params(cfg, sched).items())
         for i in range(0, len(items), 90):
             from mlflow.entities import Param
 
@@ -115,7 +151,8 @@ def run(cfg: PretrainJobConfig) -> dict:
         client.log_artifact(run_id, cfg.palette_path, "palette")
     (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
 
-    meta = {"total_steps": total, "warmup_steps": warmup, "steps_per_epoch": steps_per_epoch,
+    meta = {"total_steps": total, "warmup_steps": sched.warmup_steps, "steps_per_epoch": sched.steps_per_epoch,
+            "records": sched.records, "epochs": sched.epochs, "global_batch": sched.global_batch,
             "ds_config": ds_conf, "model": model_cfg, "seed": cfg.transform.seed, "run_dir": str(run_dir),
             "run_id": run_id, "tracking_uri": uri, "palette": palette.centres.tolist()}
     trainer = TorchTrainer(
@@ -125,7 +162,9 @@ def run(cfg: PretrainJobConfig) -> dict:
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+                             # the workers prune (igpt.checkpoints.prune): Ray's count forgets what a stopped
+                             # attempt left, and would delete folders by its own list
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
         datasets={"train": train, "val": val},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_execution_options(cfg)),
     )

@@ -46,7 +46,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
     ctx.execution_options.preserve_order = True  # deterministic row order -> byte-identical shards
     t0 = time.perf_counter()
     t = cfg.transform
-    tspec = ingest.TransformSpec(t.recipe, t.resolution, t.augment, t.seed, t.epoch, t.draft)
+    tspec = ingest.TransformSpec(t.recipe, t.ir, t.augment, t.seed, t.epoch, t.draft)
     log = ingest.ErrorLog.remote()
     lut_ref = ray.put(palette.lut)
     run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg))
@@ -55,7 +55,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
         ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
         written, shard, pending = 0, 0, []
         schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
-                            ("tokens", pa.list_(pa.uint16(), t.resolution**2))])
+                            ("tokens", pa.list_(pa.uint16(), t.ir**2))])
 
         def flush(rows: list[pa.Table]) -> None:
             nonlocal shard

@@ -3,7 +3,7 @@
     python -m pipelines.sweep_lr --name lr-s --storage_path runs/sweep \\
         --pretrain.palette_path runs/cifar10-palette/palette.npy \\
         --pretrain.train.path ../shared/datasets/cifar10 --pretrain.val.path ../shared/datasets/cifar10 \\
-        --pretrain.model.size S --pretrain.deepspeed.preset S --pretrain.max_steps 5000
+        --pretrain.model.size S --trial_fraction 0.05
     ray job submit --working-dir . -- python -m pipelines.sweep_lr ...   # same flags
 
 **Procedure.** The learning rates of the space's ``ordered`` list (default ``tune_spaces/sweep_lr.json``) are tried
@@ -13,6 +13,14 @@ validated on that share (``part=holdout``). The sweep stops at the first trial w
 higher than the previous trial's (later rates are never run), or when the list is exhausted. The best rate (lowest
 final validation loss) is then refitted on train + held-out (``part=all``) as ``<name>/refit``, validated on
 ``--pretrain.val`` (the test split by default).
+
+**Shortened trials.** Each trial runs ``--trial_fraction`` of the run it stands for: the schedule that
+``pipelines.pretrain`` resolves for the trial's split (the size's recipe, one-epoch warm-up) with its total and its
+warm-up both scaled by the fraction, so a trial still warms up for the same share of its steps and decays to 0
+(``igpt.schedule``). The refit runs the whole schedule. Why this should rank learning rates as full runs would is
+an assumption, not a measurement here: the rates are a factor ~3 apart, and what separates them (divergence or
+slow progress early, how far the annealed loss gets) shows in a complete warm-up-and-decay cycle of any length;
+a trial cut off mid-schedule instead (the old way) would compare losses at a high, undecayed learning rate.
 
 **Diverged trials.** A trial whose loss becomes nan/inf (pretraining stops it and leaves its ``nonfinite_loss``
 marker), or whose final validation loss is not finite, has val loss = inf. It is not retried: the same rate on the
@@ -172,6 +180,7 @@ def pretrain_config(cfg: SweepLRJobConfig, lr: float, parent_run_id: str | None,
     d["storage_path"] = cfg.storage_path
     d["optim"]["lr"] = lr
     d["tracking"].update(run_name=None, parent_run_id=parent_run_id)
+    d["schedule_fraction"] = 1.0 if refit else cfg.trial_fraction
     train = dict(d["train"], holdout=cfg.holdout)
     if refit:
         d["train"] = dict(train, part="all")

@@ -24,6 +24,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from igpt import cli, deepspeed_config
 from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig, PretrainJobConfig
 from igpt.plan import PlanInput, plan
+from igpt.recipes import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -67,8 +68,9 @@ def size_fits(claim: str, gpu: str, n_gpus: int) -> bool:
     size, _, option = claim.partition("+")
     assert size in SIZES and option in ("", "ckpt"), f"bad claim {claim!r}"
     mem_gib, has_bf16 = GPUS[gpu]
-    global_batch = 64 if size == "XL" else 128  # the paper's, as `igpt plan` takes them
-    conf, model_over = deepspeed_config.build(DeepSpeedConfig(preset=size), OptimConfig(global_batch=global_batch),
+    rec = recipe(size)  # the recipe's batch and micro batch, as the run and `igpt plan` take them
+    conf, model_over = deepspeed_config.build(DeepSpeedConfig(preset=rec.preset, micro_batch=rec.micro_batch),
+                                              OptimConfig(global_batch=rec.global_batch),
                                               world_size=n_gpus, on_gpu=True)
     precision = ("bf16" if conf.get("bf16", {}).get("enabled") else
                  "fp16" if conf.get("fp16", {}).get("enabled") else "fp32")
@@ -277,7 +279,7 @@ def test_kuberay_rayjob_runs_pretraining_that_fits_its_workers():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:3] == ["python", "-m", "pipelines.pretrain"]
     cfg = cli.parse(PretrainJobConfig, argv[3:])  # the project's own parser: unknown flags or bad values fail
-    assert cfg.scaling.use_gpu and cfg.deepspeed.preset == cfg.model.size
+    assert cfg.scaling.use_gpu and cfg.deepspeed.preset in (None, cfg.model.size)  # None: the recipe's
     gpu_groups = check_cluster_spec(spec["rayClusterSpec"], group_claims(path.read_text()))
     assert sum(n * replicas for _, n, replicas in gpu_groups.values()) >= cfg.scaling.workers
     gpus = {gpu for gpu, _, _ in gpu_groups.values()}

@@ -25,8 +25,9 @@ def test_every_preset_parses_in_deepspeed(preset):
     data = json.loads(preset.read_text())
     assert set(data) <= {"_comment", "deepspeed", "model"} and data["_comment"]
     ModelConfig(**data.get("model", {}))  # the model settings are real ModelConfig fields
-    micro = data["deepspeed"]["train_micro_batch_size_per_gpu"]
-    conf, model = deepspeed_config.build(DeepSpeedConfig(preset=preset.stem), OptimConfig(global_batch=micro * 2),
+    micro = 4
+    conf, model = deepspeed_config.build(DeepSpeedConfig(preset=preset.stem, micro_batch=micro),
+                                         OptimConfig(global_batch=micro * 2),
                                          world_size=1, on_gpu=preset.stem != "cpu")
     parsed = DSParsed(conf)  # DeepSpeed's own validation (world size 1 here)
     assert parsed.train_batch_size == micro * 2 and parsed.gradient_accumulation_steps == 2
@@ -44,7 +45,8 @@ def test_explicit_fields_override_the_preset_and_batch_arithmetic_is_checked():
     with pytest.raises(ValueError, match="not a multiple"):
         deepspeed_config.build(DeepSpeedConfig(micro_batch=3), OptimConfig(global_batch=128), 8, False)
     with pytest.raises(ValueError, match="stage 3"):
-        deepspeed_config.build(DeepSpeedConfig(zero_stage=2, offload_params=True), OptimConfig(), 1, False)
+        deepspeed_config.build(DeepSpeedConfig(zero_stage=2, offload_params=True), OptimConfig(global_batch=8), 1,
+                               False)
     with pytest.raises(FileNotFoundError, match="known presets"):
         DeepSpeedConfig(preset="XXL")
 

@@ -144,7 +144,7 @@ def finetune_cfg(tmp, summary, palette, data, name, *extra) -> FinetuneJobConfig
         "--train.path", str(data), "--train.key_prefix", "train/", "--test.path", str(data),
         "--test.key_prefix", "test/", "--holdout", str(HOLDOUT), "--transform.resolution", str(RES),
         "--deepspeed.preset", "cpu", "--deepspeed.zero_stage", "2", "--deepspeed.precision", "fp32",
-        "--deepspeed.micro_batch", "8", "--optim.global_batch", "16", "--optim.warmup_epochs", "0.2",
+        "--deepspeed.micro_batch", "8", "--optim.global_batch", "16", "--optim.warmup_steps", "10",
         "--scaling.workers", "2", "--scaling.cpus_per_worker", "0.4", *extra])
 
 

@@ -35,8 +35,8 @@ def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobC
     argv = ["--name", name, "--storage_path", str(tmp_path / "runs"), "--palette_path", str(palette_path),
             *train, *val, "--val_images", "32", "--model.size", "debug", "--deepspeed.preset", "cpu",
             "--deepspeed.zero_stage", str(stage), "--deepspeed.precision", "fp32", "--deepspeed.micro_batch", "8",
-            "--optim.global_batch", "16", "--optim.lr", "0.005", "--optim.warmup_epochs", "0.05",
-            "--max_steps", str(max_steps), "--checkpoint.every_steps", "4", "--scaling.workers", "2",
+            "--optim.global_batch", "16", "--optim.lr", "0.01", "--optim.warmup_steps", "3",
+            "--steps", str(max_steps), "--checkpoint.every_steps", "4", "--scaling.workers", "2",
             "--completions", "2"]
     for k, v in extra.items():
         argv += [f"--{k}", str(v)]
@@ -172,3 +172,54 @@ def test_resubmission_after_the_driver_died_continues_the_run(tmp_path, palette_
     assert client.get_run(run_id).info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 13))  # every step once: none lost, none logged twice
+
+
+def folder_job(tmp_path, palette_path, name, n, bad, steps, **extra) -> PretrainJobConfig:
+    """An ImageNet-style folder of ``n`` small PNGs in 3 classes (every ``bad``-th one not an image), trained on
+    max_images=n-20 then a 50% holdout: the split's records are fewer than its files."""
+    from .fixtures import encode, rand_images
+
+    root = tmp_path / "folder"
+    for i, img in enumerate(rand_images(n, 16)):
+        d = root / "train" / f"n{i % 3:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:03d}.png").write_bytes(b"not an image" if bad and i % bad == 0 else encode(img))
+    data = ["--path", str(root), "--format", "imagefolder", "--max_images", str(n - 20), "--holdout", "0.5"]
+    argv = ["--name", name, "--storage_path", str(tmp_path / "runs"), "--palette_path", str(palette_path),
+            *[f"--train.{a[2:]}" if a.startswith("--") else a for a in data], "--train.part", "rest",
+            *[f"--val.{a[2:]}" if a.startswith("--") else a for a in data], "--val.part", "holdout", "--val.split", "train",
+            "--val_images", "16", "--model.size", "debug", "--model.resolution", "8", "--transform.recipe", "none",
+            "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32", "--deepspeed.micro_batch", "4",
+            "--optim.global_batch", "8", "--optim.lr", "0.005", "--steps", str(steps),
+            "--checkpoint.every_steps", "100", "--scaling.workers", "2", "--completions", "0"]
+    for k, v in extra.items():
+        argv += [f"--{k}", str(v)]
+    return cli.parse(PretrainJobConfig, argv)
+
+
+def test_a_held_out_folder_split_trains_for_its_steps_through_several_epochs(tmp_path, palette_path, ray_local):
+    """The run that used to fail at step 6 with a bare StopIteration (steps per epoch taken from the file count):
+    its length is in steps, the stream cycles epochs, the warm-up is one epoch of the records left, and the
+    learning rate decays to ~0 at the last step."""
+    cfg = folder_job(tmp_path, palette_path, "folder", 120, 0, 16)
+    sched = pretrain.resolve(cfg)[0]
+    assert sched.records < 100 and sched.warmup_steps == sched.steps_per_epoch == sched.records // 8
+    assert sched.total_steps > 2 * sched.steps_per_epoch  # more than two epochs of this split
+    summary = pretrain.run(cfg)
+    lrs = [m.value for m in sorted(history(summary, "train/lr"), key=lambda m: m.step)]
+    assert len(lrs) == 16
+    peak = max(lrs)
+    assert peak == pytest.approx(0.005) and lrs.index(peak) == sched.warmup_steps - 1  # one epoch of warm-up
+    assert all(a < b for a, b in zip(lrs[:sched.warmup_steps - 1], lrs[1:sched.warmup_steps]))
+    assert lrs[-1] < 0.05 * peak  # cosine to 0 at the end
+    assert MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.params["data.train_records"] == \
+        str(sched.records)
+
+
+@pytest.mark.slow  # ~1.5 min
+def test_a_stream_that_runs_dry_is_a_clear_error_naming_the_counts(tmp_path, palette_path, ray_local):
+    """Half the files do not decode: the passes planned (the steps' worth plus a spare epoch) hold fewer good
+    records than the steps need, and the run stops with the counts instead of a bare StopIteration."""
+    cfg = folder_job(tmp_path, palette_path, "dry", 120, 2, 30, **{"checkpoint.max_failures": 0})
+    with pytest.raises(Exception, match=r"training stream ended .* passes over \d+ records"):
+        pretrain.run(cfg)

@@ -170,7 +170,7 @@ def _run_of(servers, name):
 
 
 def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
-    p = submit(servers, *_pretrain_argv(servers, "diverges", "--max_steps", "6", "--nan_at_step", "2"),
+    p = submit(servers, *_pretrain_argv(servers, "diverges", "--steps", "6", "--optim.warmup_steps", "1", "--nan_at_step", "2"),
                job_id="igpt-fails")
     assert p.returncode != 0
     assert job_status(servers, "igpt-fails") == "FAILED"
@@ -179,7 +179,7 @@ def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
 
 
 def test_a_stopped_job_ends_killed_in_mlflow(servers):
-    p = submit(servers, *_pretrain_argv(servers, "stopped", "--max_steps", "100000", "--checkpoint.every_steps",
+    p = submit(servers, *_pretrain_argv(servers, "stopped", "--steps", "100000", "--optim.warmup_steps", "10", "--checkpoint.every_steps",
                                         "100000"), wait=False, job_id="igpt-stopped")
     assert p.returncode == 0, p.stderr[-2000:]
     deadline = time.time() + 600

@@ -170,7 +170,7 @@ def sweep_job(tmp_path, palette_path, space: Path, *extra: str, name="s") -> Swe
             "--pretrain.val_images", "32", "--pretrain.completions", "0", "--pretrain.model.size", "debug",
             "--pretrain.deepspeed.preset", "cpu", "--pretrain.deepspeed.precision", "fp32",
             "--pretrain.deepspeed.micro_batch", "8", "--pretrain.optim.global_batch", "16",
-            "--pretrain.optim.warmup_epochs", "0.05", "--pretrain.max_steps", "5",
+            "--pretrain.optim.warmup_steps", "1", "--pretrain.steps", "5", "--trial_fraction", "1",
             # 2 workers x 0.4 + the trial's 0.2 leave one whole CPU of the 2 for Ray Data
             "--pretrain.scaling.workers", "2", "--pretrain.scaling.cpus_per_worker", "0.4", *extra]
     return cli.parse(SweepLRJobConfig, argv)
