@@ -3,7 +3,10 @@
 A run's folder (``<storage_path>/<name>/``) holds one folder per checkpoint, ``step_00000042/``: every rank's
 DeepSpeed shard (for resuming training) and ``weights.pt``, the full fp32 parameters gathered from the shards
 with the model config and the palette beside them (for everything else: extract, probe, finetune, sample).
-Rank 0 writes the completion marker last; a folder without it was torn mid-write and is never loaded.
+Rank 0 writes the completion marker last, listing every file with its size (and a SHA-256 of ``weights.pt``
+where that is cheap); a checkpoint is used only when it *verifies*: marker present, every listed file there with
+its size. A folder that fails (torn mid-write, a shard lost or cut after the marker) is passed over with the
+reason printed, and the newest one that verifies is used instead.
 
 ``weights.pt`` holds only tensors, numbers, strings and lists, so it loads with ``torch.load(weights_only=True)``:
 a checkpoint from elsewhere cannot run code when opened (DeepSpeed's own shards are pickles and load unsafely).
@@ -11,6 +14,10 @@ a checkpoint from elsewhere cannot run code when opened (DeepSpeed's own shards 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +25,7 @@ import torch
 
 MARKER = "igpt_complete.json"
 WEIGHTS = "weights.pt"
+HASH_MAX_BYTES = 256 * 2**20  # weights.pt up to this size gets a checksum (S: 306 MB fp32 does not)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -25,12 +33,79 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in Path(run_dir).glob("step_*") if p.is_dir())
 
 
-def newest_complete(run_dir: Path) -> Path | None:
-    """The newest checkpoint folder with its completion marker; torn ones (no marker) are passed over."""
-    for p in reversed(checkpoint_dirs(run_dir)):
-        if (p / MARKER).exists():
-            return p
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_manifest(folder: Path) -> dict:
+    """What a marker records of a finished checkpoint folder: each file's size, and weights.pt's checksum when
+    cheap."""
+    folder = Path(folder)
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+    out = {"files": files}
+    w = folder / WEIGHTS
+    if w.exists() and w.stat().st_size <= HASH_MAX_BYTES:
+        out["weights_sha256"] = _sha256(w)
+    return out
+
+
+def write_marker(folder: Path, state: dict) -> None:
+    """The completion marker, written last and atomically, with the folder's file manifest."""
+    folder = Path(folder)
+    tmp = folder / (MARKER + ".tmp")
+    tmp.write_text(json.dumps({**state, **file_manifest(folder)}))
+    tmp.rename(folder / MARKER)
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint folder is whole; else why not."""
+    folder = Path(folder)
+    try:
+        state = json.loads((folder / MARKER).read_text())
+    except FileNotFoundError:
+        return "no completion marker (torn mid-write)"
+    except (json.JSONDecodeError, OSError) as e:
+        return f"unreadable completion marker: {e}"
+    for name, size in state.get("files", {}).items():  # markers written before manifests list none
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, the marker recorded {size}"
+    if "weights_sha256" in state and _sha256(folder / WEIGHTS) != state["weights_sha256"]:
+        return f"{WEIGHTS} does not match its recorded checksum"
     return None
+
+
+def newest_complete(run_dir: Path, report: bool = True) -> Path | None:
+    """The newest checkpoint folder that verifies; newer ones that do not are passed over, each with its reason
+    on stderr."""
+    for p in reversed(checkpoint_dirs(run_dir)):
+        why = verify(p)
+        if why is None:
+            return p
+        if report:
+            print(f"checkpoint {p} skipped: {why}", file=sys.stderr)
+    return None
+
+
+def prune(run_dir: Path, keep: int) -> list[Path]:
+    """Delete checkpoint folders older than the ``keep`` newest that verify (whatever stopped earlier attempts
+    before they could prune); returns what was deleted."""
+    dirs = checkpoint_dirs(run_dir)
+    whole = [p for p in dirs if verify(p) is None]
+    if len(whole) <= keep:
+        return []
+    oldest_kept = whole[-keep]
+    gone = [p for p in dirs if p < oldest_kept]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
@@ -62,13 +137,14 @@ def resolve(path: str | Path) -> Path:
         return p
     if not p.exists():
         raise FileNotFoundError(f"no checkpoint at {p}")
-    if (p / WEIGHTS).exists():
-        if not (p / MARKER).exists() and p.name.startswith("step_"):
-            raise RuntimeError(f"{p} has no completion marker: it was torn mid-write; use an earlier checkpoint")
+    if (p / WEIGHTS).exists() or p.name.startswith("step_"):
+        why = verify(p) if p.name.startswith("step_") else None
+        if why is not None:
+            raise RuntimeError(f"checkpoint {p} does not verify: {why}; use an earlier checkpoint")
         return p / WEIGHTS
     ckpt = newest_complete(p)
     if ckpt is None:
-        raise FileNotFoundError(f"{p} holds no complete checkpoint (step_*/ with {MARKER})")
+        raise FileNotFoundError(f"{p} holds no complete checkpoint (step_*/ with {MARKER}) that verifies")
     if not (ckpt / WEIGHTS).exists():
         raise FileNotFoundError(f"{ckpt} has no {WEIGHTS}")
     return ckpt / WEIGHTS
@@ -81,7 +157,12 @@ def pretrain_run_id(path: str | Path) -> str | None:
 
 
 def load(path: str | Path) -> dict:
-    return torch.load(resolve(path), map_location="cpu", weights_only=True)
+    f = resolve(path)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError) as e:  # torch names no file: a truncated one says "failed finding..."
+        raise RuntimeError(f"cannot read checkpoint weights {f}: {e} (truncated or corrupt?); use an earlier "
+                           f"checkpoint") from None
 
 
 def load_model(path: str | Path, random_init: bool = False, seed: int = 0):

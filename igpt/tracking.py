@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -77,19 +78,77 @@ def default_tracking_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
-def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None = None) -> str:
-    """Create (once) and return the experiment id. Created here, in the driver, before any worker or trial
-    touches the store: concurrent first use of a fresh SQLite store races on its schema."""
-    import mlflow
+class TrackingUnreachable(RuntimeError):
+    """The MLflow tracking server does not answer."""
 
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds when a tracking server does not answer, before Ray and the data start (MLflow's own client
+    retries for minutes first). A local store only needs a folder it can write."""
+    import urllib.error
+    import urllib.request
+
+    if tracking_uri.startswith(("http://", "https://")):
+        url = tracking_uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                r.read()
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise TrackingUnreachable(f"MLflow tracking server {tracking_uri} did not answer {url} within "
+                                      f"{timeout:g} s ({e}): start it, or fix --tracking.tracking_uri") from None
+    elif tracking_uri.startswith("sqlite:///"):
+        folder = Path(tracking_uri[len("sqlite:///"):]).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise TrackingUnreachable(f"cannot write the MLflow store's folder {folder}")
+
+
+def _store_lock(tracking_uri: str):
+    """An exclusive lock beside a local SQLite store while it is first touched: two jobs opening a fresh store at
+    once race on its schema (one dies in an alembic migration). Other stores need none."""
+    import contextlib
+    import fcntl
+
+    if not tracking_uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def locked():
+        db = Path(tracking_uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    return locked()
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None = None) -> str:
+    """Create (once) and return the experiment id, race-free: created here, in the driver, before any worker or
+    trial touches the store, under a lock for a local store's schema, and a job that loses the race to create the
+    experiment takes the winner's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    check_reachable(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    exp = mlflow.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    # a tracking server keeps artifacts where it was told to (proxied over HTTP); a local store beside its files
-    remote = tracking_uri.startswith(("http://", "https://", "databricks"))
-    location = Path(artifact_root).resolve().as_uri() if artifact_root is not None and not remote else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    with _store_lock(tracking_uri):
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        # a tracking server keeps artifacts where it was told to (proxied over HTTP); a local store beside its files
+        remote = tracking_uri.startswith(("http://", "https://", "databricks"))
+        location = Path(artifact_root).resolve().as_uri() if artifact_root is not None and not remote else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:  # another job created it between our look-up and our create
+            exp = mlflow.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,122 @@
+"""One owner per run name: a lease file in the run's folder, created atomically, kept alive by a heartbeat.
+
+Two jobs submitted with the same ``--name`` (a double submit, a retry from a notebook while the first still runs)
+would share one run folder and one MLflow run: each would log the other's steps and delete the other's
+checkpoints, and the run would end FINISHED with a wrong history. The first job to create
+``<run_dir>/owner.json`` (``O_CREAT | O_EXCL``: exactly one creator wins) owns the run until it exits; a second
+one fails at once with the owner's identity. A dead owner's lease is taken over: at once when it ran on this
+host and its process is gone, else once its heartbeat is older than ``ttl`` seconds (a lost node).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+OWNER = "owner.json"
+
+
+class RunNameTaken(RuntimeError):
+    """Another live job owns this run name."""
+
+
+def _me() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("RAY_JOB_ID", ""),
+            "submission": os.environ.get("RAY_JOB_SUBMISSION_ID", ""), "started": time.time()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _stale(owner: dict, ttl: float) -> str | None:
+    """Why ``owner`` no longer holds its lease, or None while it does."""
+    if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+        return f"its process {owner.get('pid')} on this host is gone"
+    age = time.time() - float(owner.get("heartbeat", 0))
+    if age > ttl:
+        return f"its heartbeat is {age:.0f} s old (ttl {ttl:.0f} s)"
+    return None
+
+
+class Lease:
+    """``with Lease(run_dir):`` holds the run name for the block; raises :class:`RunNameTaken` on entry when a
+    live job holds it."""
+
+    def __init__(self, run_dir: str | Path, ttl: float = 120.0, every: float = 10.0):
+        self.path = Path(run_dir) / OWNER
+        self.ttl, self.every = ttl, every
+        self.me = _me()
+        self.took_over: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write_new(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as fh:
+            json.dump({**self.me, "heartbeat": time.time()}, fh)
+        return True
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}  # vanished, or caught mid-write by a heartbeat: treated as not (yet) held
+
+    def acquire(self) -> Lease:
+        for _ in range(3):
+            if self._write_new():
+                break
+            owner = self._read()
+            why = _stale(owner, self.ttl) if owner else "its lease file was unreadable"
+            if why is None:
+                raise RunNameTaken(
+                    f"run {self.path.parent} is owned by a live job: host {owner.get('host')}, pid "
+                    f"{owner.get('pid')}{', job ' + owner['submission'] if owner.get('submission') else ''}, "
+                    f"heartbeat {time.time() - float(owner.get('heartbeat', 0)):.0f} s ago. Choose another --name, "
+                    f"or stop that job (ray job stop) and submit again")
+            self.took_over = {**owner, "why": why}
+            self.path.unlink(missing_ok=True)  # then race for it again: O_EXCL lets one taker win
+        else:
+            raise RunNameTaken(f"could not take over {self.path}: another job keeps taking it")
+        self._thread = threading.Thread(target=self._beat, name="igpt-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            owner = self._read()
+            if owner and (owner.get("host"), owner.get("pid")) != (self.me["host"], self.me["pid"]):
+                return  # taken over (we were presumed dead): never write over the new owner
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**self.me, "heartbeat": time.time()}))
+            tmp.replace(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        owner = self._read()
+        if (owner.get("host"), owner.get("pid")) == (self.me["host"], self.me["pid"]):
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False

@@ -1,0 +1,103 @@
+"""Guards around a run: one owner per run name (igpt.lease), a store opened race-free, a tracking server that
+must answer (igpt.tracking). Real processes racing for real files."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from igpt.lease import OWNER, Lease, RunNameTaken
+
+from .conftest import ROOT
+
+HOLD = """
+import sys, time
+from igpt.lease import Lease, RunNameTaken
+try:
+    with Lease(sys.argv[1], every=0.2):
+        print("won", flush=True)
+        time.sleep(float(sys.argv[2]))
+except RunNameTaken as e:
+    print("refused:", e, flush=True)
+"""
+
+
+def _hold(run_dir, seconds):
+    return subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir), str(seconds)], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_second_job_is_refused_naming_the_live_owner(tmp_path):
+    first = _hold(tmp_path / "run", 6)
+    assert first.stdout.readline().strip() == "won"
+    with pytest.raises(RunNameTaken, match=rf"owned by a live job: host .*, pid {first.pid}.*another --name"):
+        Lease(tmp_path / "run").acquire()
+    first.wait()
+    with Lease(tmp_path / "run") as lease:  # released on exit: the name is free again
+        assert lease.took_over is None
+    assert not (tmp_path / "run" / OWNER).exists()
+
+
+def test_two_jobs_started_together_one_wins(tmp_path):
+    procs = [_hold(tmp_path / "run", 3) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert sorted(o.split(":")[0] for o in outs) == ["refused", "refused", "refused", "won"], outs
+
+
+def test_a_dead_owner_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    import socket
+
+    (run / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "heartbeat":
+                                         time.time()}))
+    with Lease(run) as lease:  # same host, process gone: at once
+        assert "is gone" in lease.took_over["why"]
+    (run / OWNER).write_text(json.dumps({"host": "lost-node", "pid": 1, "heartbeat": time.time() - 600}))
+    with Lease(run, ttl=60) as lease:  # another host, silent for longer than the ttl: a lost node
+        assert "heartbeat is 600 s old" in lease.took_over["why"]
+    (run / OWNER).write_text(json.dumps({"host": "other-node", "pid": 1, "heartbeat": time.time()}))
+    with pytest.raises(RunNameTaken, match="other-node"):
+        Lease(run, ttl=60).acquire()
+
+
+def test_the_heartbeat_keeps_the_lease_fresh(tmp_path):
+    with Lease(tmp_path / "run", every=0.1):
+        first = json.loads((tmp_path / "run" / OWNER).read_text())["heartbeat"]
+        time.sleep(0.5)
+        assert json.loads((tmp_path / "run" / OWNER).read_text())["heartbeat"] > first
+
+
+RACE = """
+import sys
+from igpt.tracking import ensure_experiment
+print(ensure_experiment(sys.argv[1], "igpt"))
+"""
+
+
+def test_jobs_opening_a_fresh_store_at_once_all_succeed(tmp_path):
+    """Without the store lock, three processes creating a fresh SQLite store at once die in alembic's migration
+    ("Online migration expected to match one row"), all but one (measured)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, uri], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-500:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1  # one experiment, the same id for all
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds():
+    import socket
+
+    from igpt.tracking import TrackingUnreachable, check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.time()
+    with pytest.raises(TrackingUnreachable, match=rf"127.0.0.1:{port} did not answer .*tracking_uri"):
+        check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+    assert time.time() - t < 10
