@@ -50,7 +50,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, default
 
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=prog, description=description or cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # '--model.si S' must be an error, not silently --model.size
     )
     parser.add_argument("--config", help="JSON file with (part of) the config tree; flags override it")
     _add_fields(parser, cls, "", cls())

@@ -18,6 +18,8 @@ def open_image(data: bytes) -> Image.Image:
         raise BadImage("empty record (zero bytes)")
     try:
         return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # not an OSError: it would kill the whole read task
+        raise BadImage(f"decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
 
@@ -26,6 +28,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Decode an opened image and make it RGB (greyscale, CMYK, RGBA, palette, 16-bit... all become RGB)."""
     try:
         img.load()  # decode now, so truncation surfaces here and not later
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"decompression bomb: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
     if img.width < 1 or img.height < 1:

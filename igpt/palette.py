@@ -137,6 +137,17 @@ class Palette:
             raise ValueError(f"palette centres must have shape (K, 3) with 1 <= K <= 65535, got {c.shape}")
         if not np.isfinite(c).all():
             raise ValueError("palette centres contain NaN or inf")
+        lo, hi = float(c.min()), float(c.max())
+        if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+            # a palette in 0..255 maps almost every pixel to one centre: a silently wrong tokenisation
+            how = (" (it looks like 0..255 RGB: convert it with centres / 127.5 - 1)" if lo >= 0 and hi <= 255
+                   else "")
+            raise ValueError(f"palette centres must lie in [-1, 1] (RGB scaled as in the official release), "
+                             f"found [{lo:.4g}, {hi:.4g}]{how}")
+        distinct = len(np.unique(c, axis=0))
+        if distinct < len(c):
+            raise ValueError(f"palette has {len(c) - distinct} repeated centre(s) among {len(c)}: a repeated colour "
+                             f"is a token no pixel can map to; refit with fewer colours or more pixels")
         self.centres = c
 
     @property

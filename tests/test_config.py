@@ -98,3 +98,15 @@ def test_nested_defaults_of_a_parent_survive_partial_overrides():
     assert cfg.val.split == "test" and cfg.val.path == "x"  # the parent's default for val, not DatasetSpec()'s
     assert cfg.transform.augment is True
     assert cfg.model.n_layer == 4  # derived from the chosen size, not kept from the default size
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    from igpt.config import PretrainJobConfig
+
+    with pytest.raises(SystemExit):
+        cli.parse(PretrainJobConfig, ["--model.si", "S"])  # argparse would take it as --model.size
+    assert "unrecognized arguments: --model.si" in capsys.readouterr().err
+    from igpt.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["plan", "--siz", "S"])

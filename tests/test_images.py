@@ -53,3 +53,13 @@ def test_to_resolution_box_filters():
     out = to_resolution(img.convert("RGB"), 2)
     assert out.shape == (2, 2, 3) and out.dtype == np.uint8
     assert out[..., 0].tolist() == [[0, 60], [120, 180]]
+
+
+def test_a_decompression_bomb_is_a_bad_record_not_a_crash(monkeypatch):
+    """PIL raises DecompressionBombError (not an OSError) past twice its pixel limit; lowered here so a small
+    image trips it, as a 200-megapixel one would."""
+    from .fixtures import encode, rand_images
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        decode_rgb(encode(rand_images(1, 64)[0]))

@@ -59,7 +59,26 @@ def test_lut_breaks_ties_to_the_lowest_index():
     lut = build_lut(c)
     assert np.count_nonzero(lut == 4) > 0 and np.count_nonzero(lut == 9) == 0
     px = rng.integers(0, 256, (50_000, 3), dtype=np.uint8)
-    assert np.array_equal(Palette(c, _lut=lut).quantize(px), nearest_centre(px, c))
+    from igpt.palette import colour_keys
+
+    # (a Palette refuses repeated centres, so the table is looked up directly)
+    assert np.array_equal(lut[colour_keys(px)], nearest_centre(px, c))
+
+
+def test_a_palette_out_of_range_or_with_repeats_is_refused_with_the_fix(tmp_path, fitted_palette):
+    in_255 = (fitted_palette.centres + 1) * 127.5  # the classic mistake: RGB centres, not the [-1, 1] space
+    np.save(tmp_path / "p255.npy", in_255)
+    with pytest.raises(ValueError, match=r"\[-1, 1\].*0\.\.255 RGB: convert it with centres / 127.5 - 1"):
+        Palette.load(tmp_path / "p255.npy")
+    c = fitted_palette.centres.copy()
+    c[7] = c[3]
+    with pytest.raises(ValueError, match="1 repeated centre"):
+        Palette(c)
+    with pytest.raises(ValueError, match="shape"):
+        Palette(c[:, :2])
+    c[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Palette(c)
 
 
 def test_tokens_equal_hf_image_processor(fitted_palette, cifar_images):
