@@ -129,3 +129,17 @@ def test_bert_masks_differ_between_ranks_and_repeat_on_resume():
     assert torch.equal(r0, bert_mask(model, x, 0, 0, 5))  # a resumed run draws the same mask again
     assert not torch.equal(r0, bert_mask(model, x, 0, 0, 6))  # and a new one each micro-batch
     assert 0.05 < r0.float().mean() < 0.25  # about 15% masked
+
+
+def test_sweep_trials_run_a_shrunk_schedule_and_the_refit_the_whole_one():
+    from igpt.config import SweepLRJobConfig
+    from pipelines.sweep_lr import pretrain_config
+
+    sweep = cli.parse(SweepLRJobConfig, ["--pretrain.train.path", str(SAMPLE), "--pretrain.train.key_prefix",
+                                         "train/", "--pretrain.optim.global_batch", "16", "--pretrain.steps", "400",
+                                         "--trial_fraction", "0.1", "--holdout", "0.2"])
+    trial, refit = pretrain_config(sweep, 0.003, None), pretrain_config(sweep, 0.003, None, refit=True)
+    t, r = resolve(trial, records=800), resolve(refit, records=1000)
+    assert (t.total_steps, t.warmup_steps) == (40, 5)  # a tenth of 400 steps and of one 50-step epoch
+    assert (r.total_steps, r.warmup_steps) == (400, 62)  # the whole schedule on train + held-out
+    assert trial.train.part == "rest" and refit.train.part == "all" and trial.optim.lr == 0.003
