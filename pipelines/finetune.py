@@ -60,7 +60,7 @@ def absolute_paths(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
     for split in ("train", "test"):
         for k in ("path", "labels_file"):
             d[split][k] = cli.absolute_path(d[split][k])
-    if d["deepspeed"]["preset"].endswith(".json"):
+    if (d["deepspeed"]["preset"] or "").endswith(".json"):  # None: no preset
         d["deepspeed"]["preset"] = cli.absolute_path(d["deepspeed"]["preset"])
     return cli.from_dict(FinetuneJobConfig, d)
 

@@ -162,7 +162,7 @@ def absolute_paths(cfg: SweepLRJobConfig) -> SweepLRJobConfig:
     for split in ("train", "val"):
         for k in ("path", "labels_file"):
             p[split][k] = cli.absolute_path(p[split][k])
-    if p["deepspeed"]["preset"].endswith(".json"):
+    if (p["deepspeed"]["preset"] or "").endswith(".json"):  # None: the recipe's preset
         p["deepspeed"]["preset"] = cli.absolute_path(p["deepspeed"]["preset"])
     return cli.from_dict(SweepLRJobConfig, d)
 
