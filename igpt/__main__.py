@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from igpt.config import MODEL_SIZES, PAPER_PARAMS_M, ModelConfig
+from igpt.errors import UserError
 
 
 def sizes(resolution: int | None) -> str:
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     add("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
                    "and plots, logged as a run; flags: python -m igpt compare --help")
     args = parser.parse_args(argv)
-    if args.cmd == "sizes":
-        print(sizes(args.resolution))
-    elif args.cmd == "plan":
-        print(plan_table(args))
-    elif args.cmd == "sample":
-        print(sample_command(args))
+    command = {"sizes": lambda: sizes(args.resolution), "plan": lambda: plan_table(args),
+               "sample": lambda: sample_command(args)}[args.cmd]
+    try:
+        print(command())
+    except UserError as e:  # a user's mistake: one line, exit 2 (as igpt.cli.main does for the jobs)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def read_images(path: str, n: int, resolution: int, split: str = "test", key_prefix: str = "",
@@ -105,7 +107,7 @@ def read_images(path: str, n: int, resolution: int, split: str = "test", key_pre
             np.flatnonzero(pc.starts_with(keys, key_prefix).to_numpy(zero_copy_only=False))
         where += [(f, int(r)) for r in rows]
     if not where:
-        raise ValueError(f"no images in {path} (split {split!r}, key prefix {key_prefix!r})")
+        raise UserError(f"no images in {path} (split {split!r}, key prefix {key_prefix!r})")
     picks = [where[i] for i in np.unique(np.linspace(0, len(where) - 1, min(n, len(where))).round().astype(int))]
     out = []
     for f in dict.fromkeys(f for f, _ in picks):
@@ -117,7 +119,7 @@ def read_images(path: str, n: int, resolution: int, split: str = "test", key_pre
             except BadImage as e:
                 print(f"skipped {key}: {e}", file=sys.stderr)
     if not out:
-        raise ValueError(f"none of the {len(picks)} images picked from {path} could be decoded")
+        raise UserError(f"none of the {len(picks)} images picked from {path} could be decoded")
     return np.stack(out)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from igpt.errors import MissingInput
 
 MARKER = "igpt_complete.json"
 WEIGHTS = "weights.pt"
@@ -136,7 +137,7 @@ def resolve(path: str | Path) -> Path:
     if p.is_file():
         return p
     if not p.exists():
-        raise FileNotFoundError(f"no checkpoint at {p}")
+        raise MissingInput(f"no checkpoint at {p}")
     if (p / WEIGHTS).exists() or p.name.startswith("step_"):
         why = verify(p) if p.name.startswith("step_") else None
         if why is not None:
@@ -144,9 +145,9 @@ def resolve(path: str | Path) -> Path:
         return p / WEIGHTS
     ckpt = newest_complete(p)
     if ckpt is None:
-        raise FileNotFoundError(f"{p} holds no complete checkpoint (step_*/ with {MARKER}) that verifies")
+        raise MissingInput(f"{p} holds no complete checkpoint (step_*/ with {MARKER}) that verifies")
     if not (ckpt / WEIGHTS).exists():
-        raise FileNotFoundError(f"{ckpt} has no {WEIGHTS}")
+        raise MissingInput(f"{ckpt} has no {WEIGHTS}")
     return ckpt / WEIGHTS
 
 

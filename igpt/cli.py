@@ -114,9 +114,9 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None) 
             base = json.load(fh)
     try:
         return from_dict(cls, _merge(base, _nest(ns)))
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        parser.error(str(e))
-        raise  # unreachable: parser.error exits
+    except (ValueError, TypeError, FileNotFoundError) as e:  # a bad value: one line, not the whole usage
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def absolute_path(path: str) -> str:
@@ -125,3 +125,20 @@ def absolute_path(path: str) -> str:
     from pathlib import Path
 
     return path if not path or "://" in path else str(Path(path).resolve())
+
+
+def main(run: Any, cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> Any:
+    """Every entry point: parse ``argv`` into ``cls`` and call ``run`` with it. ``ray job stop`` (SIGTERM) ends
+    the job's MLflow runs KILLED (``igpt.tracking.JobRun``); a mistake the user can fix (``igpt.errors.UserError``:
+    a bad path, a missing split, a bad config value, a missing palette or checkpoint) is one ``error: <message>``
+    line on stderr and exit code 2; any other exception is unexpected and keeps its traceback."""
+    from igpt.errors import UserError
+    from igpt.tracking import stop_on_sigterm
+
+    stop_on_sigterm()
+    cfg = parse(cls, argv, prog=prog)
+    try:
+        return run(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -27,6 +27,7 @@ import csv
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from igpt.errors import UserError
 
 PLOTS = ("val_loss_vs_params.png", "val_loss_vs_compute.png", "probe_accuracy_by_depth.png", "loss_curves.png")
 
@@ -94,7 +95,7 @@ def _quote(value: str) -> str:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise ValueError(f"a filter value cannot hold both quote characters: {value!r}")
+    raise UserError(f"a filter value cannot hold both quote characters: {value!r}")
 
 
 def tag_pairs(tag: str) -> list[tuple[str, str]]:
@@ -105,9 +106,9 @@ def tag_pairs(tag: str) -> list[tuple[str, str]]:
             continue
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"tag: expected key=value (several separated by commas), got {item!r}")
+            raise UserError(f"tag: expected key=value (several separated by commas), got {item!r}")
         if "`" in key:
-            raise ValueError(f"tag: a tag key cannot hold a backtick: {key!r}")
+            raise UserError(f"tag: a tag key cannot hold a backtick: {key!r}")
         pairs.append((key.strip(), value.strip()))
     return pairs
 
@@ -130,7 +131,7 @@ def experiment_id(client, name: str) -> str:
     if exp is None or exp.lifecycle_stage != "active":
         names = sorted(e.name for e in client.search_experiments())
         state = "not found" if exp is None else "deleted"
-        raise ValueError(f"experiment {name!r} {state} in the MLflow store {client.tracking_uri}; "
+        raise UserError(f"experiment {name!r} {state} in the MLflow store {client.tracking_uri}; "
                          f"its experiments: {', '.join(map(repr, names)) or 'none'}")
     return exp.experiment_id
 
@@ -147,7 +148,7 @@ def search(client, experiment_ids: list[str], filter_string: str, page_size: int
                                       order_by=["attributes.start_time ASC"], page_token=token)
         except MlflowException as e:
             if e.error_code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST"):
-                raise ValueError(f"MLflow rejected the search filter {filter_string!r}: {e.message}") from None
+                raise UserError(f"MLflow rejected the search filter {filter_string!r}: {e.message}") from None
             raise
         runs += list(page)
         token = page.token
@@ -409,16 +410,16 @@ def run(cfg) -> dict:
     from mlflow.tracking import MlflowClient
 
     from igpt import cli
-    from igpt.tracking import default_tracking_uri, start_run
+    from igpt.tracking import JobRun, default_tracking_uri
 
     uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise ValueError(f"no MLflow store at {uri[len('sqlite:///'):]} (name one with --tracking.tracking_uri)")
+        raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]} (name one with --tracking.tracking_uri)")
     client = MlflowClient(uri)
     exp_id = experiment_id(client, cfg.tracking.experiment)
     cmp = collect(client, exp_id, cfg.name_like, cfg.tag, cfg.filter)
     if not cmp.rows:
-        raise ValueError(f"no pretraining runs (top-level) in experiment {cfg.tracking.experiment!r} of {uri} "
+        raise UserError(f"no pretraining runs (top-level) in experiment {cfg.tracking.experiment!r} of {uri} "
                          f"match {cmp.filter_string!r}")
     out = Path(cfg.output_dir).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -429,18 +430,14 @@ def run(cfg) -> dict:
     left_out = ", ".join(f"{r.name} ({r.status})" for r in cmp.rows if r.run_id not in plotted)
     left_out = f"not plotted (not FINISHED; --include_unfinished plots them): {left_out}\n" if left_out else ""
 
-    mrun, _ = start_run(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare", cli.to_dict(cfg))
-    try:
+    with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare",
+                     cli.to_dict(cfg), fluent=True) as mrun:
         mlflow.set_tag("igpt.compare.filter", cmp.filter_string[:5000])
         mlflow.log_metric("compare/runs", len(cmp.rows))
         mlflow.log_artifact(str(out / "table.csv"))
         mlflow.log_artifact(str(out / "table.md"))
         for p in plot_paths:
             mlflow.log_artifact(str(p), "plots")
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    mlflow.end_run()
     run_id = mrun.info.run_id
     print(f"{len(cmp.rows)} pretraining runs of experiment {cfg.tracking.experiment!r} at {uri}\n"
           f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n"
@@ -459,9 +456,4 @@ def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") ->
     from igpt import cli
     from igpt.config import CompareJobConfig
 
-    cfg = cli.parse(CompareJobConfig, argv, prog=prog)
-    try:
-        return run(cfg)
-    except ValueError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    return cli.main(run, CompareJobConfig, argv, prog=prog)

@@ -401,10 +401,6 @@ class PretrainJobConfig:
         "resumed or repeated run sees exactly the same batches (costs a little throughput)", default=True)
     completions: int = _help("validation images completed from their top half in each epoch's picture",
                              default=8)
-    fail_at_step: int = _help("testing faults: worker fail_rank exits abruptly at this step, once (-1: never)",
-                              default=-1)
-    fail_rank: int = _help("testing faults: which worker exits", default=1)
-    nan_at_step: int = _help("testing faults: the loss of this step is multiplied by nan (-1: never)", default=-1)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+from igpt.errors import MissingInput
 
 SPLITS = ("train", "val", "test")
 
@@ -90,7 +91,7 @@ def load(feature_set: str | Path, split: str, layer: int | str) -> tuple[np.ndar
     root = Path(feature_set) / split
     shards = sorted(root.glob("shard-*.npz"))
     if not shards:
-        raise FileNotFoundError(f"no feature shards in {root} (run pipelines.extract first)")
+        raise MissingInput(f"no feature shards in {root} (run pipelines.extract first)")
     xs, ys, ks = [], [], []
     key = layer_key(layer)
     for s in shards:
@@ -107,7 +108,7 @@ def labels_and_keys(feature_set: str | Path, split: str) -> tuple[np.ndarray, np
     """(labels (N,), keys (N,)) of one split, without reading any features (for checks on the splits)."""
     shards = sorted((Path(feature_set) / split).glob("shard-*.npz"))
     if not shards:
-        raise FileNotFoundError(f"no feature shards in {Path(feature_set) / split} (run pipelines.extract first)")
+        raise MissingInput(f"no feature shards in {Path(feature_set) / split} (run pipelines.extract first)")
     ys, ks = [], []
     for s in shards:
         with np.load(s) as z:
@@ -119,5 +120,5 @@ def labels_and_keys(feature_set: str | Path, split: str) -> tuple[np.ndarray, np
 def manifest(feature_set: str | Path) -> dict:
     p = Path(feature_set) / "manifest.json"
     if not p.exists():
-        raise FileNotFoundError(f"{feature_set} is not a feature set (no manifest.json); run pipelines.extract")
+        raise MissingInput(f"{feature_set} is not a feature set (no manifest.json); run pipelines.extract")
     return json.loads(p.read_text())

@@ -16,11 +16,12 @@ import socket
 import threading
 import time
 from pathlib import Path
+from igpt.errors import UserError
 
 OWNER = "owner.json"
 
 
-class RunNameTaken(RuntimeError):
+class RunNameTaken(UserError, RuntimeError):
     """Another live job owns this run name."""
 
 

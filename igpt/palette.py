@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from igpt.errors import MissingInput, UserError
 
 N_COLORS = 512
 LUT_SIZE = 1 << 24
@@ -134,19 +135,19 @@ class Palette:
     def __post_init__(self) -> None:
         c = np.asarray(self.centres, dtype=np.float32)
         if c.ndim != 2 or c.shape[1] != 3 or not (1 <= len(c) <= 65535):
-            raise ValueError(f"palette centres must have shape (K, 3) with 1 <= K <= 65535, got {c.shape}")
+            raise UserError(f"palette centres must have shape (K, 3) with 1 <= K <= 65535, got {c.shape}")
         if not np.isfinite(c).all():
-            raise ValueError("palette centres contain NaN or inf")
+            raise UserError("palette centres contain NaN or inf")
         lo, hi = float(c.min()), float(c.max())
         if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
             # a palette in 0..255 maps almost every pixel to one centre: a silently wrong tokenisation
             how = (" (it looks like 0..255 RGB: convert it with centres / 127.5 - 1)" if lo >= 0 and hi <= 255
                    else "")
-            raise ValueError(f"palette centres must lie in [-1, 1] (RGB scaled as in the official release), "
+            raise UserError(f"palette centres must lie in [-1, 1] (RGB scaled as in the official release), "
                              f"found [{lo:.4g}, {hi:.4g}]{how}")
         distinct = len(np.unique(c, axis=0))
         if distinct < len(c):
-            raise ValueError(f"palette has {len(c) - distinct} repeated centre(s) among {len(c)}: a repeated colour "
+            raise UserError(f"palette has {len(c) - distinct} repeated centre(s) among {len(c)}: a repeated colour "
                              f"is a token no pixel can map to; refit with fewer colours or more pixels")
         self.centres = c
 
@@ -223,7 +224,7 @@ class Palette:
         """Read centres from ``.npy`` (or ``.npz`` with one array); reuse a cached table when its hash matches."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"palette file not found: {path}")
+            raise MissingInput(f"palette file not found: {path}")
         arr = np.load(path)
         if isinstance(arr, np.lib.npyio.NpzFile):
             arr = arr[arr.files[0]]

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
+from igpt.errors import UserError
 
 RECIPES_FILE = Path(__file__).resolve().parents[1] / "cluster" / "recipes.json"
 
@@ -28,11 +29,11 @@ class Recipe:
     def __post_init__(self) -> None:
         for f in ("global_batch", "steps", "micro_batch"):
             if getattr(self, f) < 1:
-                raise ValueError(f"recipe {self.size}: {f} must be >= 1, got {getattr(self, f)}")
+                raise UserError(f"recipe {self.size}: {f} must be >= 1, got {getattr(self, f)}")
         if not 1 <= self.resolution <= 64:
-            raise ValueError(f"recipe {self.size}: resolution must be in 1..64, got {self.resolution}")
+            raise UserError(f"recipe {self.size}: resolution must be in 1..64, got {self.resolution}")
         if self.global_batch % self.micro_batch:
-            raise ValueError(f"recipe {self.size}: global_batch {self.global_batch} is not a multiple of "
+            raise UserError(f"recipe {self.size}: global_batch {self.global_batch} is not a multiple of "
                              f"micro_batch {self.micro_batch}")
 
 
@@ -45,7 +46,7 @@ def load(path: Path | str = RECIPES_FILE) -> dict[str, Recipe]:
         if size.startswith("_"):
             continue
         if set(r) != names:
-            raise ValueError(f"{path}: recipe {size} has keys {sorted(r)}, expected {sorted(names)}")
+            raise UserError(f"{path}: recipe {size} has keys {sorted(r)}, expected {sorted(names)}")
         out[size] = Recipe(size=size, **r)
     return out
 
@@ -58,5 +59,5 @@ def _default() -> dict[str, Recipe]:
 def recipe(size: str) -> Recipe:
     recipes = _default()
     if size not in recipes:
-        raise ValueError(f"no pretraining recipe for size {size!r} in {RECIPES_FILE}; known: {sorted(recipes)}")
+        raise UserError(f"no pretraining recipe for size {size!r} in {RECIPES_FILE}; known: {sorted(recipes)}")
     return recipes[size]

@@ -16,6 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from igpt.recipes import recipe
+from igpt.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -46,11 +47,11 @@ def resolve(cfg, records: int) -> Schedule:
     micro = cfg.deepspeed.micro_batch or rec.micro_batch
     workers = cfg.scaling.workers
     if batch % (micro * workers):
-        raise ValueError(f"global batch {batch} is not a multiple of micro batch {micro} x {workers} workers; "
+        raise UserError(f"global batch {batch} is not a multiple of micro batch {micro} x {workers} workers; "
                          f"change --optim.global_batch, --deepspeed.micro_batch or --scaling.workers")
     steps_per_epoch = records // batch
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split has {records} records, not one full global batch of {batch}: "
+        raise UserError(f"the training split has {records} records, not one full global batch of {batch}: "
                          f"use more data or a smaller --optim.global_batch")
     full_total = cfg.steps or rec.steps
     one_epoch = cfg.optim.warmup_steps is None
@@ -60,7 +61,7 @@ def resolve(cfg, records: int) -> Schedule:
     warmup = round(full_warmup * f)
     if warmup >= total:
         why = f"one epoch of {records} records at batch {batch}" if one_epoch else "--optim.warmup_steps"
-        raise ValueError(
+        raise UserError(
             f"the warm-up ({warmup} steps: {why}) is as long as the run ({total} steps), so the learning rate "
             f"would rise to the last step and never decay: give --optim.warmup_steps below {total} (e.g. "
             f"{max(1, total // 10)}) or more --steps")

@@ -29,6 +29,7 @@ from typing import Callable, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+from igpt.errors import UserError
 
 Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
 FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10")
@@ -112,7 +113,7 @@ def _uri(original: str, fs_path: str) -> str:
     return fs_path
 
 
-class SpecError(ValueError):
+class SpecError(UserError):
     """A dataset spec that cannot be read: wrong path, unknown format, missing split."""
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 from pathlib import Path
+from igpt.errors import UserError
 
 
 STOP_REQUESTED = threading.Event()
@@ -56,29 +57,12 @@ def end_status(exc: BaseException | None) -> str:
     return "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) or STOP_REQUESTED.is_set() else "FAILED"
 
 
-class JobRun:
-    """The MLflow run of a job, used as ``with``: it ends FINISHED, FAILED or KILLED as the job does."""
-
-    def __init__(self, active):
-        self.active = active
-        self.info = active.info
-
-    def __enter__(self) -> "JobRun":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        import mlflow
-
-        mlflow.end_run(end_status(exc))
-        return False
-
-
 def default_tracking_uri(output_dir: str | Path) -> str:
     # MLflow 3.17's file store is in maintenance mode and refuses writes; SQLite is its local default.
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
-class TrackingUnreachable(RuntimeError):
+class TrackingUnreachable(UserError, RuntimeError):
     """The MLflow tracking server does not answer."""
 
 
@@ -162,20 +146,89 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def start_run(tracking_cfg, output_dir: str | Path, run_name: str, job: str, config: dict):
-    """Open an MLflow run for a job: the store (default: SQLite in ``output_dir``), the experiment, the run named
-    by the submitter, the flattened config as params and the whole config as ``config.json``. Use the returned
-    :class:`JobRun` in a ``with`` block so the run ends with the job's status."""
-    import mlflow
+class JobRun:
+    """The one lifecycle of a job's MLflow run; every driver uses it as ``with JobRun.open(...) as run:``.
 
-    uri = tracking_cfg.tracking_uri or default_tracking_uri(output_dir)
-    exp_id = ensure_experiment(uri, tracking_cfg.experiment, Path(output_dir) / "mlartifacts")
-    run = mlflow.start_run(experiment_id=exp_id, run_name=tracking_cfg.run_name or run_name)
-    mlflow.set_tag("igpt.job", job)
-    if getattr(tracking_cfg, "parent_run_id", None):
-        mlflow.set_tag("mlflow.parentRunId", tracking_cfg.parent_run_id)
-    params = flatten(config)
-    for i in range(0, len(params), 90):  # MLflow takes at most 100 params per call
-        mlflow.log_params(dict(list(params.items())[i : i + 90]))
-    mlflow.log_dict(config, "config.json")
-    return JobRun(run), uri
+    - **open**: the store and the experiment (created race-free, before any worker or trial touches them), then
+      the run: continued when ``id_file`` names one (a re-submission of the same name), else created under the
+      submitter's name with the job's tags, its params and ``config.json``, logged once.
+    - **exit**: FINISHED on success; FAILED with the error (tag ``igpt.error``); KILLED when stopped (SIGTERM:
+      ``ray job stop``; SIGINT). Runs under it still RUNNING (a trial whose process the stop killed) end with it.
+    - **wait(fn)**: a blocking call (``TorchTrainer.fit``, ``Tuner.fit``) that a stop interrupts at once.
+
+    With ``fluent``, the run is also MLflow's active run, for jobs that log with ``mlflow.log_*``."""
+
+    def __init__(self, client, uri: str, run_id: str, experiment_id: str, resumed: bool, fluent: bool):
+        self.client, self.uri, self.run_id, self.experiment_id = client, uri, run_id, experiment_id
+        self.resumed, self.fluent = resumed, fluent
+
+    @classmethod
+    def open(cls, tracking, store_dir: str | Path, name: str, job: str, config: dict | None, *,
+             params: dict | None = None, tags: dict | None = None, id_file: Path | None = None,
+             fluent: bool = False) -> "JobRun":
+        """``tracking``: a TrackingConfig (store, experiment, run name, parent); ``store_dir``: where a local
+        store and its artifacts live when none is given; ``config``: logged as params (flattened) and
+        ``config.json``; ``params``: more params, or values that replace the config's."""
+        import mlflow
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking.tracking_uri or default_tracking_uri(store_dir)
+        exp_id = ensure_experiment(uri, tracking.experiment, Path(store_dir) / "mlartifacts")
+        client = MlflowClient(uri)
+        resumed = id_file is not None and Path(id_file).exists()
+        if resumed:
+            run_id = Path(id_file).read_text().strip()
+            client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {"igpt.job": job, **(tags or {})}
+            if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
+                all_tags["mlflow.parentRunId"] = tracking.parent_run_id
+            run_id = client.create_run(exp_id, run_name=tracking.run_name or name, tags=all_tags).info.run_id
+            if id_file is not None:
+                Path(id_file).parent.mkdir(parents=True, exist_ok=True)
+                Path(id_file).write_text(run_id)
+            items = list({**(flatten(config) if config else {}), **(params or {})}.items())
+            for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
+                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i:i + 90]])
+            if config is not None:
+                client.log_dict(run_id, config, "config.json")
+        if fluent:
+            mlflow.set_tracking_uri(uri)
+            mlflow.start_run(run_id=run_id)
+        return cls(client, uri, run_id, exp_id, resumed, fluent)
+
+    @property
+    def info(self):
+        return self.client.get_run(self.run_id).info
+
+    def wait(self, fn, *args, **kwargs):
+        return interruptible(fn, *args, **kwargs)
+
+    def __enter__(self) -> "JobRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.end(end_status(exc), exc)
+        return False
+
+    def end(self, status: str, exc: BaseException | None = None) -> None:
+        if status == "FAILED" and exc is not None:
+            self.client.set_tag(self.run_id, "igpt.error", f"{type(exc).__name__}: {exc}"[:5000])
+        self._end_children(self.run_id, "FINISHED" if status == "FINISHED" else status)
+        if self.fluent:
+            import mlflow
+
+            mlflow.end_run(status)
+        else:
+            self.client.set_terminated(self.run_id, status)
+
+    def _end_children(self, run_id: str, status: str) -> None:
+        """Runs under ``run_id`` still RUNNING, at any depth, end KILLED (or with the parent's failure): their
+        process is gone with the job's. A parent that finished leaves none running unless one was abandoned."""
+        child_status = "KILLED" if status == "FINISHED" else status
+        for child in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
+                                             max_results=1000):
+            self._end_children(child.info.run_id, status)
+            if child.info.status == "RUNNING":
+                self.client.set_terminated(child.info.run_id, child_status)

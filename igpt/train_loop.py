@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from igpt.faults import Faults
 from igpt.checkpoints import MARKER, full_fp32_state_dict, newest_complete, prune, write_marker, write_weights
 from igpt.model import IGPT
 from igpt.optim import lr_factor
@@ -80,6 +81,7 @@ def train_loop(config: dict) -> None:
 
     cfg = cli.from_dict(PretrainJobConfig, config["cfg"])
     meta = config["meta"]
+    faults = Faults(**meta["faults"])  # tests only (igpt.faults): never in the config or the params
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.scaling.use_gpu else torch.device("cpu")
@@ -212,7 +214,7 @@ def train_loop(config: dict) -> None:
             # mask independently (the paper) and a resumed run draws the same masks again
             mask = bert_mask(model, x, meta["seed"], rank, consumed) if model.cfg.objective == "bert" else None
             loss = engine.module.loss(x, mask=mask)
-            if step + 1 == cfg.nan_at_step:
+            if step + 1 == faults.nan_at_step:
                 loss = loss * float("nan")  # fault injection for tests: a diverged step, gradients included
             engine.backward(loss)
             engine.step()
@@ -221,7 +223,7 @@ def train_loop(config: dict) -> None:
         mean = torch.stack(losses).mean()
         dist.all_reduce(mean)
         mean = (mean / world).item()
-        if step == cfg.fail_at_step and rank == cfg.fail_rank and not (run_dir / "fault_injected").exists():
+        if step == faults.fail_at_step and rank == faults.fail_rank and not (run_dir / "fault_injected").exists():
             (run_dir / "fault_injected").touch()
             os._exit(1)  # an abrupt worker death, as a lost node gives
         if not math.isfinite(mean):

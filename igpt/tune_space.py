@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from igpt.errors import MissingInput, UserError
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
 
@@ -28,7 +29,7 @@ JOBS = {
 KINDS = {"grid_search", "choice", "uniform", "loguniform", "ordered"}
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     pass
 
 
@@ -38,7 +39,7 @@ def load(path: str | Path, job: str | None = None) -> dict:
     if not p.exists() and not p.suffix and (SPACES_DIR / f"{p}.json").exists():
         p = SPACES_DIR / f"{p}.json"  # a bare name: one of ours
     if not p.exists():
-        raise FileNotFoundError(f"no search space {path} (ours: {', '.join(sorted(f.stem for f in SPACES_DIR.glob('*.json')))})")
+        raise MissingInput(f"no search space {path} (ours: {', '.join(sorted(f.stem for f in SPACES_DIR.glob('*.json')))})")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:

@@ -27,7 +27,8 @@ import ray
 from igpt import checkpoints, cli, features, ingest, sources
 from igpt.config import ExtractJobConfig
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run, stop_on_sigterm
+from igpt.tracking import JobRun
+from igpt.errors import UserError
 
 ROWS_PER_SHARD = 10_000
 # the manifest says it in words, so a reader of a feature set needs no code to know what layer L is
@@ -45,7 +46,7 @@ def run(cfg: ExtractJobConfig) -> dict:
     import mlflow
 
     if not cfg.checkpoint:
-        raise ValueError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
+        raise UserError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
     ckpt = checkpoints.load(cfg.checkpoint)  # a clear error now rather than in every actor
     model_cfg, palette = ckpt["model"], ckpt["palette"].numpy()
     res = model_cfg["resolution"]
@@ -70,7 +71,8 @@ def run(cfg: ExtractJobConfig) -> dict:
     if cfg.pixels:
         shape["pixels"] = (1, res * res * 3)
 
-    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "extract", cli.to_dict(cfg))
+    run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "extract", cli.to_dict(cfg), fluent=True)
+    uri = run_.uri
     counts: dict[str, dict] = {}
     with run_:
         mlflow.set_tag("igpt.checkpoint", str(checkpoints.resolve(cfg.checkpoint)))
@@ -115,7 +117,7 @@ def run(cfg: ExtractJobConfig) -> dict:
                     flush(pending)
                     written += buffered
             if written == 0:
-                raise ValueError(f"split {split} produced no images ({guard.skipped} skipped; see "
+                raise UserError(f"split {split} produced no images ({guard.skipped} skipped; see "
                                  f"{out / f'{split}.errors.tsv'})")
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
@@ -148,8 +150,7 @@ def run(cfg: ExtractJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(ExtractJobConfig, argv, prog="python -m pipelines.extract"))
+    cli.main(run, ExtractJobConfig, argv, prog="python -m pipelines.extract")
 
 
 if __name__ == "__main__":

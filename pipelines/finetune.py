@@ -49,6 +49,7 @@ import numpy as np
 
 from igpt import checkpoints, cli, tune_space
 from igpt.config import FinetuneJobConfig
+from igpt.errors import Conflict, UserError
 
 METRIC = "val_accuracy"
 
@@ -92,7 +93,7 @@ def palette_file(cfg: FinetuneJobConfig) -> Path:
     centres = checkpoint_info(cfg.checkpoint)["palette"].numpy()
     if cfg.palette_path:
         if not np.array_equal(Palette.load(cfg.palette_path).centres, centres):
-            raise ValueError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
+            raise UserError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
         return Path(cfg.palette_path)
     path = job_dir(cfg) / "palette.npy"
     if not (path.exists() and np.array_equal(np.load(path), centres) and Palette(centres).lut_path(path).exists()):
@@ -116,8 +117,6 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     own MLflow run (a child of ``parent_run_id`` when given); returns the workers' result (``best_val_accuracy``,
     ``best_epoch``, ``epochs``, ``test_accuracy``, ...) with ``run_id`` and ``classifier`` (the kept weights)."""
     import ray
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
     from ray.data import ExecutionOptions
     from ray.train import DataConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -126,10 +125,10 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     from igpt.finetune_loop import finetune_loop
     from igpt.palette import Palette
     from igpt.raysetup import init_ray
-    from igpt.tracking import end_status, ensure_experiment, flatten
+    from igpt.tracking import JobRun, flatten
 
     if part not in ("rest", "all"):
-        raise ValueError(f"part must be rest (a trial) or all (the refit), got {part!r}")
+        raise UserError(f"part must be rest (a trial) or all (the refit), got {part!r}")
     clf_weight = cfg.clf_weight if clf_weight is None else clf_weight
     ckpt = checkpoint_info(cfg.checkpoint)
     model_cfg = dict(ckpt["model"])
@@ -143,10 +142,10 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     plans = {k: sources.check(s) for k, s in specs.items()}
     count = plans["train"].count
     if count is None:
-        raise ValueError("the training split's size must be known up front (parquet, imagefolder, cifar, stl10)")
+        raise UserError("the training split's size must be known up front (parquet, imagefolder, cifar, stl10)")
     steps_per_epoch = count // cfg.optim.global_batch
     if steps_per_epoch < 1:
-        raise ValueError(f"{count} training images make no full global batch of {cfg.optim.global_batch}")
+        raise UserError(f"{count} training images make no full global batch of {cfg.optim.global_batch}")
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
     log = ingest.ErrorLog.remote()
     t, res = cfg.transform, model_cfg["resolution"]
@@ -164,14 +163,6 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
                                       ).select_columns(["key", "tokens", "label"])
         datasets[k] = ingest.materialize_eval(datasets[k])
 
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
-    tags = {"igpt.job": f"finetune_{'trial' if part == 'rest' else 'refit'}",
-            "igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(exp_id, run_name=f"{cfg.name}/{run}", tags=tags).info.run_id
     # no recipe for fine-tuning (the paper gives none): a tenth of an epoch unless set
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(0.1 * steps_per_epoch)
     warmup = min(epochs * steps_per_epoch, warmup)
@@ -182,27 +173,27 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
               **{f"model.{k}": v for k, v in model_cfg.items()},
               **{f"deepspeed.{k}": v for k, v in flatten(cli.to_dict(cfg.deepspeed)).items()},
               **{f"optim.{k}": v for k, v in cli.to_dict(optim).items()}}
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_dict(run_id, ds_conf, "deepspeed_config.json")
-
-    meta = {"checkpoint": str(checkpoints.resolve(cfg.checkpoint)), "model": model_cfg, "n_classes": cfg.n_classes,
-            "palette": ckpt["palette"].tolist(), "lr": lr, "clf_weight": clf_weight, "epochs": epochs,
-            "patience": cfg.patience if part == "rest" else None, "steps_per_epoch": steps_per_epoch,
-            "warmup_steps": warmup, "ds_config": ds_conf, "seed": t.seed, "evals": evals, "run_id": run_id,
-            "tracking_uri": uri, "use_gpu": cfg.scaling.use_gpu}
-    opts = ExecutionOptions()
-    opts.preserve_order = True  # the same batches to the same workers on every run of the same job
-    trainer = TorchTrainer(
-        finetune_loop,
-        train_loop_config={"meta": meta},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.name}/{run}", storage_path=cfg.storage_path),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
-    )
-    try:
-        result = trainer.fit()
+    tracking = replace(cfg.tracking, run_name=f"{cfg.name}/{run}", parent_run_id=parent_run_id)
+    with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{run}", f"finetune_{'trial' if part == 'rest' else 'refit'}",
+                     None, params=params, tags={"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}) as job:
+        job.client.log_dict(job.run_id, ds_conf, "deepspeed_config.json")
+        meta = {"checkpoint": str(checkpoints.resolve(cfg.checkpoint)), "model": model_cfg,
+                "n_classes": cfg.n_classes, "palette": ckpt["palette"].tolist(), "lr": lr, "clf_weight": clf_weight,
+                "epochs": epochs, "patience": cfg.patience if part == "rest" else None,
+                "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "ds_config": ds_conf, "seed": t.seed,
+                "evals": evals, "run_id": job.run_id, "tracking_uri": job.uri, "use_gpu": cfg.scaling.use_gpu}
+        opts = ExecutionOptions()
+        opts.preserve_order = True  # the same batches to the same workers on every run of the same job
+        trainer = TorchTrainer(
+            finetune_loop,
+            train_loop_config={"meta": meta},
+            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            run_config=RunConfig(name=f"{cfg.name}/{run}", storage_path=cfg.storage_path),
+            datasets=datasets,
+            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
+        )
+        result = job.wait(trainer.fit)
         if result.error:
             raise result.error
         out = dict(result.metrics)
@@ -211,14 +202,10 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
                  "steps": "steps", "stopped_early": "stopped_early"}  # test/accuracy: logged by the workers
         for k, name in names.items():
             if k in out:
-                client.log_metric(run_id, name, float(out[k]))
-        client.log_metric(run_id, "data/records_read", read)
-        client.log_metric(run_id, "data/records_skipped", skipped)
-    except BaseException as e:
-        client.set_terminated(run_id, end_status(e))
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    out.update(run_id=run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
+                job.client.log_metric(job.run_id, name, float(out[k]))
+        job.client.log_metric(job.run_id, "data/records_read", read)
+        job.client.log_metric(job.run_id, "data/records_skipped", skipped)
+    out.update(run_id=job.run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
                classifier=str(Path(result.checkpoint.path)))
     return out
 
@@ -258,98 +245,88 @@ def _ray_cpus(cfg: FinetuneJobConfig) -> int:
 
 
 def run(cfg: FinetuneJobConfig) -> dict:
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
     from igpt.raysetup import init_ray
-    from igpt.tracking import end_status, ensure_experiment, stop_on_sigterm
+    from igpt.tracking import JobRun
 
     if not cfg.checkpoint:
-        raise ValueError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
+        raise UserError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
     if cfg.train.part != "all" or cfg.train.holdout:
-        raise ValueError("the job draws its splits itself (trials: part=rest/holdout, refit: part=all): give "
-                         "--holdout, not --train.part/--train.holdout")
+        raise UserError("the job draws its splits itself (trials: part=rest/holdout, refit: part=all): give "
+                        "--holdout, not --train.part/--train.holdout")
     cfg = absolute_paths(cfg)
     ckpt = checkpoint_info(cfg.checkpoint)  # a clear error now rather than in every worker
     cfg.transform.check_model(ckpt["model"]["resolution"])
     space = param_space(cfg)
     out_dir = job_dir(cfg)
     if (out_dir / "summary.json").exists():
-        raise FileExistsError(f"{out_dir} holds a finished fine-tuning job; choose another --name")
+        raise Conflict(f"{out_dir} holds a finished fine-tuning job; choose another --name")
     out_dir.mkdir(parents=True, exist_ok=True)
     palette_file(cfg)  # the lookup table, built once here rather than in every trial
-
-    # the store and experiment are created here, before any trial touches them (SQLite schema race)
-    uri = tracking_uri(cfg)
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
-    client = MlflowClient(uri)
-    tags = {"igpt.job": "finetune", "igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
+    tags = {"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
     if checkpoints.pretrain_run_id(cfg.checkpoint):  # igpt.compare links the job to its pretraining run by it
         tags["igpt.pretrain_run_id"] = checkpoints.pretrain_run_id(cfg.checkpoint)
-    if getattr(cfg.tracking, "parent_run_id", None):  # the job itself nested under another run
-        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-    parent = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags).info.run_id
-    (out_dir / "mlflow_run_id").write_text(parent)
-    params = {"space": cfg.space or f"lr={cfg.optim.lr:g}", "holdout": cfg.holdout, "max_epochs": cfg.max_epochs,
-              "patience": cfg.patience, "refit": cfg.refit, "n_classes": cfg.n_classes, "clf_weight": cfg.clf_weight,
-              "optim.global_batch": cfg.optim.global_batch, "optim.warmup_steps": cfg.optim.warmup_steps,
-              "objective": ckpt["model"]["objective"], "checkpoint.step": ckpt["step"]}
-    client.log_batch(parent, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_dict(parent, cli.to_dict(cfg), "config.json")
-    stop_on_sigterm()  # ray job stop: the runs end KILLED, not RUNNING
-    try:
+    params = {"space": cfg.space or f"lr={cfg.optim.lr:g}", "objective": ckpt["model"]["objective"],
+              "checkpoint.step": ckpt["step"]}
+    # the store and experiment are created here, before any trial touches them (SQLite schema race)
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "finetune", cli.to_dict(cfg), params=params,
+                     tags=tags, id_file=out_dir / "mlflow_run_id") as job:
         init_ray(num_cpus=_ray_cpus(cfg))
-        trainable = tune.with_resources(
-            tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=parent), {"CPU": cfg.cpus_per_trial})
-        tuner = tune.Tuner(trainable, param_space=space,
-                           tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1))
-        grid = tuner.fit()
-        trials, failed = [], []
-        for r in grid:
-            if r.error is not None or METRIC not in (r.metrics or {}):
-                failed.append(f"{r.config}: {r.error}")
-            else:
-                trials.append({k: r.metrics[k] for k in (METRIC, "best_epoch", "epochs", "stopped_early",
-                                                         "val_images", "lr", "clf_weight", "run_id")})
-        if failed:
-            client.set_tag(parent, "finetune.failed_trials", "; ".join(failed)[:5000])
-        if not trials:
-            raise RuntimeError(f"every fine-tuning trial failed: {failed}")
-        trials.sort(key=lambda t: (t["lr"], t["clf_weight"]))
-        for i, t in enumerate(trials):
-            for k, v in (("trial/lr", t["lr"]), ("trial/val_accuracy", t[METRIC]),
-                         ("trial/best_epoch", t["best_epoch"])):
-                client.log_metric(parent, k, float(v), step=i)
+        trials, failed = _sweep(cfg, space, out_dir, job)
         best = best_trial(trials)
-        client.log_metric(parent, "best/lr", best["lr"])
-        client.log_metric(parent, "best/val_accuracy", best[METRIC])
-        client.log_metric(parent, "best/epoch", best["best_epoch"])
-        client.set_tag(parent, "finetune.best_run_id", best["run_id"])
-        summary = {"name": cfg.name, "parent_run_id": parent, "tracking_uri": uri, "job_dir": str(out_dir),
+        _log_trials(job, trials, failed, best)
+        summary = {"name": cfg.name, "parent_run_id": job.run_id, "tracking_uri": job.uri, "job_dir": str(out_dir),
                    "trials": trials, "failed_trials": failed, "best": best, "refit": None}
         if cfg.refit:
             refit = fit(cfg, lr=best["lr"], clf_weight=best["clf_weight"], run="refit", part="all",
-                        epochs=int(best["best_epoch"]), parent_run_id=parent)
-            client.log_metric(parent, "test/accuracy", refit["test_accuracy"])
-            client.log_metric(parent, "test/images", refit["test_images"])
-            client.set_tag(parent, "finetune.refit_run_id", refit["run_id"])
+                        epochs=int(best["best_epoch"]), parent_run_id=job.run_id)
+            job.client.log_metric(job.run_id, "test/accuracy", refit["test_accuracy"])
+            job.client.log_metric(job.run_id, "test/images", refit["test_images"])
+            job.client.set_tag(job.run_id, "finetune.refit_run_id", refit["run_id"])
             summary["refit"] = refit
-    except BaseException as e:
-        client.set_terminated(parent, end_status(e))
-        raise
-    client.set_terminated(parent, "FINISHED")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tried = ", ".join(f"lr={t['lr']:g}: {t[METRIC]:.4f} (epoch {t['best_epoch']})" for t in trials)
     print(f"fine-tuning {cfg.name}: {tried}; best lr {best['lr']:g}"
           + (f"; refit test accuracy {summary['refit']['test_accuracy']:.4f} on {summary['refit']['test_images']} "
-             f"images" if summary["refit"] else "") + f"; MLflow run {parent} at {uri}")
+             f"images" if summary["refit"] else "") + f"; MLflow run {job.run_id} at {job.uri}")
     return summary
 
 
+def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Path, job) -> tuple[list[dict], list[str]]:
+    """The Tune sweep of fine-tuning trials; its finished trials (by lr, clf_weight) and its failures."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id), {"CPU": cfg.cpus_per_trial})
+    tuner = tune.Tuner(trainable, param_space=space,
+                       tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
+                       run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1))
+    grid = job.wait(tuner.fit)
+    trials, failed = [], []
+    for r in grid:
+        if r.error is not None or METRIC not in (r.metrics or {}):
+            failed.append(f"{r.config}: {r.error}")
+        else:
+            trials.append({k: r.metrics[k] for k in (METRIC, "best_epoch", "epochs", "stopped_early",
+                                                     "val_images", "lr", "clf_weight", "run_id")})
+    if failed:
+        job.client.set_tag(job.run_id, "finetune.failed_trials", "; ".join(failed)[:5000])
+    if not trials:
+        raise RuntimeError(f"every fine-tuning trial failed: {failed}")
+    return sorted(trials, key=lambda t: (t["lr"], t["clf_weight"])), failed
+
+
+def _log_trials(job, trials: list[dict], failed: list[str], best: dict) -> None:
+    for i, t in enumerate(trials):
+        for k, v in (("trial/lr", t["lr"]), ("trial/val_accuracy", t[METRIC]), ("trial/best_epoch", t["best_epoch"])):
+            job.client.log_metric(job.run_id, k, float(v), step=i)
+    job.client.log_metric(job.run_id, "best/lr", best["lr"])
+    job.client.log_metric(job.run_id, "best/val_accuracy", best[METRIC])
+    job.client.log_metric(job.run_id, "best/epoch", best["best_epoch"])
+    job.client.set_tag(job.run_id, "finetune.best_run_id", best["run_id"])
+
+
 def main(argv: list[str] | None = None) -> None:
-    run(cli.parse(FinetuneJobConfig, argv, prog="python -m pipelines.finetune"))
+    cli.main(run, FinetuneJobConfig, argv, prog="python -m pipelines.finetune")
 
 
 if __name__ == "__main__":

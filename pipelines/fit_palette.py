@@ -23,7 +23,7 @@ from igpt import cli, ingest, sources
 from igpt.config import FitPaletteJobConfig
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run, stop_on_sigterm
+from igpt.tracking import JobRun
 
 
 def run(cfg: FitPaletteJobConfig) -> dict:
@@ -43,7 +43,8 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     per_image = max(1, -(-cfg.palette.sample_pixels // n_records)) if n_records else 64
     per_image = min(per_image, cfg.transform.ir**2)
     log = ingest.ErrorLog.remote()
-    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "fit_palette", cli.to_dict(cfg))
+    run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "fit_palette", cli.to_dict(cfg), fluent=True)
+    uri = run_.uri
     with run_:
         ds = ingest.sample_pixels(sources.read(cfg.data, plan), per_image, tspec, log)
         chunks = []
@@ -77,8 +78,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(FitPaletteJobConfig, argv, prog="python -m pipelines.fit_palette"))
+    cli.main(run, FitPaletteJobConfig, argv, prog="python -m pipelines.fit_palette")
 
 
 if __name__ == "__main__":

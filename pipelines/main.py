@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from igpt import cli
+from igpt import cli, sources
+from igpt.palette import Palette
 from igpt.config import (CompareJobConfig, ExtractJobConfig, FitPaletteJobConfig, MainJobConfig, PretrainJobConfig,
                          ProbeJobConfig)
-from igpt.tracking import default_tracking_uri, stop_on_sigterm
+from igpt.tracking import default_tracking_uri
 
 
 def _flags(d: dict, prefix: str = "") -> list[str]:
@@ -84,6 +85,9 @@ def run(cfg: MainJobConfig) -> dict:
 
     t0 = time.perf_counter()
     root = Path(cfg.output_dir) / cfg.name
+    sources.check(stage_configs(cfg)["palette"].data)  # a wrong --data.path: one error line, before Ray starts
+    if cfg.palette.path:
+        Palette.load(cfg.palette.path)
     root.mkdir(parents=True, exist_ok=True)
     init_ray()
     timings, summary = {}, {"sizes": {}}
@@ -126,8 +130,7 @@ def run(cfg: MainJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow runs end KILLED
-    run(cli.parse(MainJobConfig, argv, prog="python -m pipelines.main"))
+    cli.main(run, MainJobConfig, argv, prog="python -m pipelines.main")
 
 
 if __name__ == "__main__":

@@ -18,15 +18,16 @@ from pathlib import Path
 
 import ray
 
-from igpt.tracking import stop_on_sigterm
 from igpt import cli, deepspeed_config, ingest, schedule, sources
 from igpt.config import PretrainJobConfig
+from igpt.faults import Faults
 from igpt.lease import Lease
 from igpt.schedule import Schedule
-from igpt.tracking import flatten
+from igpt.tracking import JobRun, flatten
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
 from igpt.train_loop import NONFINITE, train_loop
+from igpt.errors import UserError
 
 
 def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):
@@ -52,7 +53,7 @@ def resolve(cfg: PretrainJobConfig) -> tuple[Schedule, sources.Plan, dict, dict]
     cfg.transform.check_model(cfg.model.resolution)
     plan = sources.check(cfg.train)
     if plan.count is None:
-        raise ValueError(f"the training split's record count is unknown for format {cfg.train.format}")
+        raise UserError(f"the training split's record count is unknown for format {cfg.train.format}")
     sched = schedule.resolve(cfg, plan.count)
     ds = replace(cfg.deepspeed, preset=sched.preset, micro_batch=sched.micro_batch)
     optim = replace(cfg.optim, global_batch=sched.global_batch)
@@ -103,11 +104,11 @@ def run(cfg: PretrainJobConfig) -> dict:
     if cfg.dry_run:
         return dry_run(cfg)
     if not cfg.palette_path:
-        raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
+        raise UserError("palette_path is required (fit one with pipelines.fit_palette)")
     sched, plan, ds_conf, model_cfg = resolve(cfg)
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
-        raise ValueError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
+        raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
     run_dir = Path(cfg.storage_path).resolve() / cfg.name
     with Lease(run_dir):  # one job per run name: a second one fails now, naming the owner
         return _train(cfg, sched, plan, ds_conf, model_cfg, palette, run_dir)
@@ -115,47 +116,42 @@ def run(cfg: PretrainJobConfig) -> dict:
 
 def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf: dict, model_cfg: dict,
            palette: Palette, run_dir: Path) -> dict:
-    import mlflow
+    (run_dir / NONFINITE).unlink(missing_ok=True)  # a re-submission is a new attempt (e.g. with a lower lr)
+    # one MLflow run per named run: a re-submission continues it
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "pretrain", cli.to_dict(cfg),
+                     params=resolved_params(cfg, sched), id_file=run_dir / "mlflow_run_id") as run:
+        if not run.resumed:
+            run.client.log_dict(run.run_id, ds_conf, "deepspeed_config.json")
+            run.client.log_artifact(run.run_id, cfg.palette_path, "palette")
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
+        init_ray()
+        train, val, log = datasets(cfg, palette, plan, sched.epochs)
+        meta = {"total_steps": sched.total_steps, "warmup_steps": sched.warmup_steps,
+                "steps_per_epoch": sched.steps_per_epoch, "records": sched.records, "epochs": sched.epochs,
+                "global_batch": sched.global_batch, "ds_config": ds_conf, "model": model_cfg,
+                "seed": cfg.transform.seed, "run_dir": str(run_dir), "run_id": run.run_id, "tracking_uri": run.uri,
+                "palette": palette.centres.tolist(), "faults": Faults.from_env().as_dict()}
+        result = run.wait(_trainer(cfg, meta, {"train": train, "val": val}).fit)
+        if result.error:
+            raise result.error
+        read, skipped = ray.get(log.stats.remote())
+        ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
+        run.client.log_artifact(run.run_id, str(run_dir / "errors.tsv"))
+        run.client.log_metric(run.run_id, "data/records_read", read)
+        run.client.log_metric(run.run_id, "data/records_skipped", skipped)
+    summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,
+               "run_dir": str(run_dir), "total_steps": sched.total_steps, "resumed": run.resumed,
+               "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"trained {sched.total_steps} steps; MLflow run {run.run_id} at {run.uri}; checkpoints in {run_dir}")
+    return summary
+
+
+def _trainer(cfg: PretrainJobConfig, meta: dict, datasets: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from igpt.tracking import check_reachable, default_tracking_uri, end_status, ensure_experiment, interruptible
-
-    (run_dir / NONFINITE).unlink(missing_ok=True)  # a re-submission is a new attempt (e.g. with a lower lr)
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(Path(cfg.storage_path))
-    check_reachable(uri)  # seconds, before Ray and the data start
-    init_ray()
-    train, val, log = datasets(cfg, palette, plan, sched.epochs)
-    total = sched.total_steps
-
-    # one MLflow run per named run: a re-submission continues it
-    exp_id = ensure_experiment(uri, cfg.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
-    id_file = run_dir / "mlflow_run_id"
-    resumed = id_file.exists()
-    client = mlflow.tracking.MlflowClient(uri)
-    if resumed:
-        run_id = id_file.read_text().strip()
-    else:
-        tags = {"igpt.job": "pretrain"}
-        if cfg.tracking.parent_run_id:  # e.g. a trial of a sweep: nested under the sweep's run
-            tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
-        run_id = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags=tags).info.run_id
-        id_file.write_text(run_id)
-        items = list(resolved_params(cfg, sched).items())
-        for i in range(0, len(items), 90):
-            from mlflow.entities import Param
-
-            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i:i + 90]])
-        client.log_dict(run_id, cli.to_dict(cfg), "config.json")
-        client.log_dict(run_id, ds_conf, "deepspeed_config.json")
-        client.log_artifact(run_id, cfg.palette_path, "palette")
-    (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
-
-    meta = {"total_steps": total, "warmup_steps": sched.warmup_steps, "steps_per_epoch": sched.steps_per_epoch,
-            "records": sched.records, "epochs": sched.epochs, "global_batch": sched.global_batch,
-            "ds_config": ds_conf, "model": model_cfg, "seed": cfg.transform.seed, "run_dir": str(run_dir),
-            "run_id": run_id, "tracking_uri": uri, "palette": palette.centres.tolist()}
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cli.to_dict(cfg), "meta": meta},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
@@ -165,33 +161,13 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
                              # the workers prune (igpt.checkpoints.prune): Ray's count forgets what a stopped
                              # attempt left, and would delete folders by its own list
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
-        datasets={"train": train, "val": val},
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_execution_options(cfg)),
     )
-    try:
-        result = interruptible(trainer.fit)
-    except BaseException as e:  # FAILED, or KILLED when stopped (ray job stop): never left RUNNING
-        client.set_terminated(run_id, end_status(e))
-        raise
-    if result.error:
-        client.set_terminated(run_id, "FAILED")
-        raise result.error
-    read, skipped = ray.get(log.stats.remote())
-    ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
-    client.log_artifact(run_id, str(run_dir / "errors.tsv"))
-    client.log_metric(run_id, "data/records_read", read)
-    client.log_metric(run_id, "data/records_skipped", skipped)
-    client.set_terminated(run_id, "FINISHED")
-    summary = {"records_read": read, "records_skipped": skipped, "run_id": run_id, "tracking_uri": uri, "run_dir": str(run_dir), "total_steps": total,
-               "resumed": resumed, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained {total} steps; MLflow run {run_id} at {uri}; checkpoints in {run_dir}")
-    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(PretrainJobConfig, argv, prog="python -m pipelines.pretrain"))
+    cli.main(run, PretrainJobConfig, argv, prog="python -m pipelines.pretrain")
 
 
 if __name__ == "__main__":

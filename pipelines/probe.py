@@ -26,7 +26,8 @@ import numpy as np
 from igpt import cli, features, probe, tune_space
 from igpt.config import ProbeJobConfig
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run, stop_on_sigterm
+from igpt.tracking import JobRun, interruptible
+from igpt.errors import UserError
 
 
 def fit(cfg: ProbeJobConfig, x, y, params: dict) -> probe.LinearProbe:
@@ -67,7 +68,7 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
                                             tags={"mlflow.parentRunId": parent_id, "igpt.job": "probe_trial",
                                                   "igpt.sweep": name})]),
     )
-    grid = tuner.fit()
+    grid = interruptible(tuner.fit)  # a stop (ray job stop) interrupts the wait at once
     errors = [r.error for r in grid if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} probe trial(s) failed; first: {errors[0]}")
@@ -128,7 +129,7 @@ def model_blocks(man: dict, where: str) -> int:
     """The block count L of a feature set's model; its layers are 0..L. A set extracted before layer L (the final
     norm's output) existed has no ``n_layer`` in its manifest: refused, rather than a sweep of a missing layer."""
     if "n_layer" not in man:
-        raise ValueError(f"{where} has no layer L (the final norm's output; its manifest has no n_layer): "
+        raise UserError(f"{where} has no layer L (the final norm's output; its manifest has no n_layer): "
                          f"extract it again with pipelines.extract")
     return int(man["n_layer"])
 
@@ -185,7 +186,8 @@ def run(cfg: ProbeJobConfig) -> dict:
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     init_ray()
-    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "probe", cli.to_dict(cfg))
+    run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "probe", cli.to_dict(cfg), fluent=True)
+    uri = run_.uri
     experiment, found = cfg.tracking.experiment, {}
     with run_:
         parent = run_.info.run_id
@@ -241,7 +243,7 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
             callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
                                             tags={"mlflow.parentRunId": parent, "igpt.job": "probe_low_data"})]),
     )
-    grid = tuner.fit()
+    grid = interruptible(tuner.fit)  # a stop (ray job stop) interrupts the wait at once
     if any(r.error for r in grid):
         raise RuntimeError(f"low-data trial failed: {next(r.error for r in grid if r.error)}")
     df = grid.get_dataframe()
@@ -255,8 +257,7 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(ProbeJobConfig, argv, prog="python -m pipelines.probe"))
+    cli.main(run, ProbeJobConfig, argv, prog="python -m pipelines.probe")
 
 
 if __name__ == "__main__":

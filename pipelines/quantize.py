@@ -27,14 +27,15 @@ from igpt import cli, ingest, sources
 from igpt.config import QuantizeJobConfig
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.tracking import start_run, stop_on_sigterm
+from igpt.tracking import JobRun
+from igpt.errors import UserError
 
 
 def run(cfg: QuantizeJobConfig) -> dict:
     import mlflow
 
     if not cfg.palette_path:
-        raise ValueError("palette_path is required (fit one with pipelines.fit_palette)")
+        raise UserError("palette_path is required (fit one with pipelines.fit_palette)")
     palette = Palette.load(cfg.palette_path)  # missing file: a clear error before any work
     plan = sources.check(cfg.data)
     out = Path(cfg.output_dir) / cfg.name
@@ -49,7 +50,8 @@ def run(cfg: QuantizeJobConfig) -> dict:
     tspec = ingest.TransformSpec(t.recipe, t.ir, t.augment, t.seed, t.epoch, t.draft)
     log = ingest.ErrorLog.remote()
     lut_ref = ray.put(palette.lut)
-    run_, uri = start_run(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg))
+    run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg), fluent=True)
+    uri = run_.uri
     with run_:
         mlflow.log_artifact(cfg.palette_path, "palette")
         ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
@@ -94,8 +96,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(QuantizeJobConfig, argv, prog="python -m pipelines.quantize"))
+    cli.main(run, QuantizeJobConfig, argv, prog="python -m pipelines.quantize")
 
 
 if __name__ == "__main__":

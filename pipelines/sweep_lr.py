@@ -56,12 +56,15 @@ import os
 import pickle
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ray.tune.search import Searcher
 
 from igpt import cli, tune_space
 from igpt.config import PretrainJobConfig, SweepLRJobConfig
+from igpt.errors import UserError
+from igpt.faults import Faults
 
 METRIC = "val_loss"
 
@@ -96,7 +99,7 @@ class OrderedSearcher(Searcher):
         if mode != "min":
             raise ValueError("the ordered procedure minimises a loss (mode='min')")
         if not values:
-            raise ValueError("no values to try")
+            raise UserError("no values to try")
         super().__init__(metric=metric, mode=mode)
         self.values = [float(v) for v in values]
         self.param = param
@@ -139,7 +142,7 @@ class OrderedSearcher(Searcher):
 
     def set_state(self, state: dict) -> None:
         if state["values"] != self.values or state["param"] != self.param:
-            raise ValueError(f"saved sweep tried {state['param']}={state['values']}, this one "
+            raise UserError(f"saved sweep tried {state['param']}={state['values']}, this one "
                              f"{self.param}={self.values}: use another sweep name for another space")
         self.live, self.losses, self.stop = dict(state["live"]), list(state["losses"]), state["stop"]
         self._metric, self._mode = state["metric"], state["mode"]
@@ -246,10 +249,15 @@ def log_trial(uri: str, parent_run_id: str, index: int, lr: float, out: dict) ->
         Metric("sweep/diverged", float(out["diverged"]), ms, index)])
 
 
-def trial(config: dict, job: dict, parent_run_id: str, tracking_uri: str) -> None:
-    """Ray Tune function trainable: one full pretraining run at ``config["lr"]``; reports its final val loss."""
+def trial(config: dict, job: dict, parent_run_id: str, tracking_uri: str, faults: dict | None = None) -> None:
+    """Ray Tune function trainable: one full pretraining run at ``config["lr"]``; reports its final val loss.
+    ``faults``: the sweep driver's test faults (igpt.faults), handed to the trial's pretraining driver."""
     from ray import tune
 
+    from igpt import faults as fault_env
+
+    if faults:
+        os.environ[fault_env.ENV] = json.dumps(faults)
     cfg = cli.from_dict(SweepLRJobConfig, job)
     lr, index = float(config["lr"]), int(config["index"])
     out = pretrain_once(pretrain_config(cfg, lr, parent_run_id), diverged_ok=True)
@@ -267,29 +275,18 @@ def load_values(space: str) -> list[float]:
     return [float(v) for v in tune_space.to_tune(data["params"])["lr"]]
 
 
-def _parent_run(cfg: SweepLRJobConfig, uri: str, values: list[float], sweep_dir: Path) -> str:
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Path):
+    """The sweep's MLflow run (a re-submission continues it); the store and experiment are created here, before
+    any trial touches them (SQLite schema race)."""
+    from igpt.tracking import JobRun
 
-    from igpt.tracking import ensure_experiment
-
-    # the store and experiment are created here, before any trial touches them (SQLite schema race)
-    exp_id = ensure_experiment(uri, cfg.pretrain.tracking.experiment, Path(cfg.storage_path) / "mlartifacts")
-    client = MlflowClient(uri)
-    id_file = sweep_dir / "mlflow_run_id"
-    if id_file.exists():  # a re-submission continues the sweep's run
-        run_id = id_file.read_text().strip()
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    run_id = client.create_run(exp_id, run_name=cfg.pretrain.tracking.run_name or cfg.name,
-                               tags={"igpt.job": "sweep_lr"}).info.run_id
-    id_file.write_text(run_id)
     params = {"space": cfg.space, "order": json.dumps(values), "holdout": cfg.holdout, "refit": cfg.refit,
               "max_failures": cfg.max_failures, "name": cfg.name}
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    client.log_dict(run_id, cli.to_dict(cfg), "config.json")
-    client.log_dict(run_id, tune_space.load(cfg.space, job="sweep_lr"), "space.json")
-    return run_id
+    job = JobRun.open(replace(cfg.pretrain.tracking, parent_run_id=None), cfg.storage_path, cfg.name, "sweep_lr",
+                      cli.to_dict(cfg), params=params, id_file=sweep_dir / "mlflow_run_id")
+    if not job.resumed:
+        job.client.log_dict(job.run_id, tune_space.load(cfg.space, job="sweep_lr"), "space.json")
+    return job
 
 
 def _ray_cpus(cfg: SweepLRJobConfig) -> int:
@@ -311,75 +308,76 @@ def _check_cpus(cfg: SweepLRJobConfig) -> None:
 
 
 def run(cfg: SweepLRJobConfig) -> dict:
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-
     from igpt.raysetup import init_ray
-    from igpt.tracking import default_tracking_uri, end_status
 
     cfg = absolute_paths(cfg)
     values = load_values(cfg.space)
     if not cfg.pretrain.palette_path:
-        raise ValueError("pretrain.palette_path is required (fit one with pipelines.fit_palette)")
+        raise UserError("pretrain.palette_path is required (fit one with pipelines.fit_palette)")
     pretrain_config(cfg, values[0], None)  # a bad pretraining config fails now, not in a trial
     pretrain_config(cfg, values[0], None, refit=True)
     sweep_dir = Path(cfg.storage_path) / cfg.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.pretrain.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
-    parent = _parent_run(cfg, uri, values, sweep_dir)
-    client = MlflowClient(uri)
-    try:
+    with _parent_run(cfg, values, sweep_dir) as job:
         init_ray(num_cpus=_ray_cpus(cfg))
         _check_cpus(cfg)
-        trainable = tune.with_resources(
-            tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=parent, tracking_uri=uri),
-            {"CPU": cfg.cpus_per_trial})
-        tune_dir = sweep_dir / "tune"
-        if tune.Tuner.can_restore(str(tune_dir)):
-            print(f"resuming the sweep from {tune_dir}")
-            tuner = tune.Tuner.restore(str(tune_dir), trainable)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(search_alg=OrderedSearcher(values), num_samples=len(values),
-                                            max_concurrent_trials=1),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
-        grid = tuner.fit()
-        summary = _outcome(grid, values)
-        summary.update(name=cfg.name, parent_run_id=parent, tracking_uri=uri, sweep_dir=str(sweep_dir), refit=None)
-        client.set_tag(parent, "sweep.stop_reason", summary["stop_reason"])
-        client.set_tag(parent, "sweep.stop_detail", summary["stop_detail"])
-        if summary["best_lr"] is not None:
-            client.set_tag(parent, "sweep.best_lr", f"{summary['best_lr']:g}")
-            client.log_metric(parent, "sweep/best_lr", summary["best_lr"])
-        if summary["stop_reason"] == "failed":
-            # set aside, so that a re-submission starts a new Tune experiment: its trials replay the finished
-            # pretraining runs from their records (nothing is trained again) and resume the failed one
-            kept = sweep_dir / f"tune.failed-{len(list(sweep_dir.glob('tune.failed-*'))) + 1}"
-            tune_dir.rename(kept)
-            raise RuntimeError(f"sweep {cfg.name}: {summary['stop_detail']}; Tune's experiment moved to {kept}; "
-                               f"re-submit to retry (the failed trial resumes from its newest checkpoint)")
-        if summary["stop_reason"] == "all_diverged":
-            raise RuntimeError(f"sweep {cfg.name}: every trial diverged; try lower learning rates")
+        summary = _outcome(job.wait(_tuner(cfg, job, values, sweep_dir).fit), values)
+        summary.update(name=cfg.name, parent_run_id=job.run_id, tracking_uri=job.uri, sweep_dir=str(sweep_dir),
+                       refit=None)
+        _record_outcome(cfg, job, summary, sweep_dir)
         if cfg.refit:
-            out = refit(cfg, summary["best_lr"], parent)
-            client.set_tag(out["run_id"], "igpt.sweep", parent)
-            client.set_tag(out["run_id"], "sweep.role", "refit")
-            client.set_tag(parent, "sweep.refit_run_id", out["run_id"])
-            client.log_metric(parent, "refit/val_loss", out["val_loss"])
+            out = refit(cfg, summary["best_lr"], job.run_id)
+            job.client.set_tag(out["run_id"], "igpt.sweep", job.run_id)
+            job.client.set_tag(out["run_id"], "sweep.role", "refit")
+            job.client.set_tag(job.run_id, "sweep.refit_run_id", out["run_id"])
+            job.client.log_metric(job.run_id, "refit/val_loss", out["val_loss"])
             summary["refit"] = out
-    except BaseException as e:  # FAILED, or KILLED when stopped (ray job stop): never left RUNNING
-        client.set_terminated(parent, end_status(e))
-        raise
-    client.set_terminated(parent, "FINISHED")
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trials = ", ".join(f"lr={t['lr']:g}: {t['val_loss']:.4f}" for t in summary["trials"])
     print(f"sweep {cfg.name}: {trials}; stopped ({summary['stop_reason']}: {summary['stop_detail']}); best lr "
           f"{summary['best_lr']:g}" + (f"; refit {summary['refit']['run_id']} val loss "
                                         f"{summary['refit']['val_loss']:.4f}" if summary["refit"] else "")
-          + f"; MLflow run {parent} at {uri}")
+          + f"; MLflow run {job.run_id} at {job.uri}")
     return summary
+
+
+def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Path):
+    """Tune's experiment of this sweep: restored when a killed sweep left one, else a new one."""
+    from ray import tune
+
+    trainable = tune.with_resources(
+        tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id, tracking_uri=job.uri,
+                             faults=Faults.from_env().as_dict()),
+        {"CPU": cfg.cpus_per_trial})
+    tune_dir = sweep_dir / "tune"
+    if tune.Tuner.can_restore(str(tune_dir)):
+        print(f"resuming the sweep from {tune_dir}")
+        return tune.Tuner.restore(str(tune_dir), trainable)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=OrderedSearcher(values), num_samples=len(values),
+                                    max_concurrent_trials=1),
+        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
+
+
+def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Path) -> None:
+    """Why the sweep stopped and its best rate, on its MLflow run; a failed sweep or one whose every trial
+    diverged ends here with what to do."""
+    job.client.set_tag(job.run_id, "sweep.stop_reason", summary["stop_reason"])
+    job.client.set_tag(job.run_id, "sweep.stop_detail", summary["stop_detail"])
+    if summary["best_lr"] is not None:
+        job.client.set_tag(job.run_id, "sweep.best_lr", f"{summary['best_lr']:g}")
+        job.client.log_metric(job.run_id, "sweep/best_lr", summary["best_lr"])
+    if summary["stop_reason"] == "failed":
+        # set aside, so that a re-submission starts a new Tune experiment: its trials replay the finished
+        # pretraining runs from their records (nothing is trained again) and resume the failed one
+        kept = sweep_dir / f"tune.failed-{len(list(sweep_dir.glob('tune.failed-*'))) + 1}"
+        (sweep_dir / "tune").rename(kept)
+        raise RuntimeError(f"sweep {cfg.name}: {summary['stop_detail']}; Tune's experiment moved to {kept}; "
+                           f"re-submit to retry (the failed trial resumes from its newest checkpoint)")
+    if summary["stop_reason"] == "all_diverged":
+        raise RuntimeError(f"sweep {cfg.name}: every trial diverged; try lower learning rates")
 
 
 def refit(cfg: SweepLRJobConfig, lr: float, parent_run_id: str) -> dict:
@@ -432,10 +430,7 @@ def _outcome(grid, values: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from igpt.tracking import stop_on_sigterm
-
-    stop_on_sigterm()  # ray job stop -> the MLflow run ends KILLED
-    run(cli.parse(SweepLRJobConfig, argv, prog="python -m pipelines.sweep_lr"))
+    cli.main(run, SweepLRJobConfig, argv, prog="python -m pipelines.sweep_lr")
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ def test_clear_errors(store, tmp_path, capsys):
         job_main(["--output_dir", str(store["root"]), "--filter", "metrics.x = 'a'",
                   "--tracking.tracking_uri", store["uri"]])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("python -m pipelines.compare: error: MLflow rejected the search filter")
+    assert e.value.code == 2 and err.startswith("error: MLflow rejected the search filter")
     assert "Traceback" not in err and "metrics.x = 'a'" in err
 
 

@@ -111,11 +111,13 @@ def final_params(summary) -> dict:
 
 
 @pytest.mark.slow  # ~3.5 min: two runs plus Ray Train's restart of the worker group
-def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ray_local):
+def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ray_local, monkeypatch):
     """Rank 1 dies (os._exit) at step 6 of a 10-step run; Ray Train restarts the workers, which resume from the
     step-4 checkpoint; the final parameters equal those of a run that was never interrupted, bit for bit."""
     clean = pretrain.run(job(tmp_path, palette_path, "clean", 2, max_steps=10))
-    faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10, fail_at_step=6, fail_rank=1))
+    monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 6, "fail_rank": 1}))  # the driver hands it on
+    faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10))
+    assert not any("fail" in k for k in MlflowClient(faulty["tracking_uri"]).get_run(faulty["run_id"]).data.params)
     assert (Path(faulty["run_dir"]) / "fault_injected").exists()  # the fault did happen
     steps = sorted(m.step for m in history(faulty, "train/loss"))
     assert steps == list(range(1, 11))  # steps 5-6 ran twice but are logged once
@@ -127,8 +129,9 @@ def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ra
         assert torch.equal(a[k], b[k]), k
 
 
-def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, palette_path, ray_local):
-    cfg = job(tmp_path, palette_path, "nan", 2, max_steps=6, nan_at_step=3, **{"checkpoint.max_failures": 2})
+def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, palette_path, ray_local, monkeypatch):
+    monkeypatch.setenv("IGPT_FAULTS", json.dumps({"nan_at_step": 3}))
+    cfg = job(tmp_path, palette_path, "nan", 2, max_steps=6, **{"checkpoint.max_failures": 2})
     with pytest.raises(Exception, match=r"loss is nan at step 3|diverged \(loss nan at step 3\)"):
         pretrain.run(cfg)
     run_dir = tmp_path / "runs" / "nan"

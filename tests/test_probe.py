@@ -205,7 +205,7 @@ def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
     import mlflow
 
     from igpt.config import TrackingConfig
-    from igpt.tracking import default_tracking_uri, start_run
+    from igpt.tracking import JobRun, default_tracking_uri
 
     root = tmp_path / "features"
     _shard(root, "train", ["train/0", "train/1", "train/2"], [0, 1, 1])
@@ -214,7 +214,7 @@ def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
     assert [list(a) for a in features.labels_and_keys(root, "val")] == [[0, 2], ["train/3", "train/4"]]
     cfg = ProbeJobConfig(features=str(root), output_dir=str(tmp_path))
     uri = default_tracking_uri(tmp_path)
-    run_, _ = start_run(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {})
+    run_ = JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {}, fluent=True)
     found = {}
     with run_:
         probe_job.check_splits(cfg, found)

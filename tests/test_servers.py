@@ -98,8 +98,10 @@ def servers():
         assert not head_pids()
 
 
-def submit(servers, *argv, wait=True, job_id=None):
+def submit(servers, *argv, wait=True, job_id=None, env_vars=None):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", servers["dashboard"], "--working-dir", str(ROOT)]
+    if env_vars:  # the driver's environment (test faults: igpt.faults)
+        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
     if job_id:
         cmd += ["--submission-id", job_id]
     if not wait:
@@ -123,12 +125,19 @@ def test_servers_bind_to_loopback_only(servers):
     assert listening(servers["mlflow_port"]) == {"127.0.0.1"}
 
 
-def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, tmp_path):
+@pytest.fixture(scope="module")
+def main_job(servers):
+    """The main job submitted once: its pretraining run folder and feature set feed the stop tests below."""
     out = servers["temp"] / "runs"  # the job's files; the MLflow runs and artifacts live on the server
     p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--train.steps", "8",
                "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
                "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served",
                job_id="igpt-main-ok")
+    return {"process": p, "root": out / "sub"}
+
+
+def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, main_job, tmp_path):
+    p = main_job["process"]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert job_status(servers, "igpt-main-ok") == "SUCCEEDED"
     client = MlflowClient(servers["tracking"])  # over HTTP only
@@ -170,8 +179,8 @@ def _run_of(servers, name):
 
 
 def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
-    p = submit(servers, *_pretrain_argv(servers, "diverges", "--steps", "6", "--optim.warmup_steps", "1", "--nan_at_step", "2"),
-               job_id="igpt-fails")
+    p = submit(servers, *_pretrain_argv(servers, "diverges", "--steps", "6", "--optim.warmup_steps", "1"),
+               job_id="igpt-fails", env_vars={"IGPT_FAULTS": json.dumps({"nan_at_step": 2})})
     assert p.returncode != 0
     assert job_status(servers, "igpt-fails") == "FAILED"
     run = _run_of(servers, "diverges")
@@ -198,3 +207,77 @@ def test_a_stopped_job_ends_killed_in_mlflow(servers):
         time.sleep(1)
     assert job_status(servers, "igpt-stopped") == "STOPPED"
     assert _run_of(servers, "stopped").info.status == "KILLED"
+
+
+def _stage_argv(servers, main_job, job: str, name: str) -> list[str]:
+    """A long run of each stage (it is stopped long before it ends), on the main job's outputs."""
+    sample = str(ROOT / "igpt" / "data" / "cifar10_sample.parquet")
+    root, track = main_job["root"], ["--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served"]
+    runs = str(servers["temp"] / "runs" / "stops")
+    if job == "finetune":
+        return ["-m", "pipelines.finetune", "--name", name, "--storage_path", runs, "--checkpoint",
+                str(root / "train" / "debug"), "--train.path", sample, "--train.key_prefix", "train/",
+                "--test.path", sample, "--test.key_prefix", "test/", "--space", "", "--max_epochs", "1000",
+                "--patience", "1000", "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32",
+                "--deepspeed.micro_batch", "8", "--optim.global_batch", "8", "--scaling.workers", "1",
+                "--scaling.cpus_per_worker", "0.5", "--cpus_per_trial", "0.2", *track]
+    if job == "sweep_lr":
+        space = servers["temp"] / "sweep_space.json"
+        space.write_text(json.dumps({"_comment": "stop test", "job": "sweep_lr",
+                                     "params": {"lr": {"ordered": [0.001, 0.002]}}}))
+        return ["-m", "pipelines.sweep_lr", "--name", name, "--storage_path", runs, "--space", str(space),
+                "--holdout", "0.2", "--cpus_per_trial", "0.2", "--trial_fraction", "1",
+                "--pretrain.palette_path", str(servers["temp"] / "palette.npy"),
+                "--pretrain.train.path", sample, "--pretrain.train.key_prefix", "train/",
+                "--pretrain.val.path", sample, "--pretrain.val.key_prefix", "test/", "--pretrain.completions", "0",
+                "--pretrain.model.size", "debug", "--pretrain.deepspeed.preset", "cpu",
+                "--pretrain.deepspeed.precision", "fp32", "--pretrain.deepspeed.micro_batch", "8",
+                "--pretrain.optim.global_batch", "8", "--pretrain.steps", "100000",
+                "--pretrain.optim.warmup_steps", "10", "--pretrain.checkpoint.every_steps", "100000",
+                "--pretrain.scaling.workers", "1", "--pretrain.scaling.cpus_per_worker", "0.5",
+                "--pretrain.tracking.tracking_uri", servers["tracking"], "--pretrain.tracking.experiment", "served"]
+    return ["-m", "pipelines.probe", "--name", name, "--output_dir", runs, "--features",
+            str(root / "features" / "debug"), "--protocol", "sgd", "--epochs", "1000000", "--no-pixels",
+            "--cpus_per_trial", "0.5", *track]
+
+
+@pytest.mark.parametrize("job", ["finetune", "sweep_lr", "probe"])
+def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, job):
+    """``ray job stop`` while the stage waits in Ray Train or Ray Tune's ``fit``: its MLflow run ends KILLED, and
+    so does every run under it (a trial's run, a trial's pretraining run), none left RUNNING."""
+    assert main_job["process"].returncode == 0, main_job["process"].stderr[-2000:]
+    name, job_id = f"stop-{job}", f"igpt-stop-{job.replace('_', '-')}"
+    p = submit(servers, *_stage_argv(servers, main_job, job, name), wait=False, job_id=job_id)
+    assert p.returncode == 0, p.stderr[-2000:]
+    client = MlflowClient(servers["tracking"])
+    deadline = time.time() + 600
+    while True:  # until the stage is inside its fit: a run under it exists and is running
+        parent = _run_of(servers, name)
+        under = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'") \
+            if parent is not None else []
+        if any(r.info.status == "RUNNING" for r in under):
+            break
+        assert time.time() < deadline and job_status(servers, job_id) in ("PENDING", "RUNNING"), \
+            _logs(servers, job_id)
+        time.sleep(2)
+    assert parent.info.status == "RUNNING"
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", servers["dashboard"], job_id],
+                   env=servers["env"], check=True, capture_output=True, timeout=120)
+    deadline = time.time() + 120
+    while job_status(servers, job_id) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert job_status(servers, job_id) == "STOPPED"
+    assert _run_of(servers, name).info.status == "KILLED"
+    tree, frontier = [], [parent.info.run_id]
+    while frontier:  # every run under it, at any depth
+        found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{frontier.pop()}'")
+        frontier += [r.info.run_id for r in found]
+        tree += found
+    assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in tree]
+    assert any(r.info.status == "KILLED" for r in tree)
+
+
+def _logs(servers, job_id) -> str:
+    with urllib.request.urlopen(f"{servers['dashboard']}/api/jobs/{job_id}/logs") as r:
+        return json.load(r)["logs"][-3000:]

@@ -176,7 +176,7 @@ def sweep_job(tmp_path, palette_path, space: Path, *extra: str, name="s") -> Swe
     return cli.parse(SweepLRJobConfig, argv)
 
 
-@pytest.mark.slow  # ~3 min: two pretraining trials, a refit, and three re-submissions
+@pytest.mark.slow  # ~4 min: two pretraining trials, a refit, and three re-submissions
 def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_path, ray_local):
     """Order 0.005, 1e12, 0.001. 0.005 trains. 1e12 diverges: its first update makes the step-3 forward overflow
     float32, the loss is nan, pretraining stops it (no retry) and its val loss is inf: higher than 0.005's, so the
@@ -188,7 +188,9 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "sweep_lr",
                                  "params": {"lr": {"ordered": [0.005, 1e12, 0.001]}}}))
-    cfg = sweep_job(tmp_path, palette_path, space)
+    # 12 steps: at 0.005 the held-out loss first rises above ln 512 (steps 2-5, measured 6.22 -> 6.29), then falls
+    # below it (6.12 at step 12); 5 steps would end above it
+    cfg = sweep_job(tmp_path, palette_path, space, "--pretrain.steps", "12")
     summary = sweep_lr.run(cfg)
     trials = summary["trials"]
     print("trials:", [(t["lr"], t["val_loss"], t["diverged"]) for t in trials])
@@ -225,7 +227,7 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
             assert child.data.metrics["train/nonfinite_loss"] == 1.0
     ok = client.get_run(trials[0]["run_id"])
     assert ok.data.metrics["val/loss"] == pytest.approx(trials[0]["val_loss"])
-    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == [1, 2, 3, 4, 5]
+    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == list(range(1, 13))
 
     refit = client.get_run(summary["refit"]["run_id"])
     assert parent.data.tags["sweep.refit_run_id"] == refit.info.run_id
@@ -242,7 +244,7 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
     assert again["parent_run_id"] == summary["parent_run_id"] and again["trials"] == trials
     assert again["refit"]["run_id"] == summary["refit"]["run_id"]
     assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "sweep/lr")) == [0, 1]
-    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == [1, 2, 3, 4, 5]
+    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == list(range(1, 13))
     assert sorted(p.name for p in sweep_dir.glob("lr_*")) == ["lr_0.005", "lr_1e+12"]
 
     # a new Tune experiment for the same sweep (as after a failed one) replays the finished pretraining runs from
@@ -252,12 +254,13 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
     assert [(t["lr"], t["val_loss"], t["run_id"]) for t in third["trials"]] == \
         [(t["lr"], t["val_loss"], t["run_id"]) for t in trials]
     assert third["stop_reason"] == "rose" and third["refit"]["run_id"] == summary["refit"]["run_id"]
-    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == [1, 2, 3, 4, 5]
+    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == list(range(1, 13))
     assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "sweep/lr")) == [0, 1]
 
 
 @pytest.mark.slow  # ~2.5 min: one trial killed three times: the sweep failed, re-submitted, retried by Tune
-def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resumes(tmp_path, palette_path, ray_local):
+def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resumes(tmp_path, palette_path, ray_local,
+                                                                                  monkeypatch):
     """A worker dies at step 4 (fault injection) and Ray Train does not retry (checkpoint.max_failures 0).
     1. No Tune retries: the trial fails, so does the sweep; Tune's experiment is set aside.
     2. Re-submitted with one Tune retry: the trial resumes from its step-2 checkpoint, dies at step 4 again (the
@@ -266,7 +269,8 @@ def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resume
 
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": [0.005]}}}))
-    faults = ["--no-refit", "--pretrain.fail_at_step", "4", "--pretrain.checkpoint.every_steps", "2"]
+    monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 4}))  # test faults: never a user's flag
+    faults = ["--no-refit", "--pretrain.checkpoint.every_steps", "2"]
     with pytest.raises(RuntimeError, match=r"trial 0 \(lr=0.005\) failed after its retries.*re-submit"):
         sweep_lr.run(sweep_job(tmp_path, palette_path, space, "--max_failures", "0", *faults))
     sweep_dir = tmp_path / "runs" / "s"
