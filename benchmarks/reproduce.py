@@ -1351,7 +1351,7 @@ def finish(plan: Plan, res: dict, clock: Clock, parent: str) -> tuple[dict, str]
     figs = plots(plan, r, out / "plots")
     clock.add("report", plan.estimates.get("report", 0.0), time.perf_counter() - t)
     r["timings"] = {name: {"planned": p, "actual": a} for name, p, a in clock.rows}
-    r["findings"] = [dict(zip(("question", "numbers", "paper", "verdict"), row)) for row in findings(plan, r)]
+    r["findings"] = [dict(zip(("question", "numbers", "paper", "verdict"), row, strict=False)) for row in findings(plan, r)]
     md = report(plan, r, clock, parent)
     (out / "reproduce.md").write_text(md)
     (out / "results.json").write_text(json.dumps(r, indent=2, default=str))

@@ -45,7 +45,7 @@ def val_loss(r: dict, global_batch: int, title: str, path: Path) -> Path:
     for key, m in r["models"].items():
         if not m["pretrained"] or not m["val_loss_history"]:
             continue
-        steps, vals = zip(*m["val_loss_history"])
+        steps, vals = zip(*m["val_loss_history"], strict=False)
         bert = m["objective"] == "bert"
         ax.plot([s * global_batch for s in steps], [v / math.log(2) for v in vals], "s--" if bert else "o-",
                 label=key + (" (loss on masked positions)" if bert else ""))
@@ -61,7 +61,7 @@ def learning_rate(r: dict, path: Path) -> Path:
     fig, ax = _pyplot().subplots(figsize=(6, 4))
     for key, m in r["models"].items():
         if m["pretrained"] and m.get("lr_history"):
-            steps, vals = zip(*m["lr_history"])
+            steps, vals = zip(*m["lr_history"], strict=False)
             ax.plot(steps, vals, "-", label=f"{key} (last {m['lr']['last']:.2g})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate (train/lr)")
@@ -79,7 +79,7 @@ def probe_vs_loss(r: dict, path: Path) -> Path:
     err = [196 * math.sqrt(max(c["test_accuracy"] * (1 - c["test_accuracy"]), 1e-12) / c["test_images"])
            for c in ck["rows"]]
     ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3)
-    for x, y, c in zip(xs, ys, ck["rows"]):
+    for x, y, c in zip(xs, ys, ck["rows"], strict=False):
         ax.annotate(f"step {c['step']} (layer {c['best_layer']})", (x, y), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     st = ck["stats"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from igpt.errors import MissingInput
 
 MARKER = "igpt_complete.json"

@@ -24,9 +24,9 @@ pretraining run has several probes (or fine-tunings), the newest one (by start t
 from __future__ import annotations
 
 import csv
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
 from igpt.errors import UserError
 
 PLOTS = ("val_loss_vs_params.png", "val_loss_vs_compute.png", "probe_accuracy_by_depth.png", "loss_curves.png")
@@ -291,7 +291,7 @@ def text_table(rows: list[Row]) -> str:
 
     def line(values):
         return "  ".join(v.rjust(w) if COLUMNS[i][3] else v.ljust(w)
-                         for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+                         for i, (v, w) in enumerate(zip(values, widths, strict=False))).rstrip()
 
     return "\n".join([line(heads), line(["-" * w for w in widths])] + [line(c) for c in cells])
 
@@ -390,9 +390,9 @@ def plots(cmp: Comparison, folder: Path, include_unfinished: bool = False) -> li
     for i, r in enumerate(rows):
         train, val = cmp.losses.get(r.run_id, {}).get("train/loss"), cmp.losses.get(r.run_id, {}).get("val/loss")
         if train:
-            ax.plot(*zip(*train), "-", color=f"C{i}", alpha=0.45, lw=1, label=f"{r.name} train")
+            ax.plot(*zip(*train, strict=False), "-", color=f"C{i}", alpha=0.45, lw=1, label=f"{r.name} train")
         if val:
-            ax.plot(*zip(*val), "o-", color=f"C{i}", ms=3, label=f"{r.name} val")
+            ax.plot(*zip(*val, strict=False), "o-", color=f"C{i}", ms=3, label=f"{r.name} val")
         drawn = drawn or bool(train or val)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")

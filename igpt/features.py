@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
+
 from igpt.errors import MissingInput
 
 SPLITS = ("train", "val", "test")

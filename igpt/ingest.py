@@ -93,7 +93,7 @@ def _good_records(batch: pa.Table, t: TransformSpec, log):
     with their reasons, and the count of records seen go to the error log once the batch is done."""
     errors = []
     cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
-    for key, label, image, raw_size, err, epoch in zip(*cols, _epochs(batch, t)):
+    for key, label, image, raw_size, err, epoch in zip(*cols, _epochs(batch, t), strict=False):
         if err:
             errors.append((key, err))
             continue

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+
 from igpt.errors import UserError
 
 OWNER = "owner.json"

@@ -258,10 +258,7 @@ class IGPT(nn.Module):
             if not 0 <= l <= n_layer:
                 raise ValueError(f"layer {l} out of range [0, {n_layer}]")
         taps: dict[int, torch.Tensor] = dict.fromkeys(layers)  # type: ignore[arg-type]
-        if objective == "ar":
-            h = self._embed(self.ar_inputs(tokens), None)
-        else:
-            h = self._embed(tokens, mask)
+        h = self._embed(self.ar_inputs(tokens), None) if objective == "ar" else self._embed(tokens, mask)
         # run only the blocks below the deepest requested layer: later ones cannot change the taps
         deepest = max(layers)
         for i in range(deepest + 1):

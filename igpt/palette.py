@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from igpt.errors import MissingInput, UserError
 
 N_COLORS = 512

@@ -105,10 +105,7 @@ def activation_bytes(p: PlanInput) -> float:
     s, b, h, a, layers, vocab = m.n_ctx, p.micro_batch, m.d_model, m.n_head, m.n_layer, m.n_colors
     scale = 2.0 if p.precision == "fp32" else 1.0
     per_layer = s * b * h * 34 + (0 if p.flash_attention else 5 * a * s * s * b)
-    if p.activation_checkpointing:
-        body = layers * 2 * s * b * h + per_layer
-    else:
-        body = layers * per_layer
+    body = layers * 2 * s * b * h + per_layer if p.activation_checkpointing else layers * per_layer
     logits = s * b * vocab * (2 + 4)
     return scale * body + logits
 

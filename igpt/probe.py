@@ -27,7 +27,7 @@ class Standardizer:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> "Standardizer":
+    def fit(cls, x: np.ndarray) -> Standardizer:
         flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
         return cls(flat.mean(0).astype(np.float32), (flat.std(0) + 1e-6).astype(np.float32))
 

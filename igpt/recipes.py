@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
+
 from igpt.errors import UserError
 
 RECIPES_FILE = Path(__file__).resolve().parents[1] / "cluster" / "recipes.json"

@@ -15,8 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from igpt.recipes import recipe
 from igpt.errors import UserError
+from igpt.recipes import recipe
 
 
 @dataclass(frozen=True)

@@ -23,12 +23,14 @@ import io
 import pickle
 import posixpath
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+
 from igpt.errors import UserError
 
 Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
@@ -508,7 +510,7 @@ def _folder_record(path: str, split: str, index: dict[str, int], labels: dict[st
 def _read_imagefolder(plan: Plan, u: Unit) -> pa.Table:
     index = {c: i for i, c in enumerate(plan.classes)}
     paths = plan.files[u.pos:u.pos + u.take]
-    keys, labels, errors = zip(*(_folder_record(p, plan.spec.split, index, plan.labels) for p in paths))
+    keys, labels, errors = zip(*(_folder_record(p, plan.spec.split, index, plan.labels) for p in paths), strict=False)
     return _rows_table(keys, labels, [_read_all(plan.fs, p) for p in paths], np.zeros(len(paths), np.int32), errors)
 
 

@@ -6,8 +6,8 @@ import os
 import signal
 import threading
 from pathlib import Path
-from igpt.errors import UserError
 
+from igpt.errors import UserError
 
 STOP_REQUESTED = threading.Event()
 
@@ -165,7 +165,7 @@ class JobRun:
     @classmethod
     def open(cls, tracking, store_dir: str | Path, name: str, job: str, config: dict | None, *,
              params: dict | None = None, tags: dict | None = None, id_file: Path | None = None,
-             fluent: bool = False) -> "JobRun":
+             fluent: bool = False) -> JobRun:
         """``tracking``: a TrackingConfig (store, experiment, run name, parent); ``store_dir``: where a local
         store and its artifacts live when none is given; ``config``: logged as params (flattened) and
         ``config.json``; ``params``: more params, or values that replace the config's."""
@@ -205,7 +205,7 @@ class JobRun:
     def wait(self, fn, *args, **kwargs):
         return interruptible(fn, *args, **kwargs)
 
-    def __enter__(self) -> "JobRun":
+    def __enter__(self) -> JobRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

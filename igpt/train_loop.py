@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from igpt.faults import Faults
 from igpt.checkpoints import MARKER, full_fp32_state_dict, newest_complete, prune, write_marker, write_weights
+from igpt.faults import Faults
 from igpt.model import IGPT
 from igpt.optim import lr_factor
 from igpt.sampling import complete, grid

@@ -129,7 +129,7 @@ def apply(
         img = to_rgb(img)
         if img.size != (w, h):  # decoded at 1/k: pixel i covers original pixels [i k, (i + 1) k)
             k = 2 ** round(math.log2(w / img.width))
-            box = tuple(min(v / k, lim) for v, lim in zip(box, (img.width, img.height) * 2))
+            box = tuple(min(v / k, lim) for v, lim in zip(box, (img.width, img.height) * 2, strict=False))
         return np.asarray(img.resize((ir, ir), Image.BOX, box=box), dtype=np.uint8)
     arr = image if isinstance(image, np.ndarray) else np.asarray(decode_rgb(image))
     if recipe == "cifar":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 from igpt.errors import MissingInput, UserError
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"

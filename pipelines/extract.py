@@ -26,9 +26,9 @@ import ray
 
 from igpt import checkpoints, cli, features, ingest, sources
 from igpt.config import ExtractJobConfig
+from igpt.errors import UserError
 from igpt.raysetup import init_ray
 from igpt.tracking import JobRun
-from igpt.errors import UserError
 
 ROWS_PER_SHARD = 10_000
 # the manifest says it in words, so a reader of a feature set needs no code to know what layer L is

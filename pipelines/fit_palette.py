@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from igpt import cli, ingest, sources
 from igpt.config import FitPaletteJobConfig

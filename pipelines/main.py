@@ -18,9 +18,15 @@ import time
 from pathlib import Path
 
 from igpt import cli, sources
+from igpt.config import (
+    CompareJobConfig,
+    ExtractJobConfig,
+    FitPaletteJobConfig,
+    MainJobConfig,
+    PretrainJobConfig,
+    ProbeJobConfig,
+)
 from igpt.palette import Palette
-from igpt.config import (CompareJobConfig, ExtractJobConfig, FitPaletteJobConfig, MainJobConfig, PretrainJobConfig,
-                         ProbeJobConfig)
 from igpt.tracking import default_tracking_uri
 
 

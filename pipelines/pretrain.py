@@ -20,14 +20,14 @@ import ray
 
 from igpt import cli, deepspeed_config, ingest, schedule, sources
 from igpt.config import PretrainJobConfig
+from igpt.errors import UserError
 from igpt.faults import Faults
 from igpt.lease import Lease
-from igpt.schedule import Schedule
-from igpt.tracking import JobRun, flatten
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
+from igpt.schedule import Schedule
+from igpt.tracking import JobRun, flatten
 from igpt.train_loop import NONFINITE, train_loop
-from igpt.errors import UserError
 
 
 def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):

@@ -25,9 +25,9 @@ import numpy as np
 
 from igpt import cli, features, probe, tune_space
 from igpt.config import ProbeJobConfig
+from igpt.errors import UserError
 from igpt.raysetup import init_ray
 from igpt.tracking import JobRun, interruptible
-from igpt.errors import UserError
 
 
 def fit(cfg: ProbeJobConfig, x, y, params: dict) -> probe.LinearProbe:
@@ -79,7 +79,7 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
 def refit_and_test(cfg: ProbeJobConfig, params: dict) -> dict:
     """The best setting fit on train+val, evaluated once on test."""
     layer = params["layer"]
-    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")))
+    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")), strict=False)
     x, y = np.concatenate(xs), np.concatenate(ys)
     xt, yt, _ = features.load(cfg.features, "test", layer)
     p = fit(cfg, x, y, params)
@@ -93,7 +93,7 @@ def low_data_trial(config: dict, cfg_dict: dict, layer, C: float) -> None:
     from sklearn.linear_model import LogisticRegressionCV
 
     cfg = cli.from_dict(ProbeJobConfig, cfg_dict)
-    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")))
+    xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")), strict=False)
     x, y = np.concatenate(xs), np.concatenate(ys)
     idx = probe.balanced_subset(y, config["labels"], config["seed"])
     per_class = config["labels"] // len(np.unique(y))

@@ -25,10 +25,10 @@ import ray
 
 from igpt import cli, ingest, sources
 from igpt.config import QuantizeJobConfig
+from igpt.errors import UserError
 from igpt.palette import Palette
 from igpt.raysetup import init_ray
 from igpt.tracking import JobRun
-from igpt.errors import UserError
 
 
 def run(cfg: QuantizeJobConfig) -> dict:

@@ -11,6 +11,8 @@ boto3 / google-api-python-client and credentials, so that step is not run here.
 from __future__ import annotations
 
 import copy
+import importlib
+import inspect
 import re
 import shlex
 from pathlib import Path
@@ -314,9 +316,12 @@ def test_readme_cluster_commands_use_the_pipelines_flags():
         source = ROOT / (argv[2].replace(".", "/") + ".py")
         if not source.exists():
             continue
-        found = re.search(r"cli\.parse\((\w+)", source.read_text())
-        if found is None:  # a thin entry point (pipelines/compare.py) parses in the module it calls
-            found = re.search(r"cli\.parse\((\w+)", (ROOT / "igpt" / f"{argv[2].split('.')[1]}.py").read_text())
+        parses = re.compile(r"cli\.(?:parse|main)\((?:run, )?(\w+JobConfig)")
+        found = parses.search(source.read_text())
+        if found is None:  # a thin entry point (pipelines/compare.py) parses in the igpt module it calls
+            module = importlib.import_module(argv[2])
+            found = next(m for obj in vars(module).values() if inspect.ismodule(obj)
+                         and obj.__name__.startswith("igpt.") and (m := parses.search(inspect.getsource(obj))))
         config_class = getattr(igpt.config, found.group(1))
         cli.build_parser(config_class).parse_args(argv[3:])  # SystemExit on an unknown flag or a bad value
         checked.add(argv[2].split(".", 1)[1])

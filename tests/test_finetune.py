@@ -286,7 +286,7 @@ def held_out(data, palette):
     """The validation share of the training split (part=holdout), tokenized here."""
     tokens, labels, keys = tokenized(data, "train/", palette)
     val = torch.from_numpy(in_part(keys, DatasetSpec(holdout=HOLDOUT, part="holdout")))
-    return tokens[val], labels[val], [k for k, v in zip(keys, val) if v]
+    return tokens[val], labels[val], [k for k, v in zip(keys, val, strict=False) if v]
 
 
 @pytest.mark.slow  # ~2 min: a BERT checkpoint, then a fine-tuning run evaluated under 5 masks per image

@@ -1,7 +1,6 @@
 """Palette fitting and tokenization through a real local Ray runtime and a real MLflow store."""
 
 import hashlib
-import io
 from pathlib import Path
 
 import mlflow
@@ -14,7 +13,13 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from igpt import ingest, sources
-from igpt.config import FitPaletteJobConfig, IngestLimits, PaletteConfig, QuantizeJobConfig, TrackingConfig, TransformConfig
+from igpt.config import (
+    FitPaletteJobConfig,
+    IngestLimits,
+    PaletteConfig,
+    QuantizeJobConfig,
+    TransformConfig,
+)
 from igpt.images import decode_rgb
 from igpt.palette import Palette
 from igpt.sources import DatasetSpec
@@ -87,10 +92,10 @@ def test_bad_records_are_skipped_alone_listed_and_counted(tmp_path, palette_file
     out = tmp_path / "out" / "tok"
     table = pq.read_table(out / "train")
     assert table.schema.field("tokens").type == pa.list_(pa.uint16(), 1024)
-    got = dict(zip(table["key"].to_pylist(), table["tokens"].to_pylist()))
+    got = dict(zip(table["key"].to_pylist(), table["tokens"].to_pylist(), strict=False))
     assert set(got) == set(shard["keys"]) - shard["bad"]  # every good record, including the odd modes
     palette = Palette.load(palette_file[0])
-    for key, data in zip(shard["keys"], shard["images"]):
+    for key, data in zip(shard["keys"], shard["images"], strict=False):
         if key in got:  # tokens are the palette's quantization of the (box-resized) RGB image
             img = decode_rgb(data).resize((32, 32), Image.BOX) if key.startswith("odd/") else decode_rgb(data)
             assert got[key] == palette.quantize(np.asarray(img)).reshape(-1).tolist(), key

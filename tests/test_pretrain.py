@@ -1,17 +1,16 @@
 """Pretraining through real Ray Train workers, each a real DeepSpeed engine (CPU, gloo), logging to real MLflow."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from igpt import cli
-from igpt.config import PretrainJobConfig
 from igpt.checkpoints import MARKER, newest_complete
+from igpt.config import PretrainJobConfig
 from pipelines import pretrain
 
 from .conftest import SAMPLE, SHARED_CIFAR
@@ -213,7 +212,7 @@ def test_a_held_out_folder_split_trains_for_its_steps_through_several_epochs(tmp
     assert len(lrs) == 16
     peak = max(lrs)
     assert peak == pytest.approx(0.005) and lrs.index(peak) == sched.warmup_steps - 1  # one epoch of warm-up
-    assert all(a < b for a, b in zip(lrs[:sched.warmup_steps - 1], lrs[1:sched.warmup_steps]))
+    assert all(a < b for a, b in zip(lrs[:sched.warmup_steps - 1], lrs[1:sched.warmup_steps], strict=False))
     assert lrs[-1] < 0.05 * peak  # cosine to 0 at the end
     assert MlflowClient(summary["tracking_uri"]).get_run(summary["run_id"]).data.params["data.train_records"] == \
         str(sched.records)

@@ -63,15 +63,16 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
             assert x.shape == (n[split], 1, 64) and x.dtype == np.float32 and np.isfinite(x).all()
             assert y.shape == (n[split],) and set(y) <= set(range(10))
         px, _, _ = features.load(root, split, "pixels")
-        assert px.shape == (n[split], 1, 32 * 32 * 3) and 0 <= px.min() and px.max() <= 1
+        assert px.shape == (n[split], 1, 32 * 32 * 3) and px.min() >= 0 and px.max() <= 1
     # train and val partition the training split by key; test keys are apart
     tr, va = features.load(root, "train", 0)[2], features.load(root, "val", 0)[2]
     assert not set(tr) & set(va) and len(set(tr)) == len(tr)
     # the features are the model's: recompute a few from the checkpoint directly
-    from igpt import checkpoints
-    from igpt.ingest import TransformSpec, record_pixels
     import pyarrow.parquet as pq
     import torch
+
+    from igpt import checkpoints
+    from igpt.ingest import TransformSpec, record_pixels
 
     model = checkpoints.load_model(summary["run_dir"])
     pal = checkpoints.load_palette(summary["run_dir"])
@@ -154,7 +155,7 @@ def test_low_data_protocol_uses_balanced_subsets_and_reports_mean_and_std(featur
         "--space", str(space), "--no-pixels", "--low_data", "20,40", "--low_data_seeds", "3",
         "--tracking.tracking_uri", summary["tracking_uri"]]))
     assert set(res["low_data"]) == {20, 40}
-    for n, r in res["low_data"].items():
+    for _n, r in res["low_data"].items():
         assert r["seeds"] == 3 and 0 <= r["mean"] <= 1 and r["std"] >= 0
     client = MlflowClient(summary["tracking_uri"])
     assert "low_data/40_mean" in client.get_run(res["run_id"]).data.metrics

@@ -3,6 +3,7 @@
 back over HTTP. Both servers are stopped by their process ids at the end (``ray stop`` would also stop every other
 Ray runtime on this machine)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ def servers():
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     dashboard, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlf}"
     import numpy as np
+
     from igpt.palette import Palette
 
     Palette.fit(np.random.default_rng(0).integers(0, 256, (20000, 3), dtype=np.uint8), max_iter=3).save(
@@ -90,10 +92,8 @@ def servers():
 
         for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):  # workers the raylet spawned while dying too
             for pid in head_pids():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             time.sleep(3)
         assert not head_pids()
 

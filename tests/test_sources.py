@@ -10,7 +10,7 @@ from igpt.images import decode_rgb
 from igpt.sources import DatasetSpec, SpecError
 
 from . import fixtures
-from .conftest import SHARED_CIFAR, SAMPLE
+from .conftest import SAMPLE, SHARED_CIFAR
 
 
 def read_all(spec: DatasetSpec) -> dict:
