@@ -32,7 +32,7 @@ def palette():
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     images = pq.read_table(ROOT / "igpt" / "data" / "cifar10_sample.parquet").column("image").to_pylist()[:100]
     px = np.concatenate([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")).reshape(-1, 3) for b in images])
@@ -66,7 +66,7 @@ def main() -> None:
 
     import ray
 
-    from igpt import ingest, sources
+    from igpt.data import ingest, sources
     from igpt.raysetup import configure_data
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

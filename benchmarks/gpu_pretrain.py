@@ -3,7 +3,7 @@
     python benchmarks/gpu_pretrain.py            # needs a CUDA GPU; prints every figure it measures
 
 1. iGPT-S at 32x32 in bf16 with ZeRO-2 for 300 steps (micro batch 16, no accumulation): tokens/s and MFU
-   against the card's dense bf16 peak (igpt.train_loop.GPU_PEAK_BF16).
+   against the card's dense bf16 peak (igpt.train.train_loop.GPU_PEAK_BF16).
 2. iGPT-XL (6.8B) with ZeRO-3, the optimizer offloaded to the host (DeepSpeed's CPU Adam) and activation
    checkpointing, micro batch 1, a few steps: peak GPU memory and step time, beside `igpt plan`'s estimate.
    Parameters stay on the GPU: with parameter offload too, ZeRO-3 keeps ~18 bytes per parameter on the host
@@ -34,10 +34,10 @@ def init_single_process() -> None:
 def run(size: str, preset_overrides: dict, micro: int, steps: int, warmup: int = 5, pin: bool = True) -> dict:
     import deepspeed
 
-    from igpt import deepspeed_config
     from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig
     from igpt.model import IGPT
-    from igpt.train_loop import device_peak_flops
+    from igpt.train import deepspeed_config
+    from igpt.train.train_loop import device_peak_flops
 
     cfg = ModelConfig.from_name(size, activation_checkpointing=preset_overrides.pop("ckpt", False))
     conf, _ = deepspeed_config.build(DeepSpeedConfig(micro_batch=micro, **preset_overrides),
@@ -64,7 +64,8 @@ def run(size: str, preset_overrides: dict, micro: int, steps: int, warmup: int =
     tok_s = micro * cfg.n_ctx / step_s
     peak, note = device_peak_flops(True)
     return {"size": size, "params_M": cfg.param_count() / 1e6, "step_s": step_s, "tokens_per_s": tok_s,
-            "mfu": tok_s * cfg.train_flops_per_token() / peak, "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
+            "mfu": tok_s * cfg.train_flops_per_token() / peak,
+            "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30,
             "peak_note": note, "loss": loss.item()}
 
 
@@ -73,10 +74,11 @@ def main() -> None:
     print(torch.cuda.get_device_name(), torch.__version__)
     init_single_process()
     s = run("S", {"zero_stage": 2, "precision": "bf16"}, micro=16, steps=300)
-    print(f"iGPT-S 32x32 bf16 ZeRO-2, micro 16, 300 steps: {s['tokens_per_s']:,.0f} tokens/s, MFU {100 * s['mfu']:.1f}% "
-          f"({s['peak_note']}), step {1000 * s['step_s']:.1f} ms, peak {s['peak_mem_GiB']:.1f} GiB, loss {s['loss']:.3f}")
+    print(f"iGPT-S 32x32 bf16 ZeRO-2, micro 16, 300 steps: {s['tokens_per_s']:,.0f} tokens/s, "
+          f"MFU {100 * s['mfu']:.1f}% ({s['peak_note']}), step {1000 * s['step_s']:.1f} ms, "
+          f"peak {s['peak_mem_GiB']:.1f} GiB, loss {s['loss']:.3f}")
     from igpt.config import ModelConfig
-    from igpt.plan import PlanInput, plan
+    from igpt.train.plan import PlanInput, plan
 
     xl = run("XL", {"zero_stage": 3, "precision": "bf16", "offload_optimizer": True, "offload_params": False,
                     "ckpt": True}, micro=1, steps=3, warmup=1, pin=False)

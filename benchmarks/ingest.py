@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -50,7 +51,7 @@ def _udf_in_process(cifar: Path, files: list[Path], palette, n: int) -> float:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    from igpt import ingest, sources
+    from igpt.data import ingest, sources
 
     class _Log:  # stands in for the ErrorLog actor handle; ingest._lut reads the cache filled below
         class add:  # noqa: N801
@@ -87,10 +88,8 @@ def photographs(n: int, seed: int = 0) -> list[bytes]:
 
     sources = list(load_sample_images().images)
     for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"):
-        try:
+        with contextlib.suppress(Exception):  # a missing optional image only narrows the mix
             sources.append(getattr(skd, name)())
-        except Exception:  # noqa: BLE001 - a missing optional image only narrows the mix
-            pass
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -116,9 +115,9 @@ def main() -> None:
     cores = os.cpu_count()
     import ray
 
-    from igpt import ingest, sources
-    from igpt.palette import Palette
-    from igpt.sources import DatasetSpec
+    from igpt.data import ingest, sources
+    from igpt.data.palette import Palette
+    from igpt.data.sources import DatasetSpec
 
     files = sorted(args.cifar.glob("train-*.parquet"))
     table = pq.read_table(files, columns=["key", "image"]).slice(0, args.n)
@@ -186,7 +185,7 @@ def main() -> None:
     print(f"  HF ImageGPTImageProcessor, 1 process ({len(sub)} images): {hf:>9,.1f}   -> ours = {ours / hf:,.0f}x "
           f"(per core {ours / cores / hf:,.0f}x); identical tokens: {same}")
 
-    from igpt import transforms
+    from igpt.data import transforms
 
     photos, n_src = photographs(args.photos)
     sizes = [Image.open(io.BytesIO(p)).size for p in photos]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from igpt.palette import LUT_SIZE, Palette, build_lut, nearest_centre
+from igpt.data.palette import LUT_SIZE, Palette, build_lut, nearest_centre
 
 ROOT = Path(__file__).resolve().parents[1]
 

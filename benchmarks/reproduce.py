@@ -552,7 +552,7 @@ def fit_probe_images(plan: Plan, seconds: float) -> None:
 
 def count_pretrain(plan: Plan, n: int) -> None:
     """The pretraining set of the first ``n`` training images (part=rest of the held-out hash) and its epoch."""
-    from igpt import sources
+    from igpt.data import sources
 
     rest = sources.check(sources.DatasetSpec(path=plan.data, split="train", max_images=n, holdout=plan.holdout,
                                              part="rest"))
@@ -609,7 +609,7 @@ def check_schedule(plan: Plan) -> None:
 
 def size(plan: Plan, elapsed: float) -> None:
     """Counts of the data, then P/T, the steps from the budget and N from the steps (see the docstring)."""
-    from igpt import sources
+    from igpt.data import sources
 
     plan.train_total = sources.check(sources.DatasetSpec(path=plan.data, split="train")).count
     plan.test_total = sources.check(sources.DatasetSpec(path=plan.data, split="test")).count
@@ -741,7 +741,10 @@ def probe_argv(plan: Plan, fs: FeatureSet) -> list[str]:
 def stage_configs(plan: Plan) -> list[tuple[str, str, list[str], object]]:
     """Every stage: (stage name, pipeline module, argv, parsed config)."""
     from igpt import cli
-    from igpt.config import ExtractJobConfig, FitPaletteJobConfig, PretrainJobConfig, ProbeJobConfig
+    from pipelines.extract import ExtractJobConfig
+    from pipelines.fit_palette import FitPaletteJobConfig
+    from pipelines.pretrain import PretrainJobConfig
+    from pipelines.probe import ProbeJobConfig
 
     stages = [("palette", "fit_palette", palette_argv(plan), FitPaletteJobConfig)]
     stages += [(f"pretrain {m.key}", "pretrain", pretrain_argv(plan, m), PretrainJobConfig) for m in plan.pretrained]
@@ -756,10 +759,11 @@ def check_builds(plan: Plan, stages) -> list[str]:
     warm-up must end before the run does), DeepSpeed configs, models, data plans, the probe space."""
     import torch
 
-    from igpt import sources, tune_space
-    from igpt.config import PretrainJobConfig
+    from igpt import tune_space
+    from igpt.data import sources
     from igpt.model import IGPT
     from pipelines import pretrain
+    from pipelines.pretrain import PretrainJobConfig
 
     lines = []
     for name, _, _, cfg in stages:
@@ -835,8 +839,9 @@ def execute(plan: Plan, clock: Clock, parent_id: str, args) -> dict:
     from mlflow.tracking import MlflowClient
 
     from igpt import cli
-    from igpt.config import ExtractJobConfig, ProbeJobConfig
     from pipelines import extract, fit_palette, pretrain, probe
+    from pipelines.extract import ExtractJobConfig
+    from pipelines.probe import ProbeJobConfig
 
     client = MlflowClient(plan.tracking_uri)
 
@@ -1351,7 +1356,8 @@ def finish(plan: Plan, res: dict, clock: Clock, parent: str) -> tuple[dict, str]
     figs = plots(plan, r, out / "plots")
     clock.add("report", plan.estimates.get("report", 0.0), time.perf_counter() - t)
     r["timings"] = {name: {"planned": p, "actual": a} for name, p, a in clock.rows}
-    r["findings"] = [dict(zip(("question", "numbers", "paper", "verdict"), row, strict=False)) for row in findings(plan, r)]
+    r["findings"] = [dict(zip(("question", "numbers", "paper", "verdict"), row, strict=False))
+                     for row in findings(plan, r)]
     md = report(plan, r, clock, parent)
     (out / "reproduce.md").write_text(md)
     (out / "results.json").write_text(json.dumps(r, indent=2, default=str))
@@ -1395,7 +1401,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from mlflow.tracking import MlflowClient
 
-    from igpt.tracking import end_status, stop_on_sigterm
+    from igpt.track.tracking import end_status, stop_on_sigterm
 
     stop_on_sigterm()
     parent = start_parent(plan, args, argv)
@@ -1420,7 +1426,7 @@ def start_parent(plan: Plan, args, argv: list[str]) -> str:
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    from igpt.tracking import ensure_experiment
+    from igpt.track.tracking import ensure_experiment
 
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)

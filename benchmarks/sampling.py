@@ -9,7 +9,7 @@ On a GPU a small model is bound by kernel launches and Python, not arithmetic, s
 size (H100, 2026-11-28: tiny at 32x32, n 8: 0.7x, i.e. slower; S at 32x32, n 16: 3.7x).
 
 Same model (random weights, random output matrix so the draws are not trivial), same generator seed, same
-decoding loop (``igpt.sampling.sample``): only ``use_cache`` differs. One untimed warm-up image each first.
+decoding loop (``igpt.model.sampling.sample``): only ``use_cache`` differs. One untimed warm-up image each first.
 Prints seconds, images/s and tokens/s side by side, the speed-up, and whether both gave the same tokens (they
 should up to float32 rounding of the logits, which can flip a draw that lands exactly at a boundary).
 """
@@ -23,7 +23,7 @@ import torch
 
 from igpt.config import ModelConfig
 from igpt.model import IGPT
-from igpt.sampling import sample
+from igpt.model.sampling import sample
 
 
 def main() -> None:

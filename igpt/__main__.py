@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:  # its flags are CompareJobConfig's (igpt.cli), as for pipelines.compare
-        from igpt.compare import main as compare
+        from igpt.track.compare import main as compare
 
         compare(argv[1:], prog="python -m igpt compare")
         return
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--offload-optimizer", action="store_true")
     p.add_argument("--offload-params", action="store_true")
-    p.add_argument("--global-batch", type=int, default=None, help="default: the size's recipe (cluster/recipes.json; paper: 128, 64 for XL)")
-    p.add_argument("--micro-batch", type=int, default=None, help="per GPU; default: the recipe's (at most global batch / GPUs)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="default: the size's recipe (cluster/recipes.json; paper: 128, 64 for XL)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="per GPU; default: the recipe's (at most global batch / GPUs)")
     p.add_argument("--activation-checkpointing", action="store_true", help="(default: compare off and on)")
     p = add("sample", help="unconditional samples and top-half completions of a checkpoint, as a PNG grid")
     p.add_argument("--checkpoint", required=True,
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def read_images(path: str, n: int, resolution: int, split: str = "test", key_prefix: str = "",
                 recipe: str = "imagenet") -> np.ndarray:
-    """Up to ``n`` images from a Parquet file or folder (``key``/``image`` columns, as igpt.sources reads them),
+    """Up to ``n`` images from a Parquet file or folder (``key``/``image`` columns, as igpt.data.sources reads them),
     picked evenly through the rows, each through the eval transform to uint8 (IR, IR, 3). Records that do not
     decode are skipped with a note on stderr."""
     import sys
@@ -94,9 +96,9 @@ def read_images(path: str, n: int, resolution: int, split: str = "test", key_pre
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from igpt.images import BadImage
-    from igpt.sources import DatasetSpec, check
-    from igpt.transforms import apply
+    from igpt.data.images import BadImage
+    from igpt.data.sources import DatasetSpec, check
+    from igpt.data.transforms import apply
 
     spec = DatasetSpec(path=path, format="parquet", split=split, key_prefix=key_prefix)
     plan = check(spec)  # clear errors for a wrong path, no split files, missing columns
@@ -131,8 +133,8 @@ def sample_command(args) -> str:
     import torch
     from PIL import Image
 
-    from igpt.checkpoints import load_model, load_palette  # imported here: only this command needs it
-    from igpt.sampling import picture
+    from igpt.model.sampling import picture
+    from igpt.train.checkpoints import load_model, load_palette  # imported here: only this command needs it
 
     model, palette = load_model(args.checkpoint), load_palette(args.checkpoint)
     res = model.cfg.resolution
@@ -157,10 +159,10 @@ def sample_command(args) -> str:
         client = MlflowClient(args.tracking_uri)
         run_id = args.run_id
         if run_id is None:  # a run of its own, with what made the picture
-            from igpt.tracking import ensure_experiment
+            from igpt.track.tracking import ensure_experiment
 
             uri = client.tracking_uri
-            # a local SQLite store keeps its artifacts beside it, as the jobs' stores do (igpt.tracking)
+            # a local SQLite store keeps its artifacts beside it, as the jobs' stores do (igpt.track.tracking)
             root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
             exp = ensure_experiment(uri, args.experiment, root)
             run_id = client.create_run(exp, run_name="sample", tags={"igpt.job": "sample"}).info.run_id
@@ -176,8 +178,8 @@ def sample_command(args) -> str:
 
 
 def plan_table(args) -> str:
-    from igpt.plan import PlanInput, table
-    from igpt.recipes import recipe
+    from igpt.train.plan import PlanInput, table
+    from igpt.train.recipes import recipe
 
     rows = []
     for name in (["S", "M", "L", "XL"] if args.size == "all" else [args.size]):

@@ -18,6 +18,11 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 T = TypeVar("T")
 
 
+def field_help(text: str, **kw) -> Any:
+    """A config field whose ``help`` (its meaning and the invariant ``__post_init__`` enforces) is its flag's help."""
+    return dataclasses.field(metadata={"help": text}, **kw)
+
+
 def _base_type(tp: Any) -> Any:
     """``int | None`` -> int; leaves other types alone."""
     if get_origin(tp) in (typing.Union, types.UnionType):
@@ -129,11 +134,12 @@ def absolute_path(path: str) -> str:
 
 def main(run: Any, cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> Any:
     """Every entry point: parse ``argv`` into ``cls`` and call ``run`` with it. ``ray job stop`` (SIGTERM) ends
-    the job's MLflow runs KILLED (``igpt.tracking.JobRun``); a mistake the user can fix (``igpt.errors.UserError``:
-    a bad path, a missing split, a bad config value, a missing palette or checkpoint) is one ``error: <message>``
-    line on stderr and exit code 2; any other exception is unexpected and keeps its traceback."""
+    the job's MLflow runs KILLED (``igpt.track.tracking.JobRun``); a mistake the user can fix
+    (``igpt.errors.UserError``: a bad path, a missing split, a bad config value, a missing palette or checkpoint) is
+    one ``error: <message>`` line on stderr and exit code 2; any other exception is unexpected and keeps its
+    traceback."""
     from igpt.errors import UserError
-    from igpt.tracking import stop_on_sigterm
+    from igpt.track.tracking import stop_on_sigterm
 
     stop_on_sigterm()
     cfg = parse(cls, argv, prog=prog)
@@ -142,3 +148,25 @@ def main(run: Any, cls: type[T], argv: list[str] | None = None, prog: str | None
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# fields that hold a local path (or a URI, kept as is); a DeepSpeed preset is a path when it names a .json file
+PATH_FIELDS = frozenset({"path", "labels_file", "storage_path", "output_dir", "checkpoint", "palette_path",
+                         "features"})
+
+
+def absolute_paths(cfg: T) -> T:
+    """The config tree with every local path made absolute: drivers do this before handing a config to Ray Tune,
+    which runs each trial in its own working directory."""
+
+    def walk(d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif isinstance(v, str) and (k in PATH_FIELDS or (k == "preset" and v.endswith(".json"))):
+                d[k] = absolute_path(v)
+
+    d = to_dict(cfg)
+    walk(d)
+    return from_dict(type(cfg), d)
+

@@ -16,7 +16,7 @@ def init_ray(num_cpus: int | None = None) -> None:
         else:
             ray.init(num_cpus=num_cpus, include_dashboard=False)
     # after ray.init: Ray's core installs its own SIGTERM handler there, which would end the job as FAILED
-    from igpt.tracking import stop_on_sigterm
+    from igpt.track.tracking import stop_on_sigterm
 
     stop_on_sigterm()
     configure_data()

@@ -40,7 +40,8 @@ def load(path: str | Path, job: str | None = None) -> dict:
     if not p.exists() and not p.suffix and (SPACES_DIR / f"{p}.json").exists():
         p = SPACES_DIR / f"{p}.json"  # a bare name: one of ours
     if not p.exists():
-        raise MissingInput(f"no search space {path} (ours: {', '.join(sorted(f.stem for f in SPACES_DIR.glob('*.json')))})")
+        ours = ", ".join(sorted(f.stem for f in SPACES_DIR.glob("*.json")))
+        raise MissingInput(f"no search space {path} (ours: {ours})")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
@@ -75,9 +76,10 @@ def validate(data: dict, where: str = "space") -> None:
             continue
         if not isinstance(value, list) or not value:
             raise SpaceError(f"{where}: {name}: {kind} needs a non-empty list")
-        if kind in ("uniform", "loguniform"):
-            if len(value) != 2 or not value[0] < value[1] or (kind == "loguniform" and value[0] <= 0):
-                raise SpaceError(f"{where}: {name}: {kind} needs [low, high] with 0 < low < high for loguniform")
+        if kind in ("uniform", "loguniform") and (
+            len(value) != 2 or not value[0] < value[1] or (kind == "loguniform" and value[0] <= 0)
+        ):
+            raise SpaceError(f"{where}: {name}: {kind} needs [low, high] with 0 < low < high for loguniform")
         for v in value:
             if not isinstance(v, (int, float)) or isinstance(v, bool):
                 raise SpaceError(f"{where}: {name}: values must be numbers, got {v!r}")

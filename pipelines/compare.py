@@ -1,5 +1,5 @@
 """Compare pretraining runs recorded in MLflow: a table (printed, ``table.csv``, ``table.md``) and plots, logged
-as an MLflow run with tag ``igpt.job=compare``. The logic is ``igpt.compare``; ``python -m igpt compare`` is the
+as an MLflow run with tag ``igpt.job=compare``. The logic is ``igpt.track.compare``; ``python -m igpt compare`` is the
 same command.
 
     python -m pipelines.compare --name sizes --name_like 'cifar-%' --tracking.tracking_uri sqlite:///$PWD/runs/mlflow.db
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from igpt import compare
+from igpt.track import compare
 
 
 def main(argv: list[str] | None = None) -> dict:

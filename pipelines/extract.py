@@ -18,17 +18,58 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import ray
 
-from igpt import checkpoints, cli, features, ingest, sources
-from igpt.config import ExtractJobConfig
+from igpt import cli
+from igpt.cli import field_help as _help
+from igpt.config import IngestLimits, TrackingConfig, TransformConfig
+from igpt.data import ingest, sources
+from igpt.data.sources import DatasetSpec
 from igpt.errors import UserError
+from igpt.eval import features
+from igpt.eval.ensemble import N_MASKS
 from igpt.raysetup import init_ray
-from igpt.tracking import JobRun
+from igpt.track.tracking import JobRun
+from igpt.train import checkpoints
+
+
+@dataclass
+class ExtractJobConfig:
+    """From a checkpoint, every layer's average-pooled features of every image, once per split (train, val, test)."""
+
+    name: str = _help("feature set name: written to <output_dir>/<name>/<split>/", default="features")
+    output_dir: str = _help("folder for feature sets (shared storage on a cluster)", default="runs/features")
+    checkpoint: str = _help("a pretraining run folder (its newest complete checkpoint), a step_* folder or a "
+                            "weights.pt (required)", default="")
+    random_init: bool = _help("the checkpoint's architecture with fresh initial weights instead: the random-init "
+                              "twin a probe is compared with", default=False)
+    seed: int = _help("initialisation seed of the random-init twin", default=0)
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    test: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    holdout: float = _help("share of the training split held out as val (by a hash of the key); in (0, 1)",
+                           default=0.1)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    batch_size: int = _help("images per forward pass", default=64)
+    concurrency: int = _help("model replicas (Ray Data actors) computing features at once", default=1)
+    cpus_per_actor: float = _help("CPUs reserved per replica (its torch threads)", default=1.0)
+    use_gpu: bool = _help("one GPU per replica", default=False)
+    pixels: bool = _help("also store the images' pixels (palette colours, scaled to [0, 1]) for the "
+                         "raw-pixel baseline", default=True)
+    log_features_max_mb: int = _help("log the feature shards to MLflow when they total at most this many MB "
+                                     "(else only their manifest and location)", default=64)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.batch_size < 1 or self.concurrency < 1:
+            raise ValueError("batch_size and concurrency must be >= 1")
+
 
 ROWS_PER_SHARD = 10_000
 # the manifest says it in words, so a reader of a feature set needs no code to know what layer L is
@@ -59,12 +100,12 @@ def run(cfg: ExtractJobConfig) -> dict:
 
     init_ray()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same keys, same shard order
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     lut_ref = ray.put(Palette(palette).lut)
     t = cfg.transform
     tspec = ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft)
-    m = 5 if model_cfg["objective"] == "bert" else 1
+    m = N_MASKS if model_cfg["objective"] == "bert" else 1
     d = model_cfg["d_model"]
     n_layer = model_cfg["n_layer"]
     shape = {features.layer_key(l): (m, d) for l in range(n_layer + 1)}  # 0..L: layer L is ln_f's output
@@ -80,54 +121,7 @@ def run(cfg: ExtractJobConfig) -> dict:
         if checkpoints.pretrain_run_id(cfg.checkpoint):
             mlflow.set_tag("igpt.pretrain_run_id", checkpoints.pretrain_run_id(cfg.checkpoint))
         for split, spec in specs.items():
-            t0 = time.perf_counter()
-            log = ingest.ErrorLog.remote()
-            ds = ingest.tokenize(sources.read(spec, plans[split]), lut_ref, tspec, log)
-            ds = ds.map_batches(
-                features.FeatureActor, batch_format="pyarrow", batch_size=None,
-                compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
-                fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
-                                           batch_size=cfg.batch_size, pixels=cfg.pixels, use_gpu=cfg.use_gpu))
-            partial, final = out / f"{split}.partial", out / split
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir()
-            written, shard, pending, buffered = 0, 0, [], 0
-
-            def flush(tables) -> None:
-                nonlocal shard
-                import pyarrow as pa
-
-                arrays = features.table_to_arrays(pa.concat_tables(tables), shape)
-                np.savez(partial / f"shard-{shard:05d}.npz", **arrays)
-                shard += 1
-
-            with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
-                for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                    if batch.num_rows == 0:
-                        continue
-                    pending.append(batch)
-                    buffered += batch.num_rows
-                    if buffered >= ROWS_PER_SHARD:
-                        flush(pending)
-                        written += buffered
-                        pending, buffered = [], 0
-                    guard.check()
-                if buffered:
-                    flush(pending)
-                    written += buffered
-            if written == 0:
-                raise UserError(f"split {split} produced no images ({guard.skipped} skipped; see "
-                                 f"{out / f'{split}.errors.tsv'})")
-            shutil.rmtree(final, ignore_errors=True)
-            partial.rename(final)
-            seconds = time.perf_counter() - t0
-            counts[split] = {"images": written, "skipped": guard.skipped, "shards": shard,
-                             "seconds": round(seconds, 2)}
-            mlflow.log_metrics({f"{split}/images": written, f"{split}/skipped": guard.skipped,
-                                f"{split}/images_per_s": written / seconds})
-            mlflow.log_artifact(str(out / f"{split}.errors.tsv"), "errors")
-            print(f"{split}: {written} images, {guard.skipped} skipped, {shard} shard(s), {seconds:.1f} s")
+            counts[split] = _extract_split(cfg, split, spec, plans[split], lut_ref, tspec, shape, out)
         man = {"n_layer": n_layer, "layers": list(range(n_layer + 1)), "layer_definition": LAYER_DEFINITION,
                "d_model": d, "masks": m, "objective": model_cfg["objective"],
                "resolution": res, "pixels": cfg.pixels, "columns": {k: list(v) for k, v in shape.items()},
@@ -147,6 +141,43 @@ def run(cfg: ExtractJobConfig) -> dict:
     print(f"features of layers 0..{n_layer} ({n_layer} blocks; layer {n_layer}: the final norm's output) x {m} "
           f"mask(s) in {out}")
     return man
+
+
+def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec, shape: dict, out: Path) -> dict:
+    """One split's features through a pool of model replicas, written as shards into ``<split>.partial`` and
+    renamed to ``<split>`` once complete; its counts, logged to the active MLflow run."""
+    import mlflow
+
+    t0 = time.perf_counter()
+    log = ingest.ErrorLog.remote()
+    ds = ingest.tokenize(sources.read(spec, plan), lut_ref, tspec, log)
+    ds = ds.map_batches(
+        features.FeatureActor, batch_format="pyarrow", batch_size=None,
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
+        fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
+                                   batch_size=cfg.batch_size, pixels=cfg.pixels, use_gpu=cfg.use_gpu))
+    partial, final = out / f"{split}.partial", out / split
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+
+    def write(table, index: int) -> None:
+        np.savez(partial / f"shard-{index:05d}.npz", **features.table_to_arrays(table, shape))
+
+    with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
+        written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
+                                             ROWS_PER_SHARD, write, guard)
+    if written == 0:
+        raise UserError(f"split {split} produced no images ({guard.skipped} skipped; see "
+                        f"{out / f'{split}.errors.tsv'})")
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    seconds = time.perf_counter() - t0
+    mlflow.log_metrics({f"{split}/images": written, f"{split}/skipped": guard.skipped,
+                        f"{split}/images_per_s": written / seconds})
+    mlflow.log_artifact(str(out / f"{split}.errors.tsv"), "errors")
+    print(f"{split}: {written} images, {guard.skipped} skipped, {shard} shard(s), {seconds:.1f} s")
+    return {"images": written, "skipped": guard.skipped, "shards": shard, "seconds": round(seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,12 +6,13 @@ validation accuracy, then a refit of the best on train + held-out, evaluated onc
         --deepspeed.preset cpu --scaling.workers 2
     ray job submit --working-dir . -- python -m pipelines.finetune ...   # same flags
 
-**Procedure** (the paper's fine-tuning, section 3.3 and appendix). The classifier (``igpt.finetune_loop``) pools
+**Procedure** (the paper's fine-tuning, section 3.3 and appendix). The classifier (``igpt.train.finetune_loop``) pools
 the pretrained model's last layer over the sequence into a linear head; the loss is L_CLF + L_GEN, L_GEN being the
 checkpoint's own objective (AR or BERT) on the same images. Training images get the CIFAR augmentations
 (``--transform.recipe cifar``, new crops and flips every epoch); the learning rate warms up linearly for
-``--optim.warmup_steps`` (default: a tenth of an epoch) and then stays constant (no decay). Each Tune trial (one per value of the space,
-``tune_spaces/finetune.json`` by default, ``--max_concurrent_trials`` at once) fine-tunes the checkpoint on the
+``--optim.warmup_steps`` (default: a tenth of an epoch) and then stays constant (no decay). Each Tune trial (one per
+value of the space, ``tune_spaces/finetune.json`` by default, ``--max_concurrent_trials`` at once) fine-tunes the
+checkpoint on the
 training split less a held-out share (``part=rest``, ``--holdout``), evaluates validation accuracy on that share
 (``part=holdout``) after every epoch, keeps the best epoch's weights and stops after ``--patience`` epochs without
 a higher accuracy (at most ``--max_epochs``). The best trial (highest validation accuracy; ties: the earlier best
@@ -23,7 +24,7 @@ Each fine-tuning run is a Ray Train job of ``--scaling.workers`` DeepSpeed engin
 ``<storage_path>/<name>/<run>/classifier/``.
 
 **MLflow** (store and experiment from ``--tracking.*``): a parent run (tags ``igpt.job=finetune`` and
-``igpt.pretrain_run_id``, the checkpoint's pretraining run, by which ``igpt.compare`` finds it; params; metrics
+``igpt.pretrain_run_id``, the checkpoint's pretraining run, by which ``igpt.track.compare`` finds it; params; metrics
 ``trial/lr``, ``trial/val_accuracy``, ``trial/best_epoch`` at step = trial index; ``best/lr``,
 ``best/val_accuracy``, ``best/epoch``; the refit's ``test/accuracy`` and ``test/images``). One child run per trial
 and one for the refit (tag ``mlflow.parentRunId``, ``igpt.job`` = ``finetune_trial`` / ``finetune_refit``): every
@@ -42,28 +43,73 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from igpt import checkpoints, cli, tune_space
-from igpt.config import FinetuneJobConfig
+from igpt import cli, tune_space
+from igpt.cli import field_help as _help
+from igpt.config import DeepSpeedConfig, OptimConfig, ScalingConfig, TrackingConfig, TransformConfig
+from igpt.data.sources import DatasetSpec
 from igpt.errors import Conflict, UserError
+from igpt.eval.ensemble import N_MASKS
+from igpt.train import checkpoints
+
+
+@dataclass
+class FinetuneJobConfig:
+    """Fine-tune a pretrained iGPT as a classifier (the paper's recipe: the last layer's output average-pooled over
+    the sequence, a linear head, loss L_CLF + L_GEN), sweeping the learning rate with Ray Tune on a held-out share
+    of the training split with early stopping on validation accuracy, then refitting the best learning rate on
+    train + held-out for the best trial's number of epochs and evaluating once on the test split."""
+
+    name: str = _help("job name: it lives in <storage_path>/<name>/ (lr_<lr>/ per trial, refit/, tune/)",
+                      default="finetune")
+    storage_path: str = _help("where the job keeps its runs (shared storage on a cluster); the default MLflow "
+                              "store is <storage_path>/mlflow.db", default="runs/finetune")
+    checkpoint: str = _help("a pretraining run folder (its newest complete checkpoint), a step_* folder or a "
+                            "weights.pt (required)", default="")
+    palette_path: str = _help("optional: the run's palette .npy with its cached lookup table (must equal the "
+                              "checkpoint's palette); without it the table is built once and kept in the job folder",
+                              default="")
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    test: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    holdout: float = _help("share of the training split held out as validation (by a hash of the key); in (0, 1)",
+                           default=0.1)
+    n_classes: int = _help("classes of the labels (CIFAR-10: 10); labels must lie in [0, n_classes)", default=10)
+    transform: TransformConfig = field(default_factory=lambda: TransformConfig(recipe="cifar", augment=True))
+    space: str = _help("learning-rate search space: a tune_spaces/ name or a JSON file (job finetune); '' for a "
+                       "single trial at optim.lr", default="finetune")
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, global_batch=128))
+    clf_weight: float = _help("weight of L_CLF in L = clf_weight * L_CLF + L_GEN (paper: 1); >= 0", default=1.0)
+    max_epochs: int = _help("epochs of a trial at most; >= 1", default=20)
+    patience: int = _help("a trial stops after this many epochs without a higher validation accuracy; >= 1",
+                          default=3)
+    refit: bool = _help("after the sweep, fine-tune the best lr on train + held-out (part=all) for the best "
+                        "trial's epochs and evaluate on the test split", default=True)
+    max_concurrent_trials: int = _help("trials at once (each runs scaling.workers Ray Train workers); >= 1",
+                                       default=1)
+    cpus_per_trial: float = _help("CPUs reserved for each trial's own process (its workers reserve scaling's); > 0",
+                                  default=0.1)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if self.n_classes < 2 or self.max_epochs < 1 or self.patience < 1 or self.max_concurrent_trials < 1:
+            raise ValueError("n_classes must be >= 2; max_epochs, patience and max_concurrent_trials >= 1")
+        if not (self.clf_weight >= 0 and math.isfinite(self.clf_weight)):
+            raise ValueError(f"clf_weight must be a number >= 0, got {self.clf_weight}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial must be > 0 (Ray Tune rejects 0), got {self.cpus_per_trial}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")
+
 
 METRIC = "val_accuracy"
-
-
-def absolute_paths(cfg: FinetuneJobConfig) -> FinetuneJobConfig:
-    d = cli.to_dict(cfg)
-    for k in ("storage_path", "checkpoint", "palette_path"):
-        d[k] = cli.absolute_path(d[k])
-    for split in ("train", "test"):
-        for k in ("path", "labels_file"):
-            d[split][k] = cli.absolute_path(d[split][k])
-    if (d["deepspeed"]["preset"] or "").endswith(".json"):  # None: no preset
-        d["deepspeed"]["preset"] = cli.absolute_path(d["deepspeed"]["preset"])
-    return cli.from_dict(FinetuneJobConfig, d)
 
 
 def job_dir(cfg: FinetuneJobConfig) -> Path:
@@ -71,7 +117,7 @@ def job_dir(cfg: FinetuneJobConfig) -> Path:
 
 
 def tracking_uri(cfg: FinetuneJobConfig) -> str:
-    from igpt.tracking import default_tracking_uri
+    from igpt.track.tracking import default_tracking_uri
 
     return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
 
@@ -88,7 +134,7 @@ def checkpoint_info(path: str) -> dict:
 def palette_file(cfg: FinetuneJobConfig) -> Path:
     """A palette .npy with its cached lookup table, equal to the checkpoint's palette: ``--palette_path``, else one
     written (and its table built, once) into the job folder."""
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     centres = checkpoint_info(cfg.checkpoint)["palette"].numpy()
     if cfg.palette_path:
@@ -110,34 +156,10 @@ def split_specs(cfg: FinetuneJobConfig, part: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, parent_run_id: str | None = None,
-        clf_weight: float | None = None) -> dict:
-    """One fine-tuning run through Ray Train: ``part="rest"`` (a trial: early stopping on the held-out share,
-    at most ``epochs``) or ``part="all"`` (the refit: exactly ``epochs``, then the test split once). Logs to its
-    own MLflow run (a child of ``parent_run_id`` when given); returns the workers' result (``best_val_accuracy``,
-    ``best_epoch``, ``epochs``, ``test_accuracy``, ...) with ``run_id`` and ``classifier`` (the kept weights)."""
-    import ray
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+def _plan_splits(cfg: FinetuneJobConfig, part: str) -> tuple[dict, dict, int, int]:
+    """The run's splits, their read plans, the training images and the optimizer steps per epoch."""
+    from igpt.data import sources
 
-    from igpt import deepspeed_config, ingest, sources
-    from igpt.finetune_loop import finetune_loop
-    from igpt.palette import Palette
-    from igpt.raysetup import init_ray
-    from igpt.tracking import JobRun, flatten
-
-    if part not in ("rest", "all"):
-        raise UserError(f"part must be rest (a trial) or all (the refit), got {part!r}")
-    clf_weight = cfg.clf_weight if clf_weight is None else clf_weight
-    ckpt = checkpoint_info(cfg.checkpoint)
-    model_cfg = dict(ckpt["model"])
-    optim = replace(cfg.optim, lr=lr)
-    ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, optim, cfg.scaling.workers, cfg.scaling.use_gpu)
-    if model_over.get("activation_checkpointing"):  # the preset's model needs (XL)
-        model_cfg["activation_checkpointing"] = True
-
-    init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
     specs = split_specs(cfg, part)
     plans = {k: sources.check(s) for k, s in specs.items()}
     count = plans["train"].count
@@ -146,9 +168,20 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     steps_per_epoch = count // cfg.optim.global_batch
     if steps_per_epoch < 1:
         raise UserError(f"{count} training images make no full global batch of {cfg.optim.global_batch}")
+    return specs, plans, count, steps_per_epoch
+
+
+def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs: int):
+    """The training stream (every epoch its own augmentations and order) and the evaluation splits,
+    materialized once; the names of those evaluated; the error log."""
+    import ray
+
+    from igpt.data import ingest, sources
+    from igpt.data.palette import Palette
+
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
     log = ingest.ErrorLog.remote()
-    t, res = cfg.transform, model_cfg["resolution"]
+    t = cfg.transform
     # every epoch its own crops and flips and its own order: a split stored class by class (an image folder, a
     # sorted file) would otherwise give batches of one class; seeded, so a run can be repeated exactly
     train = [ingest.tokenize(sources.read(specs["train"], plans["train"]), lut,
@@ -162,37 +195,54 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
                                       ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft), log
                                       ).select_columns(["key", "tokens", "label"])
         datasets[k] = ingest.materialize_eval(datasets[k])
+    return datasets, evals, log
 
+
+def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, parent_run_id: str | None = None,
+        clf_weight: float | None = None) -> dict:
+    """One fine-tuning run through Ray Train: ``part="rest"`` (a trial: early stopping on the held-out share, at most
+    ``epochs``) or ``"all"`` (the refit: ``epochs``, then test once), in its own MLflow run (under ``parent_run_id``).
+    Returns the workers' result (``best_val_accuracy``, ``best_epoch``, ...) with ``run_id`` and ``classifier``."""
+    import ray
+
+    from igpt.raysetup import init_ray
+    from igpt.track.tracking import JobRun
+    from igpt.train import deepspeed_config
+    from igpt.train.finetune_loop import FinetuneSpec
+    from igpt.train.trainer import RunSpec
+
+    if part not in ("rest", "all"):
+        raise UserError(f"part must be rest (a trial) or all (the refit), got {part!r}")
+    clf_weight = cfg.clf_weight if clf_weight is None else clf_weight
+    ckpt = checkpoint_info(cfg.checkpoint)
+    model_cfg = dict(ckpt["model"])
+    optim = replace(cfg.optim, lr=lr)
+    ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, optim, cfg.scaling.workers, cfg.scaling.use_gpu)
+    model_cfg["activation_checkpointing"] |= bool(model_over.get("activation_checkpointing"))  # XL's preset
+    init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
+    specs, plans, count, steps_per_epoch = _plan_splits(cfg, part)
+    datasets, evals, log = _datasets(cfg, specs, plans, model_cfg["resolution"], epochs)
     # no recipe for fine-tuning (the paper gives none): a tenth of an epoch unless set
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(0.1 * steps_per_epoch)
     warmup = min(epochs * steps_per_epoch, warmup)
     params = {"lr": lr, "clf_weight": clf_weight, "part": part, "epochs": epochs,
               "patience": cfg.patience if part == "rest" else "none", "steps.per_epoch": steps_per_epoch,
-              "steps.warmup": warmup, "data.train_images": count, "objective": model_cfg["objective"],
-              "eval.masks": 5 if model_cfg["objective"] == "bert" else 1, "checkpoint.step": ckpt["step"],
-              **{f"model.{k}": v for k, v in model_cfg.items()},
-              **{f"deepspeed.{k}": v for k, v in flatten(cli.to_dict(cfg.deepspeed)).items()},
-              **{f"optim.{k}": v for k, v in cli.to_dict(optim).items()}}
+              "steps.warmup": warmup, "data.train_images": count, "checkpoint.step": ckpt["step"],
+              **_model_params(cfg, model_cfg, optim)}
     tracking = replace(cfg.tracking, run_name=f"{cfg.name}/{run}", parent_run_id=parent_run_id)
-    with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{run}", f"finetune_{'trial' if part == 'rest' else 'refit'}",
-                     None, params=params, tags={"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}) as job:
+    with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{run}",
+                     f"finetune_{'trial' if part == 'rest' else 'refit'}", None, params=params,
+                     tags={"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}) as job:
         job.client.log_dict(job.run_id, ds_conf, "deepspeed_config.json")
-        meta = {"checkpoint": str(checkpoints.resolve(cfg.checkpoint)), "model": model_cfg,
-                "n_classes": cfg.n_classes, "palette": ckpt["palette"].tolist(), "lr": lr, "clf_weight": clf_weight,
-                "epochs": epochs, "patience": cfg.patience if part == "rest" else None,
-                "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "ds_config": ds_conf, "seed": t.seed,
-                "evals": evals, "run_id": job.run_id, "tracking_uri": job.uri, "use_gpu": cfg.scaling.use_gpu}
-        opts = ExecutionOptions()
-        opts.preserve_order = True  # the same batches to the same workers on every run of the same job
-        trainer = TorchTrainer(
-            finetune_loop,
-            train_loop_config={"meta": meta},
-            scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                         resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-            run_config=RunConfig(name=f"{cfg.name}/{run}", storage_path=cfg.storage_path),
-            datasets=datasets,
-            dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
-        )
+        spec = FinetuneSpec(
+            run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed, warmup_steps=warmup,
+                        total_steps=None,
+                        run_id=job.run_id, tracking_uri=job.uri, use_gpu=cfg.scaling.use_gpu,
+                        palette=ckpt["palette"].tolist()),
+            checkpoint=str(checkpoints.resolve(cfg.checkpoint)), n_classes=cfg.n_classes, lr=lr,
+            clf_weight=clf_weight, epochs=epochs, patience=cfg.patience if part == "rest" else None,
+            steps_per_epoch=steps_per_epoch, evals=tuple(evals))
+        trainer = _trainer(cfg, spec, f"{cfg.name}/{run}", datasets)
         result = job.wait(trainer.fit)
         if result.error:
             raise result.error
@@ -208,6 +258,35 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     out.update(run_id=job.run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
                classifier=str(Path(result.checkpoint.path)))
     return out
+
+
+def _model_params(cfg: FinetuneJobConfig, model_cfg: dict, optim) -> dict:
+    from igpt.track.tracking import flatten
+
+    return {"objective": model_cfg["objective"], "eval.masks": N_MASKS if model_cfg["objective"] == "bert" else 1,
+            **{f"model.{k}": v for k, v in model_cfg.items()},
+            **{f"deepspeed.{k}": v for k, v in flatten(cli.to_dict(cfg.deepspeed)).items()},
+            **{f"optim.{k}": v for k, v in cli.to_dict(optim).items()}}
+
+
+def _trainer(cfg: FinetuneJobConfig, spec, name: str, datasets: dict):
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from igpt.train.finetune_loop import finetune_loop
+
+    opts = ExecutionOptions()
+    opts.preserve_order = True  # the same batches to the same workers on every run of the same job
+    return TorchTrainer(
+        finetune_loop,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=cfg.storage_path),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
@@ -246,14 +325,14 @@ def _ray_cpus(cfg: FinetuneJobConfig) -> int:
 
 def run(cfg: FinetuneJobConfig) -> dict:
     from igpt.raysetup import init_ray
-    from igpt.tracking import JobRun
+    from igpt.track.tracking import JobRun
 
     if not cfg.checkpoint:
         raise UserError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
     if cfg.train.part != "all" or cfg.train.holdout:
         raise UserError("the job draws its splits itself (trials: part=rest/holdout, refit: part=all): give "
                         "--holdout, not --train.part/--train.holdout")
-    cfg = absolute_paths(cfg)
+    cfg = cli.absolute_paths(cfg)  # Tune runs each trial in its own working directory
     ckpt = checkpoint_info(cfg.checkpoint)  # a clear error now rather than in every worker
     cfg.transform.check_model(ckpt["model"]["resolution"])
     space = param_space(cfg)
@@ -263,7 +342,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     palette_file(cfg)  # the lookup table, built once here rather than in every trial
     tags = {"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
-    if checkpoints.pretrain_run_id(cfg.checkpoint):  # igpt.compare links the job to its pretraining run by it
+    if checkpoints.pretrain_run_id(cfg.checkpoint):  # igpt.track.compare links the job to its pretraining run by it
         tags["igpt.pretrain_run_id"] = checkpoints.pretrain_run_id(cfg.checkpoint)
     params = {"space": cfg.space or f"lr={cfg.optim.lr:g}", "objective": ckpt["model"]["objective"],
               "checkpoint.step": ckpt["step"]}

@@ -14,15 +14,33 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from igpt import cli, ingest, sources
-from igpt.config import FitPaletteJobConfig
-from igpt.palette import Palette
+from igpt import cli
+from igpt.cli import field_help as _help
+from igpt.config import IngestLimits, PaletteConfig, TrackingConfig, TransformConfig
+from igpt.data import ingest, sources
+from igpt.data.palette import Palette
+from igpt.data.sources import DatasetSpec
 from igpt.raysetup import init_ray
-from igpt.tracking import JobRun
+from igpt.track.tracking import JobRun
+
+
+@dataclass
+class FitPaletteJobConfig:
+    """Sample pixels across a dataset with Ray Data and fit the k-means palette."""
+
+    name: str = _help("run name (also the output folder under output_dir)", default="palette")
+    output_dir: str = _help("folder for outputs (the palette, its table, swatch, report)", default="runs")
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    palette: PaletteConfig = field(default_factory=PaletteConfig)
+    n_colors: int = _help("palette size; 2..65535", default=512)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def run(cfg: FitPaletteJobConfig) -> dict:

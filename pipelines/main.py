@@ -3,7 +3,7 @@ cluster run uses, on a local Ray runtime and a local MLflow store.
 
     python -m pipelines.main                            # debug model, ./runs/quickstart, a few minutes on 2 cores
     python -m pipelines.main --sizes debug,tiny         # two sizes, compared
-    python -m pipelines.main --help                     # every flag, generated from igpt.config.MainJobConfig
+    python -m pipelines.main --help                     # every flag, generated from MainJobConfig (below)
 
 Stages: fit the palette (Ray Data) -> pretrain each size (Ray Train + DeepSpeed ZeRO-2, the images tokenized on the
 fly) -> extract every layer's features (Ray Data actors) -> probe sweep over layer x regularisation (Ray Tune) with
@@ -15,78 +15,133 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
-from igpt import cli, sources
+from igpt import cli
+from igpt.cli import field_help as _help
 from igpt.config import (
-    CompareJobConfig,
-    ExtractJobConfig,
-    FitPaletteJobConfig,
-    MainJobConfig,
-    PretrainJobConfig,
-    ProbeJobConfig,
+    DEFAULT_DATA,
+    CheckpointConfig,
+    DeepSpeedConfig,
+    OptimConfig,
+    PaletteConfig,
+    ScalingConfig,
+    StoreConfig,
+    TrackingConfig,
+    TransformConfig,
 )
-from igpt.palette import Palette
-from igpt.tracking import default_tracking_uri
+from igpt.data import sources
+from igpt.data.palette import Palette
+from igpt.data.sources import DatasetSpec
+from igpt.model import MODEL_SIZES, ModelConfig
+from igpt.track.compare import CompareJobConfig
+from igpt.track.tracking import default_tracking_uri
+from pipelines.extract import ExtractJobConfig
+from pipelines.fit_palette import FitPaletteJobConfig
+from pipelines.pretrain import PretrainJobConfig
+from pipelines.probe import ProbeJobConfig
 
 
-def _flags(d: dict, prefix: str = "") -> list[str]:
-    """A nested dict -> the CLI flags that set it (so every stage is configured exactly as a user would)."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _flags(v, f"{prefix}{k}.")
-        elif isinstance(v, bool):
-            out.append(f"--{prefix}{k}" if v else f"--no-{prefix}{k}")
-        elif v is not None:
-            out += [f"--{prefix}{k}", str(v)]
-    return out
+@dataclass
+class DataConfig:
+    """One file or folder holding both splits, told apart by key prefix (as the shipped sample)."""
+
+    path: str = _help(
+        "Parquet file or folder with columns key, image (encoded bytes), label; default: the CIFAR-10 sample "
+        "shipped inside the package (1,000 train + 200 test images)",
+        default=DEFAULT_DATA,
+    )
+    max_images: int = _help("use at most this many training images (0: all)", default=0)
+    train_prefix: str = _help("keys of training images start with this", default="train/")
+    test_prefix: str = _help("keys of test images start with this", default="test/")
+
+    def __post_init__(self) -> None:
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"data.path does not exist: {self.path}")
+        if self.max_images < 0:
+            raise ValueError("data.max_images must be >= 0")
+
+
+@dataclass
+class MainJobConfig:
+    """The README's main job, the whole pipeline on the embedded sample: fit the palette -> pretrain (Ray Train +
+    DeepSpeed, tokenizing on the fly) -> extract features -> probe sweep (Ray Tune) with refit -> compare, all
+    logged to MLflow. Every flag sets something in a stage's own config (``stage_configs``)."""
+
+    name: str = _help("run name (the submitter names runs; never a timestamp); runs live in <output_dir>/<name>/",
+                      default="quickstart")
+    output_dir: str = _help("folder for the run's files (palette, checkpoints, features, MLflow store)",
+                            default="runs")
+    sizes: str = _help("comma-separated model sizes to pretrain and compare (names of the size table)",
+                       default="debug")
+    objective: Literal["ar", "bert"] = _help("pretraining objective of every size", default="ar")
+    resolution: int = _help("input resolution of every stage (palette, pretraining, features); 1..64", default=32)
+    palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = _help("pretraining optimizer steps of each size; >= 1", default=20)
+    seed: int = _help("seed of the initial weights, the data order and the augmentations", default=0)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, global_batch=16, warmup_steps=5))
+    workers: int = _help("Ray Train workers (DeepSpeed ZeRO-2 data parallel, CPU gloo here); >= 1", default=2)
+    holdout: float = _help("share of the training images held out for validation (probe selection)", default=0.2)
+    probe_space: str = _help("probe search space (a tune_spaces/ name or file)", default="probe_lbfgs")
+    tracking: StoreConfig = field(default_factory=StoreConfig)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sizes.split(",") if s.strip() not in MODEL_SIZES]
+        if unknown or not self.sizes.strip():
+            raise ValueError(f"sizes: unknown {unknown}; known: {', '.join(MODEL_SIZES)}")
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.workers < 1 or (self.optim.global_batch or 0) % self.workers:
+            raise ValueError(f"optim.global_batch ({self.optim.global_batch}) must be a multiple of workers "
+                             f"({self.workers})")
+        if not 0 <= (self.optim.warmup_steps or 0) < self.steps:
+            raise ValueError(f"optim.warmup_steps must be in [0, steps) (steps is {self.steps})")
+
+    def size_list(self) -> list[str]:
+        return [s.strip() for s in self.sizes.split(",")]
 
 
 def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
-    """Every stage's typed config, built from the main job's flags (paths absolute: some stages run Tune trials,
-    each in its own working directory)."""
+    """Every stage's own typed config, composed from the main job's (paths absolute: some stages run Tune trials,
+    each in its own working directory). No flag round-trip: what the main job holds is what the stages get."""
     root = Path(cli.absolute_path(cfg.output_dir)) / cfg.name
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(root)
-    track = {"tracking": {"tracking_uri": uri, "experiment": cfg.tracking.experiment}}
-    res = cfg.model.resolution
+    track = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(root),
+                           experiment=cfg.tracking.experiment)
     d = cfg.data
-    train = {"path": d.path, "key_prefix": d.train_prefix, "max_images": d.max_images}
-    test = {"path": d.path, "key_prefix": d.test_prefix, "split": "test"}
-    t = cfg.train
-    out = {"palette": cli.parse(FitPaletteJobConfig, _flags({
-        "name": "palette", "output_dir": str(root), "data": train, "transform": {"resolution": res},
-        "palette": {"sample_pixels": cfg.palette.sample_pixels, "max_iter": cfg.palette.max_iter,
-                    "seed": cfg.palette.seed}, "n_colors": cfg.model.n_colors, **track}))}
-    for size in (s.strip() for s in cfg.sizes.split(",")):
-        run_dir = root / "train" / size
-        out[f"pretrain/{size}"] = cli.parse(PretrainJobConfig, _flags({
-            "name": size, "storage_path": str(root / "train"), "palette_path": palette_path or "-",
-            "train": train, "val": {**test, "max_images": 0}, "val_images": 200,
-            "transform": {"resolution": res, "seed": t.seed},
-            "model": {"size": size, "resolution": res, "objective": cfg.model.objective},
-            "optim": {"lr": t.lr, "beta1": t.beta1, "beta2": t.beta2, "weight_decay": t.weight_decay,
-                      "global_batch": t.batch_size, "warmup_steps": t.warmup_steps},
-            "deepspeed": {"preset": "cpu", "zero_stage": 2, "precision": "fp32",
-                          "micro_batch": t.batch_size // cfg.workers},
-            "scaling": {"workers": cfg.workers}, "steps": t.steps, "checkpoint": {"every_steps": t.steps},
-            "completions": 4, **track}))
-        out[f"extract/{size}"] = cli.parse(ExtractJobConfig, _flags({
-            "name": size, "output_dir": str(root / "features"), "checkpoint": str(run_dir), "train": train,
-            "test": test, "holdout": cfg.holdout, "transform": {"resolution": res}, **track}))
-        out[f"probe/{size}"] = cli.parse(ProbeJobConfig, _flags({
-            "name": size, "output_dir": str(root / "probe"), "features": str(root / "features" / size),
-            "space": cfg.probe_space, **track}))
-    out["compare"] = cli.parse(CompareJobConfig, _flags({
-        "name": "compare", "output_dir": str(root), "tag": f"igpt.main={cfg.name}", **track}))
+    train = DatasetSpec(path=d.path, key_prefix=d.train_prefix, max_images=d.max_images)
+    test = DatasetSpec(path=d.path, key_prefix=d.test_prefix, split="test")
+    eval_transform = TransformConfig(resolution=cfg.resolution, seed=cfg.seed)
+    out = {"palette": FitPaletteJobConfig(name="palette", output_dir=str(root), data=train,
+                                          transform=eval_transform, palette=cfg.palette, tracking=track)}
+    for size in cfg.size_list():
+        out[f"pretrain/{size}"] = PretrainJobConfig(
+            name=size, storage_path=str(root / "train"), palette_path=palette_path or "-", train=train, val=test,
+            val_images=200, transform=replace(PretrainJobConfig().transform, resolution=cfg.resolution,
+                                              seed=cfg.seed),
+            model=ModelConfig(size=size, resolution=cfg.resolution, objective=cfg.objective), optim=cfg.optim,
+            deepspeed=DeepSpeedConfig(preset="cpu", zero_stage=2, precision="fp32",
+                                      micro_batch=cfg.optim.global_batch // cfg.workers),
+            scaling=ScalingConfig(workers=cfg.workers), steps=cfg.steps,
+            checkpoint=CheckpointConfig(every_steps=cfg.steps), completions=4, tracking=track)
+        out[f"extract/{size}"] = ExtractJobConfig(
+            name=size, output_dir=str(root / "features"), checkpoint=str(root / "train" / size), train=train,
+            test=test, holdout=cfg.holdout, transform=eval_transform, tracking=track)
+        out[f"probe/{size}"] = ProbeJobConfig(
+            name=size, output_dir=str(root / "probe"), features=str(root / "features" / size),
+            space=cfg.probe_space, seed=cfg.seed, tracking=track)
+    out["compare"] = CompareJobConfig(name="compare", output_dir=str(root), tag=f"igpt.main={cfg.name}",
+                                      tracking=track)
     return out
 
 
 def run(cfg: MainJobConfig) -> dict:
     import mlflow
 
-    from igpt import compare
     from igpt.raysetup import init_ray
+    from igpt.track import compare
     from pipelines import extract, fit_palette, pretrain, probe
 
     t0 = time.perf_counter()
@@ -105,7 +160,7 @@ def run(cfg: MainJobConfig) -> dict:
         timings["palette"] = time.perf_counter() - t
     stages = stage_configs(cfg, palette_path)
     uri = stages["palette"].tracking.tracking_uri
-    for size in (s.strip() for s in cfg.sizes.split(",")):
+    for size in cfg.size_list():
         t = time.perf_counter()
         pre = pretrain.run(stages[f"pretrain/{size}"])
         # the compare stage finds this pipeline's runs by this tag

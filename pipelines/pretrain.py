@@ -6,28 +6,82 @@
     ray job submit --working-dir . -- python -m pipelines.pretrain ... --storage_path s3://bucket/runs
 
 The submitter names the run (``--name`` under ``--storage_path``). Re-submitting the same name continues it
-from its newest complete checkpoint and keeps logging to the same MLflow run. Per-worker code: igpt/train_loop.py.
+from its newest complete checkpoint and keeps logging to the same MLflow run. Per-worker code: igpt/train/train_loop.py.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
 
-from igpt import cli, deepspeed_config, ingest, schedule, sources
-from igpt.config import PretrainJobConfig
+from igpt import cli
+from igpt.cli import field_help as _help
+from igpt.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    ModelConfig,
+    OptimConfig,
+    ScalingConfig,
+    TrackingConfig,
+    TransformConfig,
+)
+from igpt.data import ingest, sources
+from igpt.data.palette import Palette
+from igpt.data.sources import DatasetSpec
 from igpt.errors import UserError
-from igpt.faults import Faults
-from igpt.lease import Lease
-from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.schedule import Schedule
-from igpt.tracking import JobRun, flatten
-from igpt.train_loop import NONFINITE, train_loop
+from igpt.track.tracking import JobRun, flatten
+from igpt.train import deepspeed_config, schedule
+from igpt.train.faults import Faults
+from igpt.train.lease import Lease
+from igpt.train.schedule import Schedule
+from igpt.train.train_loop import NONFINITE, PretrainSpec, train_loop
+from igpt.train.trainer import RunSpec
+
+
+@dataclass
+class PretrainJobConfig:
+    """Pretrain iGPT with Ray Train + DeepSpeed on the augmented, tokenized stream of a dataset."""
+
+    name: str = _help("run name: the run lives in <storage_path>/<name>; re-submitting the same name resumes it",
+                      default="pretrain")
+    storage_path: str = _help("where runs keep checkpoints and state (shared storage on a cluster)",
+                              default="runs/train")
+    palette_path: str = _help("palette .npy from fit_palette (required)", default="")
+    train: DatasetSpec = field(default_factory=DatasetSpec)
+    val: DatasetSpec = field(default_factory=lambda: DatasetSpec(split="test"))
+    transform: TransformConfig = field(default_factory=lambda: TransformConfig(augment=True))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    steps: int | None = _help("the run's length in optimizer steps; the stream cycles through as many epochs as "
+                              "they need (each epoch its own augmentations); default: the size's recipe (paper: "
+                              "1M; 2M for XL); >= 1", default=None)
+    schedule_fraction: float = _help("run this fraction of the resolved schedule, warm-up and cosine decay scaled "
+                                     "alike (sweep trials); in (0, 1]", default=1.0)
+    dry_run: bool = _help("resolve the recipe, count the split's records, print the schedule as one JSON object "
+                          "and exit without training", default=False)
+    eval_every: int = _help("validation loss every this many steps, besides every epoch (0: epochs only)",
+                            default=0)
+    val_images: int = _help("validation images per evaluation (0: the whole split)", default=1000)
+    deterministic: bool = _help(
+        "replayable data order: Ray Data keeps record order and deals blocks to workers in a fixed way, so a "
+        "resumed or repeated run sees exactly the same batches (costs a little throughput)", default=True)
+    completions: int = _help("validation images completed from their top half in each epoch's picture",
+                             default=8)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if (self.steps is not None and self.steps < 1) or self.eval_every < 0 or self.val_images < 0:
+            raise ValueError("steps must be >= 1; eval_every and val_images >= 0")
+        if not 0.0 < self.schedule_fraction <= 1.0:
+            raise ValueError(f"schedule_fraction must be in (0, 1], got {self.schedule_fraction}")
 
 
 def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):
@@ -126,12 +180,15 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
         train, val, log = datasets(cfg, palette, plan, sched.epochs)
-        meta = {"total_steps": sched.total_steps, "warmup_steps": sched.warmup_steps,
-                "steps_per_epoch": sched.steps_per_epoch, "records": sched.records, "epochs": sched.epochs,
-                "global_batch": sched.global_batch, "ds_config": ds_conf, "model": model_cfg,
-                "seed": cfg.transform.seed, "run_dir": str(run_dir), "run_id": run.run_id, "tracking_uri": run.uri,
-                "palette": palette.centres.tolist(), "faults": Faults.from_env().as_dict()}
-        result = run.wait(_trainer(cfg, meta, {"train": train, "val": val}).fit)
+        spec = PretrainSpec(
+            run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed,
+                        warmup_steps=sched.warmup_steps, total_steps=sched.total_steps, run_id=run.run_id,
+                        tracking_uri=run.uri, use_gpu=cfg.scaling.use_gpu, palette=palette.centres.tolist(),
+                        run_dir=str(run_dir)),
+            steps_per_epoch=sched.steps_per_epoch, records=sched.records, epochs=sched.epochs,
+            global_batch=sched.global_batch, eval_every=cfg.eval_every, completions=cfg.completions,
+            checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep)
+        result = run.wait(_trainer(cfg, spec, {"train": train, "val": val}).fit)
         if result.error:
             raise result.error
         read, skipped = ray.get(log.stats.remote())
@@ -147,18 +204,19 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
     return summary
 
 
-def _trainer(cfg: PretrainJobConfig, meta: dict, datasets: dict):
+def _trainer(cfg: PretrainJobConfig, spec: PretrainSpec, datasets: dict):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cli.to_dict(cfg), "meta": meta},
+        # test faults (igpt.train.faults) travel beside the config, never in it or in the run's params
+        train_loop_config={"spec": spec, "faults": Faults.from_env().as_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
-                             # the workers prune (igpt.checkpoints.prune): Ray's count forgets what a stopped
+                             # the workers prune (igpt.train.checkpoints.prune): Ray's count forgets what a stopped
                              # attempt left, and would delete folders by its own list
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
         datasets=datasets,

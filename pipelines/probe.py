@@ -8,26 +8,62 @@
 Every trial reads one layer of an extracted feature set (pipelines/extract.py) and reports its validation
 accuracy; the best (layer, hyper-parameter) is refit on train+val and evaluated once on test. Layers are 0 .. L
 of an L-block model, L being the final norm's output (the fine-tuning head's input); depth is layer / L. With
-``pixels``, the same sweep of the regularisation runs on the raw pixels as a baseline. MLflow: this job's run is the parent;
-Ray's ``MLflowLoggerCallback`` makes one child run per trial; the parent gets the best setting, the test accuracy,
-a table of every trial and a plot of validation accuracy against layer. Conditions that make the numbers mean less
-than they seem (held-out classes absent from train, every trial tied, test keys among train/val keys) are printed
-as ``warning: ...`` on stderr and tagged ``igpt.warning.<kind>`` on the parent run.
+``pixels``, the same sweep of the regularisation runs on the raw pixels as a baseline. MLflow: this job's run is the
+parent; Ray's ``MLflowLoggerCallback`` makes one child run per trial; the parent gets the best setting, the test
+accuracy, a table of every trial and a plot of validation accuracy against layer. Conditions that make the numbers
+mean less than they seem (held-out classes absent from train, every trial tied, test keys among train/val keys) are
+printed as ``warning: ...`` on stderr and tagged ``igpt.warning.<kind>`` on the parent run.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from igpt import cli, features, probe, tune_space
-from igpt.config import ProbeJobConfig
+from igpt import cli, tune_space
+from igpt.cli import field_help as _help
+from igpt.config import TrackingConfig
 from igpt.errors import UserError
+from igpt.eval import features, probe
 from igpt.raysetup import init_ray
-from igpt.tracking import JobRun, interruptible
+from igpt.track.tracking import JobRun, interruptible
+
+
+@dataclass
+class ProbeJobConfig:
+    """Linear probes on extracted features: a Ray Tune sweep (layer x lr or regularisation) on train/val, the best
+    refit on train+val and evaluated once on test; optionally the low-data CIFAR-10 protocol."""
+
+    name: str = _help("probe run name (also its folder under output_dir)", default="probe")
+    output_dir: str = _help("folder for the sweep's files (shared storage on a cluster)", default="runs/probe")
+    features: str = _help("a feature set folder written by pipelines.extract (required)", default="")
+    protocol: Literal["lbfgs", "sgd"] = _help(
+        "lbfgs: L2 logistic regression by L-BFGS (the paper's CIFAR/STL protocol); sgd: SGD, momentum 0.9, "
+        "cosine decay, high learning rates (the ImageNet protocol)", default="lbfgs")
+    space: str = _help("search space: a tune_spaces/ name or a JSON file; default probe_<protocol>", default="")
+    max_iter: int = _help("lbfgs: iteration limit", default=1000)
+    epochs: int = _help("sgd: epochs", default=30)
+    batch_size: int = _help("sgd: batch size", default=256)
+    pixels: bool = _help("also probe the raw-pixel baseline (needs a feature set written with pixels)",
+                         default=True)
+    low_data: str = _help("low-data protocol: comma-separated label counts per run, balanced over classes "
+                          "(e.g. 40,250,4000); empty: skip", default="")
+    low_data_seeds: int = _help("low-data: seeds (subsets) per label count", default=3)
+    cpus_per_trial: float = _help("CPUs per Tune trial", default=1.0)
+    seed: int = _help("seed of the SGD protocol and the low-data subsets", default=0)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.max_iter < 1 or self.epochs < 1 or self.batch_size < 1 or self.low_data_seeds < 1:
+            raise ValueError("max_iter, epochs, batch_size and low_data_seeds must be >= 1")
+        for n in filter(None, self.low_data.split(",")):
+            if not n.strip().isdigit() or int(n) < 1:
+                raise ValueError(f"low_data: expected label counts like 40,250,4000, got {self.low_data!r}")
 
 
 def fit(cfg: ProbeJobConfig, x, y, params: dict) -> probe.LinearProbe:
@@ -172,13 +208,9 @@ def log_layer_sweep(out: Path, df, best: dict, n_layer: int, result: dict) -> No
 
 
 def run(cfg: ProbeJobConfig) -> dict:
-    import dataclasses
-
     import mlflow
 
-    # Tune runs each trial in its own working directory: the trials must get absolute paths.
-    cfg = dataclasses.replace(cfg, features=cli.absolute_path(cfg.features),
-                              output_dir=cli.absolute_path(cfg.output_dir))
+    cfg = cli.absolute_paths(cfg)  # Tune runs each trial in its own working directory
     man = features.manifest(cfg.features)
     n_layer = model_blocks(man, cfg.features)
     space_file = tune_space.load(cfg.space or f"probe_{cfg.protocol}", job=f"probe_{cfg.protocol}")
@@ -252,7 +284,8 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
         acc = g["test_accuracy"].to_numpy()
         out[int(n)] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                        "seeds": len(acc)}
-        mlflow.log_metrics({f"low_data/{int(n)}_mean": out[int(n)]["mean"], f"low_data/{int(n)}_std": out[int(n)]["std"]})
+        mlflow.log_metrics({f"low_data/{int(n)}_mean": out[int(n)]["mean"],
+                            f"low_data/{int(n)}_std": out[int(n)]["std"]})
     return out
 
 

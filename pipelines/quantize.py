@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python -m pipelines.quantize ...
 
 For eval splits and for anyone who wants a fixed tokenized copy; training tokenizes on the fly with fresh
-augmentations every epoch (``igpt.ingest.tokenize``). Records stream through Ray Data in their input order and
+augmentations every epoch (``igpt.data.ingest.tokenize``). Records stream through Ray Data in their input order and
 the shards are cut every ``rows_per_shard`` rows, so the same job with the same seed writes byte-identical files.
 Shards are written into ``<split>.partial/`` and moved to ``<split>/`` only when the split is complete.
 Every skipped record is listed with its reason in ``<split>.errors.tsv`` (also an MLflow artifact).
@@ -17,18 +17,40 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from igpt import cli, ingest, sources
-from igpt.config import QuantizeJobConfig
+from igpt import cli
+from igpt.cli import field_help as _help
+from igpt.config import IngestLimits, TrackingConfig, TransformConfig
+from igpt.data import ingest, sources
+from igpt.data.palette import Palette
+from igpt.data.sources import DatasetSpec
 from igpt.errors import UserError
-from igpt.palette import Palette
 from igpt.raysetup import init_ray
-from igpt.tracking import JobRun
+from igpt.track.tracking import JobRun
+
+
+@dataclass
+class QuantizeJobConfig:
+    """Write token shards (Parquet: key, label, tokens uint16[IR^2]) of one split."""
+
+    name: str = _help("run name (also the output folder under output_dir)", default="tokens")
+    output_dir: str = _help("folder for outputs: <output_dir>/<name>/<split>/tokens-NNNNN.parquet", default="runs")
+    palette_path: str = _help("palette .npy from fit_palette (required)", default="")
+    data: DatasetSpec = field(default_factory=DatasetSpec)
+    transform: TransformConfig = field(default_factory=TransformConfig)
+    rows_per_shard: int = _help("rows per output Parquet file; >= 1", default=10_000)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.rows_per_shard < 1:
+            raise ValueError("rows_per_shard must be >= 1")
 
 
 def run(cfg: QuantizeJobConfig) -> dict:
@@ -55,30 +77,15 @@ def run(cfg: QuantizeJobConfig) -> dict:
     with run_:
         mlflow.log_artifact(cfg.palette_path, "palette")
         ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
-        written, shard, pending = 0, 0, []
         schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
                             ("tokens", pa.list_(pa.uint16(), t.ir**2))])
 
-        def flush(rows: list[pa.Table]) -> None:
-            nonlocal shard
-            pq.write_table(pa.concat_tables(rows).cast(schema), partial / f"tokens-{shard:05d}.parquet")
-            shard += 1
+        def write(table: pa.Table, index: int) -> None:
+            pq.write_table(table.cast(schema), partial / f"tokens-{index:05d}.parquet")
 
         with ingest.error_report(log, out / f"{cfg.data.split}.errors.tsv", cfg.limits) as guard:
-            buffered = 0
-            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                pending.append(batch)
-                buffered += batch.num_rows
-                while buffered >= cfg.rows_per_shard:
-                    table = pa.concat_tables(pending)
-                    flush([table.slice(0, cfg.rows_per_shard)])
-                    rest = table.slice(cfg.rows_per_shard)
-                    pending, buffered = ([rest] if rest.num_rows else []), rest.num_rows
-                    written += cfg.rows_per_shard
-                guard.check()
-            if buffered:
-                flush(pending)
-                written += buffered
+            written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
+                                                 cfg.rows_per_shard, write, guard)
         seconds = time.perf_counter() - t0
         shutil.rmtree(final_dir, ignore_errors=True)
         partial.rename(final_dir)  # the split appears complete or not at all

@@ -17,7 +17,7 @@ final validation loss) is then refitted on train + held-out (``part=all``) as ``
 **Shortened trials.** Each trial runs ``--trial_fraction`` of the run it stands for: the schedule that
 ``pipelines.pretrain`` resolves for the trial's split (the size's recipe, one-epoch warm-up) with its total and its
 warm-up both scaled by the fraction, so a trial still warms up for the same share of its steps and decays to 0
-(``igpt.schedule``). The refit runs the whole schedule. Why this should rank learning rates as full runs would is
+(``igpt.train.schedule``). The refit runs the whole schedule. Why this should rank learning rates as full runs would is
 an assumption, not a measurement here: the rates are a factor ~3 apart, and what separates them (divergence or
 slow progress early, how far the annealed loss gets) shows in a complete warm-up-and-decay cycle of any length;
 a trial cut off mid-schedule instead (the old way) would compare losses at a high, undecayed learning rate.
@@ -56,15 +56,55 @@ import os
 import pickle
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ray.tune.search import Searcher
 
 from igpt import cli, tune_space
-from igpt.config import PretrainJobConfig, SweepLRJobConfig
+from igpt.cli import field_help as _help
 from igpt.errors import UserError
-from igpt.faults import Faults
+from igpt.train.faults import Faults
+from pipelines.pretrain import PretrainJobConfig
+
+
+@dataclass
+class SweepLRJobConfig:
+    """The paper's learning-rate procedure for pretraining, as a Ray Tune sweep: pretrain with each lr of an ordered
+    list in turn on the training split less a held-out share, stop at the first trial whose final validation loss
+    is higher than the previous trial's, then refit the best lr on train + held-out."""
+
+    name: str = _help("sweep name: its runs live in <storage_path>/<name>/ (lr_<lr>/, refit/, tune/); "
+                      "re-submitting the same name resumes the sweep", default="sweep_lr")
+    storage_path: str = _help("where the sweep and its pretraining runs keep checkpoints and state (shared storage "
+                              "on a cluster); the default MLflow store is <storage_path>/mlflow.db",
+                              default="runs/sweep")
+    space: str = _help("search space: a tune_spaces/ name or a JSON file with an 'ordered' lr list", default="sweep_lr")
+    holdout: float = _help("share of the training split (pretrain.train) held out, by a hash of the key, as every "
+                           "trial's validation set (trials train on the rest); in (0, 1)", default=0.1)
+    refit: bool = _help("pretrain the best lr again on train + held-out (part=all) as <name>/refit, validated on "
+                        "pretrain.val (default: the test split)", default=True)
+    max_failures: int = _help("retries of a failed trial, each resuming its pretraining run from its newest "
+                              "complete checkpoint (-1: unlimited); a diverged trial is not retried", default=2)
+    cpus_per_trial: float = _help("CPUs reserved for each trial's own process (its Ray Train workers reserve "
+                                  "pretrain.scaling's); > 0", default=0.1)
+    trial_fraction: float = _help(
+        "each trial runs this fraction of the pretraining schedule (steps and warm-up scaled alike, so it still "
+        "warms up and decays to 0); the refit runs the whole schedule; in (0, 1]", default=0.1)
+    pretrain: PretrainJobConfig = field(default_factory=PretrainJobConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+        if not self.cpus_per_trial > 0:
+            raise ValueError(f"cpus_per_trial must be > 0 (Ray Tune rejects 0), got {self.cpus_per_trial}")
+        if self.max_failures < -1:
+            raise ValueError(f"max_failures must be >= -1, got {self.max_failures}")
+        if not 0.0 < self.trial_fraction <= 1.0:
+            raise ValueError(f"trial_fraction must be in (0, 1], got {self.trial_fraction}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")
+
 
 METRIC = "val_loss"
 
@@ -157,19 +197,6 @@ class OrderedSearcher(Searcher):
 
 
 # ------------------------------------------------------------------------------------------------ one trial
-def absolute_paths(cfg: SweepLRJobConfig) -> SweepLRJobConfig:
-    d = cli.to_dict(cfg)
-    d["storage_path"] = cli.absolute_path(d["storage_path"])
-    p = d["pretrain"]
-    p["palette_path"] = cli.absolute_path(p["palette_path"])
-    for split in ("train", "val"):
-        for k in ("path", "labels_file"):
-            p[split][k] = cli.absolute_path(p[split][k])
-    if (p["deepspeed"]["preset"] or "").endswith(".json"):  # None: the recipe's preset
-        p["deepspeed"]["preset"] = cli.absolute_path(p["deepspeed"]["preset"])
-    return cli.from_dict(SweepLRJobConfig, d)
-
-
 def run_name(cfg: SweepLRJobConfig, lr: float | None) -> str:
     return f"{cfg.name}/refit" if lr is None else f"{cfg.name}/lr_{lr:g}"
 
@@ -206,7 +233,7 @@ def pretrain_once(pcfg: PretrainJobConfig, diverged_ok: bool) -> dict:
     ``{"run_id", "val_loss", "diverged", "resumed", "run_dir"}``; a diverged run raises unless ``diverged_ok``."""
     from mlflow.tracking import MlflowClient
 
-    from igpt.train_loop import NONFINITE
+    from igpt.train.train_loop import NONFINITE
     from pipelines import pretrain
 
     run_dir = Path(pcfg.storage_path) / pcfg.name
@@ -251,10 +278,10 @@ def log_trial(uri: str, parent_run_id: str, index: int, lr: float, out: dict) ->
 
 def trial(config: dict, job: dict, parent_run_id: str, tracking_uri: str, faults: dict | None = None) -> None:
     """Ray Tune function trainable: one full pretraining run at ``config["lr"]``; reports its final val loss.
-    ``faults``: the sweep driver's test faults (igpt.faults), handed to the trial's pretraining driver."""
+    ``faults``: the sweep driver's test faults (igpt.train.faults), handed to the trial's pretraining driver."""
     from ray import tune
 
-    from igpt import faults as fault_env
+    from igpt.train import faults as fault_env
 
     if faults:
         os.environ[fault_env.ENV] = json.dumps(faults)
@@ -278,7 +305,7 @@ def load_values(space: str) -> list[float]:
 def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Path):
     """The sweep's MLflow run (a re-submission continues it); the store and experiment are created here, before
     any trial touches them (SQLite schema race)."""
-    from igpt.tracking import JobRun
+    from igpt.track.tracking import JobRun
 
     params = {"space": cfg.space, "order": json.dumps(values), "holdout": cfg.holdout, "refit": cfg.refit,
               "max_failures": cfg.max_failures, "name": cfg.name}
@@ -310,7 +337,7 @@ def _check_cpus(cfg: SweepLRJobConfig) -> None:
 def run(cfg: SweepLRJobConfig) -> dict:
     from igpt.raysetup import init_ray
 
-    cfg = absolute_paths(cfg)
+    cfg = cli.absolute_paths(cfg)  # Tune runs each trial in its own working directory
     values = load_values(cfg.space)
     if not cfg.pretrain.palette_path:
         raise UserError("pretrain.palette_path is required (fit one with pipelines.fit_palette)")

@@ -1,11 +1,11 @@
-"""Checkpoints verified, not trusted (igpt.checkpoints): a marker that lies is caught and the newest checkpoint
+"""Checkpoints verified, not trusted (igpt.train.checkpoints): a marker that lies is caught and the newest checkpoint
 that verifies is used; keep holds. Plain files, no training."""
 
 import pytest
 import torch
 
-from igpt import checkpoints
-from igpt.checkpoints import MARKER, WEIGHTS, newest_complete, prune, verify, write_marker, write_weights
+from igpt.train import checkpoints
+from igpt.train.checkpoints import MARKER, WEIGHTS, newest_complete, prune, verify, write_marker, write_weights
 
 
 def fake_checkpoint(run_dir, step):

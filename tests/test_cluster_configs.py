@@ -1,5 +1,5 @@
 """Cluster configs (cluster/): Ray's own validation of the launcher configs, the GPU memory of every worker type
-against what its comment claims (recomputed with igpt.plan), the dashboard binding, the fields KubeRay needs, and
+against what its comment claims (recomputed with igpt.train.plan), the dashboard binding, the fields KubeRay needs, and
 the runtime environment as Ray reads it.
 
 Validation is Ray's: ``prepare_config`` (merges the provider's defaults.yaml, as ``ray up`` does) then
@@ -23,10 +23,12 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from igpt import cli, deepspeed_config
-from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig, PretrainJobConfig
-from igpt.plan import PlanInput, plan
-from igpt.recipes import recipe
+from igpt import cli
+from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig
+from igpt.train import deepspeed_config
+from igpt.train.plan import PlanInput, plan
+from igpt.train.recipes import recipe
+from pipelines.pretrain import PretrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -300,7 +302,7 @@ def test_readme_cluster_commands_use_the_pipelines_flags():
     """Each `ray job submit ... -- python -m pipelines.<stage>` line of "Run on a cluster" parses with the parser
     that stage builds (its `cli.parse(<Config>, ...)`; flags only: the paths live on the cluster). Stages not
     written yet are left out."""
-    import igpt.config
+    import igpt.track.compare
 
     section = (ROOT / "README.md").read_text().split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
     shell_vars: dict[str, str] = {}
@@ -322,7 +324,8 @@ def test_readme_cluster_commands_use_the_pipelines_flags():
             module = importlib.import_module(argv[2])
             found = next(m for obj in vars(module).values() if inspect.ismodule(obj)
                          and obj.__name__.startswith("igpt.") and (m := parses.search(inspect.getsource(obj))))
-        config_class = getattr(igpt.config, found.group(1))
+        config_class = next(getattr(m, found.group(1)) for m in (importlib.import_module(argv[2]), igpt.track.compare)
+                            if hasattr(m, found.group(1)))
         cli.build_parser(config_class).parse_args(argv[3:])  # SystemExit on an unknown flag or a bad value
         checked.add(argv[2].split(".", 1)[1])
     assert {"fit_palette", "quantize", "pretrain"} <= checked
@@ -343,5 +346,5 @@ def test_runtime_env_is_accepted_by_ray_and_ships_the_code_not_the_venv():
               "igpt/__pycache__/model.cpython-311.pyc"):
         assert excluded(ROOT / p) or any(excluded(ROOT / q) for q in Path(p).parents if str(q) != "."), p
     for p in ("igpt/data/cifar10_sample.parquet", "cluster/deepspeed/S.json", "pipelines/pretrain.py",
-              "igpt/model.py"):
+              "igpt/model/gpt.py"):
         assert not any(excluded(ROOT / q) for q in [Path(p), *Path(p).parents] if str(q) != "."), p

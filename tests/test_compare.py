@@ -1,15 +1,18 @@
-"""igpt.compare on a real local MLflow store (SQLite): runs written through MlflowClient as the jobs write them."""
+"""igpt.track.compare on a real local MLflow store (SQLite): runs written through MlflowClient as the jobs write
+them."""
 
 import csv
 import re
+from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from igpt import compare
-from igpt.config import CompareJobConfig, ModelConfig, TrackingConfig
-from igpt.tracking import default_tracking_uri, ensure_experiment
+from igpt.config import ModelConfig, TrackingConfig
+from igpt.track import compare
+from igpt.track.compare import CompareJobConfig
+from igpt.track.tracking import default_tracking_uri, ensure_experiment
 
 T0 = 1_700_000_000_000  # ms; runs get explicit start times so "newest" is unambiguous
 
@@ -159,7 +162,7 @@ def test_table_files_plots_and_run(store, capsys):
     assert sorted(a.path for a in client.list_artifacts(out["run_id"], "plots")) == \
            sorted(f"plots/{n}" for n in compare.PLOTS)
     local = client.download_artifacts(out["run_id"], "table.csv", str(store["root"]))
-    assert open(local).read() == (folder / "table.csv").read_text()
+    assert Path(local).read_text() == (folder / "table.csv").read_text()
     # the compare run is no pretraining run: a second compare still sees the same two
     assert [r.name for r in compare.run(_cfg(store, name="again"))["rows"]] == ["debug-ar", "tiny-bert"]
 

@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from igpt import cli
-from igpt.config import MODEL_SIZES, MainJobConfig, ModelConfig, TrainConfig
+from igpt.config import MODEL_SIZES, ModelConfig, OptimConfig
+from pipelines.main import MainJobConfig
+from pipelines.pretrain import PretrainJobConfig
 
 
 def test_from_name_fills_the_table_and_keeps_overrides():
@@ -34,20 +37,20 @@ def test_bad_model_config_is_a_clear_error(kwargs, field):
 
 def test_bad_train_config_is_a_clear_error():
     with pytest.raises(ValueError, match="warmup"):
-        TrainConfig(steps=5, warmup_steps=6)
-    with pytest.raises(ValueError, match="train.lr"):
-        TrainConfig(lr=float("nan"))
+        MainJobConfig(steps=5, optim=OptimConfig(global_batch=16, warmup_steps=6))
+    with pytest.raises(ValueError, match="optim.lr"):
+        OptimConfig(lr=float("nan"))
 
 
 def test_cli_is_generated_from_every_field():
-    parser = cli.build_parser(MainJobConfig)
+    parser = cli.build_parser(PretrainJobConfig)
     flags = {a for action in parser._actions for a in action.option_strings}
-    expected = {"--name", "--output_dir", "--model.size", "--model.n_layer", "--model.objective",
-                "--model.activation_checkpointing", "--no-model.activation_checkpointing", "--train.steps",
-                "--palette.sample_pixels", "--data.path", "--tracking.tracking_uri"}
+    expected = {"--name", "--storage_path", "--model.size", "--model.n_layer", "--model.objective",
+                "--model.activation_checkpointing", "--no-model.activation_checkpointing", "--steps",
+                "--train.path", "--tracking.tracking_uri"}
     assert expected <= flags
     # every leaf field of the tree has a flag
-    leaves = set(_leaf_names(cli.to_dict(MainJobConfig())))
+    leaves = set(_leaf_names(cli.to_dict(PretrainJobConfig())))
     assert len(leaves) > 20
     assert {f"--{leaf}" for leaf in leaves} <= flags
 
@@ -62,22 +65,22 @@ def _leaf_names(d, prefix=""):
 
 def test_cli_parses_flags_and_config_file(tmp_path):
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"model": {"size": "tiny", "objective": "bert"}, "train": {"steps": 7}}))
-    cfg = cli.parse(MainJobConfig, ["--config", str(f), "--train.steps", "9", "--model.activation_checkpointing"])
+    f.write_text(json.dumps({"model": {"size": "tiny", "objective": "bert"}, "steps": 7}))
+    cfg = cli.parse(PretrainJobConfig, ["--config", str(f), "--steps", "9", "--model.activation_checkpointing"])
     assert cfg.model.size == "tiny" and cfg.model.n_layer == MODEL_SIZES["tiny"]["n_layer"]
     assert cfg.model.objective == "bert" and cfg.model.activation_checkpointing is True
-    assert cfg.train.steps == 9  # the flag wins over the file
-    assert cfg.train.batch_size == TrainConfig().batch_size
+    assert cfg.steps == 9  # the flag wins over the file
+    assert cfg.optim.lr == OptimConfig().lr
 
 
 def test_cli_rejects_bad_values_and_unknown_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli.parse(MainJobConfig, ["--model.size", "huge"])
+        cli.parse(PretrainJobConfig, ["--model.size", "huge"])
     assert "model.size" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.parse(MainJobConfig, ["--model.objective", "mlm"])
+        cli.parse(MainJobConfig, ["--objective", "mlm"])
     f = tmp_path / "c.json"
-    f.write_text(json.dumps({"train": {"stepz": 7}}))
+    f.write_text(json.dumps({"optim": {"stepz": 7}}))
     with pytest.raises(SystemExit):
         cli.parse(MainJobConfig, ["--config", str(f)])
     assert "stepz" in capsys.readouterr().err
@@ -87,12 +90,12 @@ def test_cli_rejects_bad_values_and_unknown_keys(tmp_path, capsys):
 
 
 def test_config_round_trips_through_a_dict():
-    cfg = cli.parse(MainJobConfig, ["--model.size", "small", "--train.lr", "0.001"])
+    cfg = cli.parse(MainJobConfig, ["--sizes", "small", "--optim.lr", "0.001"])
     assert cli.from_dict(MainJobConfig, cli.to_dict(cfg)) == cfg
 
 
 def test_nested_defaults_of_a_parent_survive_partial_overrides():
-    from igpt.config import PretrainJobConfig
+    from pipelines.pretrain import PretrainJobConfig
 
     cfg = cli.parse(PretrainJobConfig, ["--val.path", "x", "--model.size", "tiny"])
     assert cfg.val.split == "test" and cfg.val.path == "x"  # the parent's default for val, not DatasetSpec()'s
@@ -101,7 +104,7 @@ def test_nested_defaults_of_a_parent_survive_partial_overrides():
 
 
 def test_abbreviated_flags_are_refused(capsys):
-    from igpt.config import PretrainJobConfig
+    from pipelines.pretrain import PretrainJobConfig
 
     with pytest.raises(SystemExit):
         cli.parse(PretrainJobConfig, ["--model.si", "S"])  # argparse would take it as --model.size
@@ -110,3 +113,53 @@ def test_abbreviated_flags_are_refused(capsys):
 
     with pytest.raises(SystemExit):
         main(["plan", "--siz", "S"])
+
+
+def _changed(flag: str, value, tmp: Path) -> list[str]:
+    """One valid value other than the default for each flag of the main job."""
+    strings = {"name": "other", "output_dir": str(tmp / "elsewhere"), "sizes": "debug,tiny",
+               "data.path": str(tmp / "copy.parquet"), "data.train_prefix": "test/", "data.test_prefix": "train/",
+               "probe_space": "probe_sgd", "tracking.tracking_uri": "sqlite:////tmp/other.db",
+               "tracking.experiment": "other", "palette.path": str(tmp / "palette.npy"), "objective": "bert"}
+    numbers = {"resolution": 16, "optim.global_batch": 32, "workers": 4, "optim.warmup_steps": 6,
+               "optim.beta1": 0.8, "optim.beta2": 0.9, "optim.weight_decay": 0.1, "holdout": 0.3}
+    if isinstance(value, bool):
+        return [f"--no-{flag}" if value else f"--{flag}"]
+    if flag in strings:
+        return [f"--{flag}", strings[flag]]
+    if flag in numbers:
+        return [f"--{flag}", str(numbers[flag])]
+    if isinstance(value, float):
+        return [f"--{flag}", str(value / 2)]
+    if isinstance(value, int):
+        return [f"--{flag}", str(value + 1)]
+    raise AssertionError(f"no changed value for --{flag} ({value!r}): add one")
+
+
+def test_every_main_job_flag_changes_some_stage_config(tmp_path):
+    """The main job composes the stages' own configs: each of its flags, changed alone, changes what some stage
+    runs (a flag that changed nothing would be a lie in --help)."""
+    import shutil
+
+    import numpy as np
+
+    from igpt.config import DEFAULT_DATA
+    from igpt.data.palette import Palette
+    from pipelines.main import stage_configs
+
+    shutil.copy(DEFAULT_DATA, tmp_path / "copy.parquet")
+    Palette(np.linspace(-1, 1, 512 * 3).reshape(512, 3).astype(np.float32)).save(tmp_path / "palette.npy")
+    base = stage_configs(cli.parse(MainJobConfig, []), "p.npy")
+    flat = dict(_leaf_items(cli.to_dict(MainJobConfig())))
+    assert len(flat) >= 20
+    for flag, value in flat.items():
+        changed = stage_configs(cli.parse(MainJobConfig, _changed(flag, value, tmp_path)), "p.npy")
+        assert changed != base, f"--{flag} changes no stage's config"
+
+
+def _leaf_items(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaf_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

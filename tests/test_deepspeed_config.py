@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from deepspeed.runtime.config import DeepSpeedConfig as DSParsed
 
-from igpt import deepspeed_config
 from igpt.config import CLUSTER_DIR, DeepSpeedConfig, ModelConfig, OptimConfig
+from igpt.train import deepspeed_config
 
 PRESETS = sorted((CLUSTER_DIR / "deepspeed").glob("*.json"))
 
@@ -53,7 +53,7 @@ def test_explicit_fields_override_the_preset_and_batch_arithmetic_is_checked():
 
 ENGINE_SCRIPT = r"""
 import json, sys, torch, deepspeed
-from igpt import deepspeed_config
+from igpt.train import deepspeed_config
 from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig
 from igpt.model import IGPT
 deepspeed.init_distributed(dist_backend="gloo")

@@ -2,7 +2,7 @@
 
 import torch
 
-from igpt.ensemble import N_MASKS, eval_masks, modal
+from igpt.eval.ensemble import N_MASKS, eval_masks, modal
 
 
 def test_each_image_gets_five_distinct_masks_stable_by_key():

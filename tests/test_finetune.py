@@ -12,13 +12,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from igpt import checkpoints, cli
-from igpt.config import FinetuneJobConfig, ModelConfig
-from igpt.ensemble import eval_masks, modal
-from igpt.finetune_loop import Classifier, load_classifier, predict
+from igpt import cli
+from igpt.config import ModelConfig
+from igpt.data.sources import DatasetSpec, in_part
+from igpt.eval.ensemble import eval_masks, modal
 from igpt.model import IGPT
-from igpt.sources import DatasetSpec, in_part
+from igpt.train import checkpoints
+from igpt.train.finetune_loop import Classifier, load_classifier, predict
 from pipelines import finetune, pretrain
+from pipelines.finetune import FinetuneJobConfig
 
 from .conftest import SAMPLE
 from .test_pretrain import job, palette_path  # noqa: F401  (the module-scoped palette fixture)
@@ -169,7 +171,7 @@ def trial_cfg(tmp_path_factory, ar_checkpoint, palette_path, small_cifar):  # no
 def test_a_palette_file_must_be_the_checkpoints(trial_cfg, tmp_path):
     from dataclasses import replace
 
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     assert finetune.palette_file(trial_cfg) == Path(trial_cfg.palette_path)
     other = Palette(np.asarray(checkpoints.load_palette(trial_cfg.checkpoint).centres)[::-1].copy())
@@ -244,7 +246,7 @@ def test_sweep_picks_the_best_trial_refits_on_train_and_val_and_reports_test_acc
     assert summary["best"]["lr"] == best["lr"]
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["igpt.job"] == "finetune"
-    assert parent.data.tags["igpt.pretrain_run_id"] == ar_checkpoint["run_id"]  # what igpt.compare links by
+    assert parent.data.tags["igpt.pretrain_run_id"] == ar_checkpoint["run_id"]  # what igpt.track.compare links by
     assert parent.data.metrics["best/lr"] == best["lr"]
     assert parent.data.metrics["best/val_accuracy"] == best["val_accuracy"]
     assert metric(client, summary["parent_run_id"], "trial/val_accuracy") == \
@@ -273,7 +275,7 @@ def test_sweep_picks_the_best_trial_refits_on_train_and_val_and_reports_test_acc
 
 def tokenized(data, prefix, palette):
     """(tokens, labels, keys) of the split's images, eval transform, quantized here without Ray."""
-    from igpt.ingest import TransformSpec, record_pixels
+    from igpt.data.ingest import TransformSpec, record_pixels
 
     rows = [r for r in pq.read_table(data).to_pylist() if r["key"].startswith(prefix)]
     t = TransformSpec("cifar", RES, False)

@@ -5,8 +5,8 @@ import torch
 from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
 
 from igpt.config import ModelConfig
-from igpt.hf import from_hf, to_hf
 from igpt.model import IGPT
+from igpt.model.hf import from_hf, to_hf
 
 
 def random_hf(n_layer=3, n_embd=64, n_head=4, n_positions=64) -> ImageGPTForCausalImageModeling:
@@ -87,7 +87,7 @@ def test_a_non_zero_bias_is_refused_not_dropped():
 
 def test_config_from_hf_picks_the_named_size():
     hf_small = ImageGPTConfig()  # transformers' default is iGPT-S
-    from igpt.hf import config_from_hf
+    from igpt.model.hf import config_from_hf
 
     cfg = config_from_hf(hf_small)
     assert (cfg.size, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.resolution) == ("S", 24, 512, 8, 32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt.images import BadImage, decode_rgb, to_resolution
+from igpt.data.images import BadImage, decode_rgb, to_resolution
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:

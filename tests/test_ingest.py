@@ -12,18 +12,14 @@ import ray
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from igpt import ingest, sources
-from igpt.config import (
-    FitPaletteJobConfig,
-    IngestLimits,
-    PaletteConfig,
-    QuantizeJobConfig,
-    TransformConfig,
-)
-from igpt.images import decode_rgb
-from igpt.palette import Palette
-from igpt.sources import DatasetSpec
+from igpt.config import IngestLimits, PaletteConfig, TransformConfig
+from igpt.data import ingest, sources
+from igpt.data.images import decode_rgb
+from igpt.data.palette import Palette
+from igpt.data.sources import DatasetSpec
 from pipelines import fit_palette, quantize
+from pipelines.fit_palette import FitPaletteJobConfig
+from pipelines.quantize import QuantizeJobConfig
 
 from . import fixtures
 from .conftest import SAMPLE

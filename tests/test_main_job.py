@@ -3,6 +3,7 @@ DeepSpeed, real MLflow (a local SQLite store), in a subprocess."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     # directories, so the job must hand them absolute paths
     rel = os.path.relpath(out, ROOT)
     cmd = [sys.executable, "-m", "pipelines.main", "--output_dir", rel, "--name", "t1",
-           "--train.steps", "12", "--palette.max_iter", "5", "--palette.sample_pixels", "50000"]
+           "--steps", "12", "--palette.max_iter", "5", "--palette.sample_pixels", "50000"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "look at it with:  mlflow ui --backend-store-uri sqlite:///" in proc.stdout
@@ -44,4 +45,5 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     assert len(children) >= 4  # layer x C trials (+ raw pixels)
     table = (out / "t1" / "compare" / "table.csv").read_text()
     assert "debug" in table and len(table.strip().splitlines()) == 2  # header + this pipeline's one run
-    assert "compare" in proc.stdout.lower()
+    assert re.search(r"stage timings: palette \d+ s, pretrain/debug \d+ s, .*compare \d+ s", proc.stdout), \
+        proc.stdout[-2000:]

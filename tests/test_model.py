@@ -50,7 +50,7 @@ def test_norm_and_activation_are_the_releases():
         m.h[0].ln_1.weight.uniform_(0.5, 1.5)
     expected = x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * m.h[0].ln_1.weight
     torch.testing.assert_close(m.h[0].ln_1(x), expected)
-    from igpt.model import gelu2
+    from igpt.model.gpt import gelu2
 
     torch.testing.assert_close(gelu2(x), x * torch.sigmoid(1.702 * x))
 
@@ -104,7 +104,8 @@ def test_bert_masks_content_not_position_and_scores_masked_positions_only():
     z[:, -1] = (z[:, -1] + 1) % 512
     keep = torch.zeros_like(mask)
     with torch.no_grad():
-        assert not torch.allclose(m(x, causal=False, content_mask=keep)[:, 0], m(z, causal=False, content_mask=keep)[:, 0])
+        assert not torch.allclose(m(x, causal=False, content_mask=keep)[:, 0],
+                                  m(z, causal=False, content_mask=keep)[:, 0])
 
 
 def test_bert_loss_gradient_comes_from_masked_positions_only():

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from igpt.palette import LUT_SIZE, Palette, build_lut, nearest_centre
+from igpt.data.palette import LUT_SIZE, Palette, build_lut, nearest_centre
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_lut_breaks_ties_to_the_lowest_index():
     lut = build_lut(c)
     assert np.count_nonzero(lut == 4) > 0 and np.count_nonzero(lut == 9) == 0
     px = rng.integers(0, 256, (50_000, 3), dtype=np.uint8)
-    from igpt.palette import colour_keys
+    from igpt.data.palette import colour_keys
 
     # (a Palette refuses repeated centres, so the table is looked up directly)
     assert np.array_equal(lut[colour_keys(px)], nearest_centre(px, c))

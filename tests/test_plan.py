@@ -5,7 +5,7 @@ from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from igpt.config import ModelConfig
-from igpt.plan import PlanInput, largest_layer_params, plan
+from igpt.train.plan import PlanInput, largest_layer_params, plan
 
 
 @pytest.mark.parametrize("size", ["S", "M", "L", "XL"])

@@ -9,16 +9,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from igpt import cli
-from igpt.checkpoints import MARKER, newest_complete
-from igpt.config import PretrainJobConfig
+from igpt.train.checkpoints import MARKER, newest_complete
 from pipelines import pretrain
+from pipelines.pretrain import PretrainJobConfig
 
 from .conftest import SAMPLE, SHARED_CIFAR
 
 
 @pytest.fixture(scope="module")
 def palette_path(tmp_path_factory, cifar_images):
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     path = tmp_path_factory.mktemp("palette") / "palette.npy"
     Palette.fit(cifar_images[:100].reshape(-1, 3), max_iter=5).save(path)
@@ -75,7 +75,7 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     assert kept == ["step_00000008", "step_00000012"]  # every 4 steps and at the end; the newest 2 kept
     assert all((run_dir / k / MARKER).exists() for k in kept)
     # the plain weights file evaluation loads equals DeepSpeed's own consolidation of the shards
-    from igpt import checkpoints
+    from igpt.train import checkpoints
 
     ours = checkpoints.load(run_dir)  # torch.load(weights_only=True) inside
     theirs = final_params(summary)
@@ -189,7 +189,8 @@ def folder_job(tmp_path, palette_path, name, n, bad, steps, **extra) -> Pretrain
     data = ["--path", str(root), "--format", "imagefolder", "--max_images", str(n - 20), "--holdout", "0.5"]
     argv = ["--name", name, "--storage_path", str(tmp_path / "runs"), "--palette_path", str(palette_path),
             *[f"--train.{a[2:]}" if a.startswith("--") else a for a in data], "--train.part", "rest",
-            *[f"--val.{a[2:]}" if a.startswith("--") else a for a in data], "--val.part", "holdout", "--val.split", "train",
+            *[f"--val.{a[2:]}" if a.startswith("--") else a for a in data], "--val.part", "holdout",
+            "--val.split", "train",
             "--val_images", "16", "--model.size", "debug", "--model.resolution", "8", "--transform.recipe", "none",
             "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32", "--deepspeed.micro_batch", "4",
             "--optim.global_batch", "8", "--optim.lr", "0.005", "--steps", str(steps),

@@ -1,5 +1,5 @@
-"""Guards around a run: one owner per run name (igpt.lease), a store opened race-free, a tracking server that
-must answer (igpt.tracking). Real processes racing for real files."""
+"""Guards around a run: one owner per run name (igpt.train.lease), a store opened race-free, a tracking server that
+must answer (igpt.track.tracking). Real processes racing for real files."""
 
 import json
 import subprocess
@@ -8,13 +8,13 @@ import time
 
 import pytest
 
-from igpt.lease import OWNER, Lease, RunNameTaken
+from igpt.train.lease import OWNER, Lease, RunNameTaken
 
 from .conftest import ROOT
 
 HOLD = """
 import sys, time
-from igpt.lease import Lease, RunNameTaken
+from igpt.train.lease import Lease, RunNameTaken
 try:
     with Lease(sys.argv[1], every=0.2):
         print("won", flush=True)
@@ -73,7 +73,7 @@ def test_the_heartbeat_keeps_the_lease_fresh(tmp_path):
 
 RACE = """
 import sys
-from igpt.tracking import ensure_experiment
+from igpt.track.tracking import ensure_experiment
 print(ensure_experiment(sys.argv[1], "igpt"))
 """
 
@@ -92,7 +92,7 @@ def test_jobs_opening_a_fresh_store_at_once_all_succeed(tmp_path):
 def test_an_unreachable_tracking_server_fails_in_seconds():
     import socket
 
-    from igpt.tracking import TrackingUnreachable, check_reachable
+    from igpt.track.tracking import TrackingUnreachable, check_reachable
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from igpt.config import ModelConfig
+from igpt.data.palette import Palette
 from igpt.model import IGPT
-from igpt.palette import Palette
-from igpt.sampling import _pick, complete, grid, picture, sample
+from igpt.model.sampling import _pick, complete, grid, picture, sample
 
 RES = 8  # 64 tokens: every test decodes whole images in well under a second
 
@@ -174,12 +174,12 @@ def test_picture_rows_are_original_then_completions_then_samples():
 
 
 def test_sample_command_writes_the_png_and_logs_it_to_mlflow(tmp_path, capsys):
-    checkpoints = pytest.importorskip("igpt.checkpoints", reason="igpt/checkpoints.py (load_model) not there yet")
     from mlflow.tracking import MlflowClient
     from PIL import Image
 
     from igpt import cli
     from igpt.__main__ import main
+    from igpt.train import checkpoints
     from tests.conftest import SAMPLE
 
     m, pal = small(), random_palette()

@@ -9,12 +9,14 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig as DSParsed
 
-from igpt import cli, deepspeed_config, recipes
-from igpt.config import MODEL_SIZES, DeepSpeedConfig, ModelConfig, OptimConfig, PretrainJobConfig, preset_path
+from igpt import cli
+from igpt.config import MODEL_SIZES, DeepSpeedConfig, ModelConfig, OptimConfig, preset_path
 from igpt.model import IGPT
-from igpt.plan import PlanInput, plan
-from igpt.schedule import resolve
-from igpt.train_loop import bert_mask
+from igpt.train import deepspeed_config, recipes
+from igpt.train.plan import PlanInput, plan
+from igpt.train.schedule import resolve
+from igpt.train.train_loop import bert_mask
+from pipelines.pretrain import PretrainJobConfig
 
 from .conftest import ROOT, SAMPLE
 
@@ -94,7 +96,7 @@ def test_a_warmup_as_long_as_the_run_is_refused_with_the_way_out():
 def test_dry_run_counts_the_records_left_by_max_images_and_holdout_and_prints_one_json_object(tmp_path):
     """The issue's case: an ImageNet-style folder, max_images then a 50% holdout; steps per epoch and the
     one-epoch warm-up come from the records that remain, not from the file count."""
-    from igpt.sources import held_out
+    from igpt.data.sources import held_out
 
     from .fixtures import encode, rand_images
 
@@ -132,8 +134,7 @@ def test_bert_masks_differ_between_ranks_and_repeat_on_resume():
 
 
 def test_sweep_trials_run_a_shrunk_schedule_and_the_refit_the_whole_one():
-    from igpt.config import SweepLRJobConfig
-    from pipelines.sweep_lr import pretrain_config
+    from pipelines.sweep_lr import SweepLRJobConfig, pretrain_config
 
     sweep = cli.parse(SweepLRJobConfig, ["--pretrain.train.path", str(SAMPLE), "--pretrain.train.key_prefix",
                                          "train/", "--pretrain.optim.global_batch", "16", "--pretrain.steps", "400",

@@ -64,12 +64,13 @@ def servers():
     store.mkdir()
     mlflow_proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlf), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "artifacts")],
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--artifacts-destination", str(store / "artifacts")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     dashboard, tracking = f"http://127.0.0.1:{dash}", f"http://127.0.0.1:{mlf}"
     import numpy as np
 
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     Palette.fit(np.random.default_rng(0).integers(0, 256, (20000, 3), dtype=np.uint8), max_iter=3).save(
         temp / "palette.npy")  # for the single-stage jobs below
@@ -90,17 +91,21 @@ def servers():
             out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout
             return [int(p) for p in out.split()]
 
-        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):  # workers the raylet spawned while dying too
+        # SIGTERM first, then SIGKILL to whatever is left (workers the raylet spawned while dying too), each time
+        # waiting (polling) until the head's processes are gone or 10 s have passed
+        for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGKILL):
             for pid in head_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-            time.sleep(3)
+            deadline = time.time() + 10
+            while head_pids() and time.time() < deadline:
+                time.sleep(0.2)
         assert not head_pids()
 
 
 def submit(servers, *argv, wait=True, job_id=None, env_vars=None):
     cmd = [str(BIN / "ray"), "job", "submit", "--address", servers["dashboard"], "--working-dir", str(ROOT)]
-    if env_vars:  # the driver's environment (test faults: igpt.faults)
+    if env_vars:  # the driver's environment (test faults: igpt.train.faults)
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
     if job_id:
         cmd += ["--submission-id", job_id]
@@ -129,7 +134,7 @@ def test_servers_bind_to_loopback_only(servers):
 def main_job(servers):
     """The main job submitted once: its pretraining run folder and feature set feed the stop tests below."""
     out = servers["temp"] / "runs"  # the job's files; the MLflow runs and artifacts live on the server
-    p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--train.steps", "8",
+    p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--steps", "8",
                "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
                "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served",
                job_id="igpt-main-ok")
@@ -148,7 +153,8 @@ def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, main_j
     assert all(r.info.status == "FINISHED" for r in jobs.values())
     pre = jobs["pretrain"]
     assert len(client.get_metric_history(pre.info.run_id, "train/loss")) == 8
-    assert {"config.json", "deepspeed_config.json", "palette"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert {"config.json", "deepspeed_config.json", "palette"} <= \
+           {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert "test/accuracy" in jobs["probe"].data.metrics
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{jobs['probe'].info.run_id}'")
     assert len(children) >= 4 and all(c.info.status == "FINISHED" for c in children)  # one per Tune trial
@@ -188,8 +194,8 @@ def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
 
 
 def test_a_stopped_job_ends_killed_in_mlflow(servers):
-    p = submit(servers, *_pretrain_argv(servers, "stopped", "--steps", "100000", "--optim.warmup_steps", "10", "--checkpoint.every_steps",
-                                        "100000"), wait=False, job_id="igpt-stopped")
+    p = submit(servers, *_pretrain_argv(servers, "stopped", "--steps", "100000", "--optim.warmup_steps", "10",
+                                        "--checkpoint.every_steps", "100000"), wait=False, job_id="igpt-stopped")
     assert p.returncode == 0, p.stderr[-2000:]
     deadline = time.time() + 600
     while True:  # until it trains: its MLflow run exists and has logged a step
@@ -274,7 +280,8 @@ def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, 
         found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{frontier.pop()}'")
         frontier += [r.info.run_id for r in found]
         tree += found
-    assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, [(r.info.run_name, r.info.status) for r in tree]
+    assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, \
+        [(r.info.run_name, r.info.status) for r in tree]
     assert any(r.info.status == "KILLED" for r in tree)
 
 

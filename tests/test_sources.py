@@ -5,9 +5,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from igpt import sources
-from igpt.images import decode_rgb
-from igpt.sources import DatasetSpec, SpecError
+from igpt.data import sources
+from igpt.data.images import decode_rgb
+from igpt.data.sources import DatasetSpec, SpecError
 
 from . import fixtures
 from .conftest import SAMPLE, SHARED_CIFAR
@@ -141,7 +141,8 @@ def test_max_images_applies_before_the_holdout_split(ray_local):
         s = DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300, holdout=0.3, part=part)
         parts[part] = set(read_all(s))
         assert sources.check(s).count == len(parts[part])
-    assert parts["rest"] | parts["holdout"] == set(read_all(DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300)))
+    assert parts["rest"] | parts["holdout"] == \
+           set(read_all(DatasetSpec(str(SAMPLE), key_prefix="train/", max_images=300)))
     s = DatasetSpec(str(SAMPLE), max_images=300, holdout=0.3, part="holdout")  # no prefix: exact cut in the reader
     assert sources.check(s).count == len(read_all(s)) < 150
 

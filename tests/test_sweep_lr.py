@@ -10,9 +10,8 @@ import pytest
 from ray.tune.search import Searcher
 
 from igpt import cli
-from igpt.config import SweepLRJobConfig
 from pipelines import sweep_lr
-from pipelines.sweep_lr import OrderedSearcher, decide
+from pipelines.sweep_lr import OrderedSearcher, SweepLRJobConfig, decide
 
 from .conftest import SAMPLE
 
@@ -112,7 +111,7 @@ def test_refit_retries_a_failure_then_gives_up_but_never_retries_a_divergence(tm
     """Real pretrain.run calls that fail fast (the palette file is missing: before any Ray work)."""
     argv = ["--name", "s", "--storage_path", str(tmp_path), "--max_failures", "2",
             "--pretrain.palette_path", str(tmp_path / "missing.npy"), "--pretrain.train.path", str(SAMPLE)]
-    cfg = sweep_lr.absolute_paths(cli.parse(SweepLRJobConfig, argv))
+    cfg = cli.absolute_paths(cli.parse(SweepLRJobConfig, argv))
     with pytest.raises(FileNotFoundError):
         sweep_lr.refit(cfg, 0.01, None)
     err = capsys.readouterr().err
@@ -136,7 +135,7 @@ def test_space_and_job_config(tmp_path):
                                        "--pretrain.train.path", str(SAMPLE), "--pretrain.train.key_prefix", "train/",
                                        "--pretrain.val.path", str(SAMPLE), "--pretrain.val.key_prefix", "test/",
                                        "--pretrain.model.size", "debug", "--pretrain.optim.lr", "0.5"])
-    cfg = sweep_lr.absolute_paths(cfg)
+    cfg = cli.absolute_paths(cfg)
     assert Path(cfg.storage_path).is_absolute()  # trials run in Tune's own working directory
     t = sweep_lr.pretrain_config(cfg, 0.003, "parent")
     assert t.name == "s/lr_0.003" and t.optim.lr == 0.003 and t.tracking.parent_run_id == "parent"
@@ -153,7 +152,7 @@ def test_space_and_job_config(tmp_path):
 # ---------------------------------------------------------------------------------------------- a real sweep
 @pytest.fixture(scope="module")
 def palette_path(tmp_path_factory, cifar_images):
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     path = tmp_path_factory.mktemp("palette") / "palette.npy"
     Palette.fit(cifar_images[:100].reshape(-1, 3), max_iter=5).save(path)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt import transforms
-from igpt.transforms import _reflect_index, apply, record_rng
+from igpt.data import transforms
+from igpt.data.transforms import _reflect_index, apply, record_rng
 
 
 def jpeg(arr: np.ndarray, quality: int = 90) -> bytes:
@@ -102,7 +102,7 @@ def test_images_smaller_than_the_crop_are_handled(photo):
 @pytest.mark.parametrize("name", ["china.jpg", "flower.jpg"])
 def test_reduced_scale_decoding_stays_within_tolerance(name):
     """Draft decoding against full decoding, same crops: mean abs difference <= 1.5 of 255 levels (stated in
-    igpt/transforms.py), and it does reduce the decode at IR 32."""
+    igpt/data/transforms.py), and it does reduce the decode at IR 32."""
     photo = real_photo(name)
     for ir in (32, 64):
         for train in (False, True):

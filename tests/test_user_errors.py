@@ -55,7 +55,7 @@ def test_every_entry_point_turns_a_user_error_into_one_line_and_exit_2(job, tmp_
 def test_an_unexpected_error_keeps_its_traceback(tmp_path, capsys):
     """Only the user's mistakes are shortened: anything else is a bug to report, with its traceback."""
     from igpt import cli
-    from igpt.config import CompareJobConfig
+    from igpt.track.compare import CompareJobConfig
 
     def broken(cfg):
         raise KeyError("a bug")

@@ -10,7 +10,7 @@ Where it differs from GPT-2, and why (each follows the release):
 - BERT objective: no SOS, no causal mask; masked positions have their *content* embedding zeroed (the position
   embedding is still added), and the loss counts masked positions only.
 
-Decoding (``igpt/sampling.py``) passes a :class:`KVCache` to :meth:`IGPT.forward`: each block keeps the keys and
+Decoding (``igpt/model/sampling.py``) passes a :class:`KVCache` to :meth:`IGPT.forward`: each block keeps the keys and
 values of the positions already seen, so a new pixel costs one position's worth of work instead of re-running
 the whole prefix. Without a cache the forward pass is exactly the training one.
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from igpt.config import ModelConfig
+from igpt.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -184,15 +184,20 @@ class IGPT(nn.Module):
         causal: bool = True,
         content_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, 512) for raw input ids (B, T) in [0, 513); ``content_mask`` (B, T) bool zeroes the
         content embedding of those positions. Use :meth:`ar_inputs` / :meth:`loss` for the objectives.
+
+        With ``targets`` (the colour tokens, B, T), the objective's loss instead (:meth:`loss`): the training step
+        calls the model this way, so that it goes through DeepSpeed's engine forward (:meth:`objective_inputs`).
 
         With ``cache`` (from :meth:`new_cache`; AR decoding only): ``idx`` holds the *next* input ids, at
         positions ``cache.length ..``; they attend to the cached positions and themselves, their keys and values
         are appended, and the logits are those the full causal forward gives at these positions."""
         if cache is None:
-            return self.head(self._blocks(self._embed(idx, content_mask), causal))
+            logits = self.head(self._blocks(self._embed(idx, content_mask), causal))
+            return logits if targets is None else self._objective_loss(logits, targets, content_mask)
         if not causal or content_mask is not None:
             raise ValueError("a KV cache is for causal (AR) decoding: no content_mask, causal=True")
         h = self._embed(idx, None, start=cache.length)
@@ -216,6 +221,21 @@ class IGPT(nn.Module):
         u = torch.rand(tokens.shape, generator=generator, device=tokens.device)
         return u < self.cfg.bert_mask_prob
 
+    def objective_inputs(
+        self, tokens: torch.Tensor, objective: str | None = None, mask: torch.Tensor | None = None
+    ) -> dict:
+        """:meth:`forward`'s arguments for the objective's loss on colour tokens (B, T): ``model(**inputs)`` is
+        :meth:`loss`, and ``engine(**inputs)`` the same through DeepSpeed's forward. AR: the SOS-shifted input
+        under a causal mask. BERT: the tokens with ``mask`` (default: a fresh :meth:`bert_mask`) zeroed, no causal
+        mask."""
+        objective = objective or self.cfg.objective
+        if objective == "ar":
+            return {"idx": self.ar_inputs(tokens), "causal": True, "targets": tokens}
+        if objective == "bert":
+            mask = self.bert_mask(tokens) if mask is None else mask
+            return {"idx": tokens, "causal": False, "content_mask": mask, "targets": tokens}
+        raise ValueError(f"unknown objective {objective!r}; expected 'ar' or 'bert'")
+
     def loss(
         self, tokens: torch.Tensor, objective: str | None = None, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -224,17 +244,15 @@ class IGPT(nn.Module):
         ``ar``: next-token loss over every position. ``bert``: loss over masked positions only, averaged per
         image then over the batch (as released); ``mask`` defaults to a fresh :meth:`bert_mask`.
         """
-        objective = objective or self.cfg.objective
-        if objective == "ar":
-            logits = self(self.ar_inputs(tokens), causal=True)
-            return F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten().long())
-        if objective == "bert":
-            mask = self.bert_mask(tokens) if mask is None else mask
-            logits = self(tokens, causal=False, content_mask=mask)
-            ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens.long(), reduction="none")  # (B, T)
-            m = mask.to(ce.dtype)
-            return ((ce * m).sum(1) / m.sum(1).clamp(min=1)).mean()
-        raise ValueError(f"unknown objective {objective!r}; expected 'ar' or 'bert'")
+        return self(**self.objective_inputs(tokens, objective, mask))
+
+    @staticmethod
+    def _objective_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:  # AR: every position predicts its token
+            return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().long())
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), targets.long(), reduction="none")  # (B, T)
+        m = mask.to(ce.dtype)
+        return ((ce * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
     # ---- linear-probe features -------------------------------------------------------------------------
     @torch.no_grad()

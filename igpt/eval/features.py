@@ -9,7 +9,7 @@ Layout of a feature set (``pipelines/extract.py`` writes it)::
 There are L + 1 layers for an L-block model (``IGPT.features``): layer l < L is the normalised input of block l
 (layer 0: the embeddings), layer L the final norm's output after every block, which the fine-tuning head reads.
 
-``M`` is 1 for AR models and 5 for BERT models (one feature vector per evaluation mask, igpt/ensemble.py). A probe
+``M`` is 1 for AR models and 5 for BERT models (one feature vector per evaluation mask, igpt/eval/ensemble.py). A probe
 trial reads one layer of each shard (``np.load`` of an ``.npz`` reads only the member asked for).
 """
 
@@ -36,7 +36,7 @@ class FeatureActor:
 
     def __init__(self, checkpoint: str, random_init: bool, seed: int, batch_size: int, pixels: bool,
                  use_gpu: bool = False):
-        from igpt import checkpoints
+        from igpt.train import checkpoints
 
         self.model = checkpoints.load_model(checkpoint, random_init=random_init, seed=seed)
         self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
@@ -45,7 +45,7 @@ class FeatureActor:
         self.batch_size, self.pixels = batch_size, pixels
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from igpt.ensemble import eval_masks
+        from igpt.eval.ensemble import eval_masks
 
         cfg = self.model.cfg
         keys = batch["key"].to_pylist()

@@ -6,7 +6,7 @@
   values the paper sweeps for ImageNet (30, 10, 3, ...), on standardised features.
 
 Features are (N, M, d): M = 1 for AR models; M = 5 evaluation masks for BERT models, where a probe trains on every
-mask's features and predicts by the modal class over the 5 masks (igpt/ensemble.py).
+mask's features and predicts by the modal class over the 5 masks (igpt/eval/ensemble.py).
 Features are standardised with the training set's mean and standard deviation first: the pooled activations of
 different layers differ in scale by orders of magnitude, and one regularisation grid should fit every layer.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from igpt.ensemble import modal
+from igpt.eval.ensemble import modal
 
 
 @dataclass

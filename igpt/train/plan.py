@@ -95,7 +95,8 @@ def model_state_bytes(p: PlanInput) -> tuple[float, float]:
         # the partitioned optimizer state moves to the host; on the GPU stay the 16-bit weights
         host = partitioned * params / n
         if p.zero_stage == 3:
-            return gathered + (0.0 if p.offload_params else w16 * params / n), host + (w16 * params / n if p.offload_params else 0)
+            return (gathered + (0.0 if p.offload_params else w16 * params / n),
+                    host + (w16 * params / n if p.offload_params else 0))
         return replicated * params, host
     return replicated * params + partitioned * params / n + gathered, host
 

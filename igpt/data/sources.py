@@ -107,14 +107,6 @@ def _ls(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.Fi
     return sorted(fs.get_file_info(pafs.FileSelector(path, recursive=recursive)), key=lambda i: i.path)
 
 
-def _uri(original: str, fs_path: str) -> str:
-    """A path the readers can open again: keep the scheme of the original spec."""
-    if "://" in original:
-        scheme = original.split("://", 1)[0]
-        return f"{scheme}://{fs_path}"
-    return fs_path
-
-
 class SpecError(UserError):
     """A dataset spec that cannot be read: wrong path, unknown format, missing split."""
 

@@ -3,7 +3,7 @@
 One table read by everything that needs it (``pipelines.pretrain``, ``pipelines.sweep_lr``, ``igpt plan``), so
 the plan and the run cannot disagree about a batch size. S/M/L/XL follow the paper (batch 128 and 1M steps; XL
 batch 64 and 2M steps); the warm-up is one epoch of the split actually trained on, so it is resolved per run
-(``igpt.schedule``), not stored here. Explicit flags override a recipe field by field.
+(``igpt.train.schedule``), not stored here. Explicit flags override a recipe field by field.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from igpt.errors import UserError
 
-RECIPES_FILE = Path(__file__).resolve().parents[1] / "cluster" / "recipes.json"
+RECIPES_FILE = Path(__file__).resolve().parents[2] / "cluster" / "recipes.json"
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def build(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, on_gpu: bool
 
     if optim.global_batch is None:
         raise ValueError("optim.global_batch is unresolved: pretraining takes it from the size's recipe "
-                         "(igpt.schedule.resolve) before building the DeepSpeed config")
+                         "(igpt.train.schedule.resolve) before building the DeepSpeed config")
     micro = ds.micro_batch or conf.get("train_micro_batch_size_per_gpu", 1)
     if optim.global_batch % (micro * world_size):
         raise ValueError(f"global batch {optim.global_batch} is not a multiple of micro batch {micro} x "

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from igpt.images import BadImage, decode_rgb, open_image, to_rgb
+from igpt.data.images import BadImage, decode_rgb, open_image, to_rgb
 
 Recipe = Literal["imagenet", "cifar", "none"]
 DRAFT_MARGIN = 4  # decode at reduced scale only while the crop keeps >= 4x IR pixels per side

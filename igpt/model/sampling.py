@@ -115,7 +115,7 @@ def picture(model: IGPT, palette, images: torch.Tensor | None = None, n: int = 8
 
     With ``images`` (m, n_ctx) tokens: one row per image, ``original | completion 1 .. completions`` of its top
     half. Then ``n`` unconditional samples, in rows as wide as the completion rows (8 wide without images).
-    ``palette`` turns tokens back into colours (:meth:`igpt.palette.Palette.dequantize`)."""
+    ``palette`` turns tokens back into colours (:meth:`igpt.data.palette.Palette.dequantize`)."""
     res = model.cfg.resolution
     to_rgb = lambda t: palette.dequantize(t.cpu().numpy().reshape(res, res))  # noqa: E731
     rows: list[list[np.ndarray]] = []

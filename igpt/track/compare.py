@@ -27,7 +27,41 @@ import csv
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from igpt.cli import field_help as _help
+from igpt.config import TrackingConfig
 from igpt.errors import UserError
+
+
+@dataclass
+class CompareJobConfig:
+    """Compare pretraining runs recorded in MLflow (igpt.track.compare): one row per pretraining run (size, objective,
+    IR, parameters, steps, training compute, final validation loss, best probe layer and accuracy, the random-init
+    twin's accuracy, fine-tuning accuracy, MLflow status), printed and written as CSV and Markdown with plots
+    (of FINISHED runs unless include_unfinished), and logged as an MLflow run with tag igpt.job=compare."""
+
+    name: str = _help("compare run name (MLflow) and folder: <output_dir>/<name>/ gets table.csv, table.md and "
+                      "plots/", default="compare")
+    output_dir: str = _help("folder for the tables and plots; the default MLflow store is <output_dir>/mlflow.db",
+                            default="runs")
+    # '%%': the help text goes through argparse's %-formatting
+    name_like: str = _help("only pretraining runs whose name matches this SQL LIKE pattern ('%%' any characters, "
+                           "'_' one), e.g. 'debug%%'; empty: all", default="")
+    tag: str = _help("only pretraining runs with these tags: key=value, several separated by commas (all must "
+                     "hold); empty: no tag filter", default="")
+    filter: str = _help("a further MLflow search filter on the pretraining runs, ANDed with the others, e.g. "
+                        "\"params.`model.objective` = 'ar'\"; empty: none", default="")
+    include_unfinished: bool = _help("also plot pretraining runs whose MLflow status is not FINISHED (failed, "
+                                     "killed, still running); the table lists every run with its status",
+                                     default=False)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        for item in (t.strip() for t in self.tag.split(",")):
+            if item and ("=" not in item or not item.split("=", 1)[0].strip()):
+                raise ValueError(f"tag: expected key=value (several separated by commas), got {item!r}")
+        if not self.name or self.name.startswith("/") or ".." in self.name.split("/"):
+            raise ValueError(f"name must be a relative folder name, got {self.name!r}")
+
 
 PLOTS = ("val_loss_vs_params.png", "val_loss_vs_compute.png", "probe_accuracy_by_depth.png", "loss_curves.png")
 
@@ -410,7 +444,7 @@ def run(cfg) -> dict:
     from mlflow.tracking import MlflowClient
 
     from igpt import cli
-    from igpt.tracking import JobRun, default_tracking_uri
+    from igpt.track.tracking import JobRun, default_tracking_uri
 
     uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
@@ -432,7 +466,7 @@ def run(cfg) -> dict:
 
     with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare",
                      cli.to_dict(cfg), fluent=True) as mrun:
-        mlflow.set_tag("igpt.compare.filter", cmp.filter_string[:5000])
+        mlflow.set_tag("igpt.track.compare.filter", cmp.filter_string[:5000])
         mlflow.log_metric("compare/runs", len(cmp.rows))
         mlflow.log_artifact(str(out / "table.csv"))
         mlflow.log_artifact(str(out / "table.md"))
@@ -454,6 +488,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") ->
     """Flags from ``CompareJobConfig``; an unknown experiment, a rejected filter or no matching run ends with a
     one-line message and exit status 2."""
     from igpt import cli
-    from igpt.config import CompareJobConfig
+    pass
 
     return cli.main(run, CompareJobConfig, argv, prog=prog)

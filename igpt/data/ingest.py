@@ -1,6 +1,6 @@
 """Records -> augmented, tokenized rows, through Ray Data; every record that fails is counted and listed.
 
-``tokenize(ds, ...)`` maps the reader's records (see ``igpt.sources``) to rows ``key, label, tokens`` (uint16,
+``tokenize(ds, ...)`` maps the reader's records (see ``igpt.data.sources``) to rows ``key, label, tokens`` (uint16,
 IR^2 per image). A record's augmentation is drawn for its own epoch: ``TransformSpec.epoch`` plus the record's
 ``epoch`` column, so one dataset can hold many differently augmented passes. A record that cannot be decoded or
 transformed is skipped *alone* (never its block or shard) and its key and reason go to an :class:`ErrorLog`
@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from igpt import transforms
-from igpt.images import BadImage
-from igpt.palette import colour_keys
+from igpt.data import transforms
+from igpt.data.images import BadImage
+from igpt.data.palette import colour_keys
 
 
 @ray.remote(num_cpus=0)
@@ -119,10 +119,8 @@ class _Tokenize:
             keys.append(key)
             labels.append(label)
             epochs.append(epoch)
-        if toks:  # one vectorised lookup for the whole batch
-            flat = lut[colour_keys(np.stack(toks))].reshape(-1)
-        else:
-            flat = np.zeros(0, np.uint16)
+        # one vectorised lookup for the whole batch
+        flat = lut[colour_keys(np.stack(toks))].reshape(-1) if toks else np.zeros(0, np.uint16)
         cols = {
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels, pa.int64()),
@@ -256,3 +254,26 @@ def swatch(centres: np.ndarray, cell: int = 16):
     grid[: len(rgb)] = rgb[order]
     img = grid.reshape(rows, cols, 3).repeat(cell, 0).repeat(cell, 1)
     return Image.fromarray(img)
+
+
+def write_shards(batches, rows_per_shard: int, write, guard) -> tuple[int, int]:
+    """The one shard writer (quantize's token shards, extract's feature shards): a stream of Arrow batches cut
+    into shards of exactly ``rows_per_shard`` rows in stream order (the last one shorter), each handed to
+    ``write(table, index)``; ``guard.check()`` after every batch enforces the error budget. The same stream cuts
+    the same shards, so a repeated job writes identical files. Returns (rows written, shards written)."""
+    pending, buffered, rows, shards = [], 0, 0, 0
+    for batch in batches:
+        if batch.num_rows:
+            pending.append(batch)
+            buffered += batch.num_rows
+        while buffered >= rows_per_shard:
+            table = pa.concat_tables(pending)
+            write(table.slice(0, rows_per_shard), shards)
+            rest = table.slice(rows_per_shard)
+            pending, buffered = ([rest] if rest.num_rows else []), rest.num_rows
+            rows, shards = rows + rows_per_shard, shards + 1
+        guard.check()
+    if buffered:
+        write(pa.concat_tables(pending), shards)
+        rows, shards = rows + buffered, shards + 1
+    return rows, shards

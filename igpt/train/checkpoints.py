@@ -184,6 +184,6 @@ def load_model(path: str | Path, random_init: bool = False, seed: int = 0):
 
 
 def load_palette(path: str | Path):
-    from igpt.palette import Palette
+    from igpt.data.palette import Palette
 
     return Palette(load(path)["palette"].numpy())

@@ -1,0 +1,2 @@
+"""Evaluation: extracted features (``features``), linear probes (``probe``) and BERT mask ensembles
+(``ensemble``)."""

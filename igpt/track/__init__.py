@@ -1,0 +1,1 @@
+"""Tracking: the one MLflow run lifecycle every job uses (``tracking``) and run comparison (``compare``)."""
