@@ -22,15 +22,7 @@ def sizes(resolution: int | None) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
-    import sys
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["compare"]:  # its flags are CompareJobConfig's (igpt.cli), as for pipelines.compare
-        from igpt.track.compare import main as compare
-
-        compare(argv[1:], prog="python -m igpt compare")
-        return
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="igpt", allow_abbrev=False)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -76,7 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experiment", default="igpt", help="experiment of the new run (only without --run_id)")
     add("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
                    "and plots, logged as a run; flags: python -m igpt compare --help")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:  # its flags are CompareJobConfig's (igpt.cli), as for pipelines.compare
+        from igpt.track.compare import main as compare
+
+        compare(argv[1:], prog="python -m igpt compare")
+        return
+    args = _parser().parse_args(argv)
     command = {"sizes": lambda: sizes(args.resolution), "plan": lambda: plan_table(args),
                "sample": lambda: sample_command(args)}[args.cmd]
     try:
