@@ -50,7 +50,7 @@ import numpy as np
 
 from igpt import cli, tune_space
 from igpt.cli import field_help as _help
-from igpt.config import DeepSpeedConfig, OptimConfig, ScalingConfig, TrackingConfig, TransformConfig
+from igpt.config import DeepSpeedConfig, IngestLimits, OptimConfig, ScalingConfig, TrackingConfig, TransformConfig
 from igpt.data.sources import DatasetSpec
 from igpt.errors import Conflict, UserError
 from igpt.eval.ensemble import N_MASKS
@@ -94,6 +94,8 @@ class FinetuneJobConfig:
                                   default=0.1)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    """the error budget of the training and evaluation streams (checked inside the stream)"""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -180,7 +182,7 @@ def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs
     from igpt.data.palette import Palette
 
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
-    log = ingest.ErrorLog.remote()
+    log = ingest.ErrorLog.remote(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
     # every epoch its own crops and flips and its own order: a split stored class by class (an image folder, a
     # sorted file) would otherwise give batches of one class; seeded, so a run can be repeated exactly

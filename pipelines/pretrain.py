@@ -11,6 +11,7 @@ from its newest complete checkpoint and keeps logging to the same MLflow run. Pe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from igpt.cli import field_help as _help
 from igpt.config import (
     CheckpointConfig,
     DeepSpeedConfig,
+    IngestLimits,
     ModelConfig,
     OptimConfig,
     ScalingConfig,
@@ -75,6 +77,8 @@ class PretrainJobConfig:
         "resumed or repeated run sees exactly the same batches (costs a little throughput)", default=True)
     completions: int = _help("validation images completed from their top half in each epoch's picture",
                              default=8)
+    limits: IngestLimits = field(default_factory=IngestLimits)
+    """the error budget of the training and evaluation streams (checked inside the stream)"""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
@@ -89,7 +93,7 @@ def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epoch
     of read units) and the validation split, materialized once."""
     val_plan = sources.check(cfg.val)
     lut = ray.put(palette.lut)
-    log = ingest.ErrorLog.remote()
+    log = ingest.ErrorLog.remote(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
     spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft)
     stream = sources.read(cfg.train, plan, epochs=epochs, shuffle_seed=t.seed)
@@ -188,11 +192,16 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             steps_per_epoch=sched.steps_per_epoch, records=sched.records, epochs=sched.epochs,
             global_batch=sched.global_batch, eval_every=cfg.eval_every, completions=cfg.completions,
             checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep)
-        result = run.wait(_trainer(cfg, spec, {"train": train, "val": val}).fit)
-        if result.error:
-            raise result.error
-        read, skipped = ray.get(log.stats.remote())
+        try:
+            result = run.wait(_trainer(cfg, spec, {"train": train, "val": val}).fit)
+            if result.error:
+                raise result.error
+        except BaseException:  # the report exists even when the run dies (a stream that ran dry points to it)
+            with contextlib.suppress(Exception):  # best effort: never hide the run's own error
+                ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote(), timeout=10))
+            raise
         ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
+        read, skipped = ray.get(log.stats.remote())
         run.client.log_artifact(run.run_id, str(run_dir / "errors.tsv"))
         run.client.log_metric(run.run_id, "data/records_read", read)
         run.client.log_metric(run.run_id, "data/records_skipped", skipped)

@@ -172,3 +172,23 @@ def test_one_dataset_of_two_epochs_augments_each_by_its_own_epoch(palette_file, 
     # without with_epoch the rows keep the columns the quantize job writes
     plain = ingest.tokenize(sources.read(spec), lut, ingest.TransformSpec("none", 32, False), ingest.ErrorLog.remote())
     assert plain.columns() == ["key", "label", "tokens"]
+
+
+def test_a_stream_with_an_error_budget_stops_inside_ray_data_once_it_is_spent(tmp_path, palette_file, ray_local):
+    """Pretraining and fine-tuning read their streams inside Ray Train workers, where no driver loop checks: the
+    error log carries the budget and the batch that spends it raises, naming the counts; within the budget (or
+    with none) the same stream is read whole, its bad records listed."""
+    from igpt.config import IngestLimits
+
+    bad_shard(tmp_path / "train-00000-of-00001.parquet")  # 3 bad of 46, in the middle
+    lut = ray.put(Palette.load(palette_file[0]).lut)
+    spec = DatasetSpec(str(tmp_path), "parquet", "train")
+    t = ingest.TransformSpec("none", 32, False)
+    log = ingest.ErrorLog.remote(IngestLimits(max_error_rate=0.01, min_records=10))
+    with pytest.raises(Exception, match=r"records \([\d.]+%\) could not be read, over the limit of 1.00%"):
+        ingest.tokenize(sources.read(spec), lut, t, log).take_all()
+    # the budget is judged as records come in: at worst the 3 bad ones arrive in the first row group of 16
+    for limits in (IngestLimits(max_error_rate=0.25, min_records=10), None):
+        log = ingest.ErrorLog.remote(limits)
+        assert len(ingest.tokenize(sources.read(spec), lut, t, log).take_all()) == 43
+        assert ray.get(log.stats.remote()) == (46, 3)

@@ -226,3 +226,7 @@ def test_a_stream_that_runs_dry_is_a_clear_error_naming_the_counts(tmp_path, pal
     cfg = folder_job(tmp_path, palette_path, "dry", 120, 2, 30, **{"checkpoint.max_failures": 0})
     with pytest.raises(Exception, match=r"training stream ended .* passes over \d+ records"):
         pretrain.run(cfg)
+    # the report the message points to is there although the run died: only undecodable files (every 2nd), each
+    # with its reason
+    rows = [r.split("\t") for r in (tmp_path / "runs" / "dry" / "errors.tsv").read_text().splitlines()[1:]]
+    assert rows and all(int(key.rsplit("/", 1)[-1][:3]) % 2 == 0 and reason for key, reason in rows), rows[:5]

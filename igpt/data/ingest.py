@@ -26,15 +26,26 @@ from igpt.data.palette import colour_keys
 
 @ray.remote(num_cpus=0)
 class ErrorLog:
-    """Counts records seen and keeps (key, reason) of every skipped one."""
+    """Counts records seen and keeps (key, reason) of every skipped one. With ``limits`` (an ``IngestLimits``:
+    jobs whose stream is consumed inside Ray Train workers, where no driver loop checks), the stream itself stops
+    once the skipped share passes the budget: the batch that crosses it raises :class:`ErrorRateExceeded`."""
 
-    def __init__(self):
+    def __init__(self, limits=None):
         self.read = 0
         self.errors: list[tuple[str, str]] = []
+        self.limits = limits
 
-    def add(self, n_read: int, errors: list[tuple[str, str]]) -> None:
+    def add(self, n_read: int, errors: list[tuple[str, str]]) -> str | None:
+        """Count a batch; the budget's verdict (a message when it is exceeded, else None)."""
         self.read += n_read
         self.errors.extend(errors)
+        if self.limits is None:
+            return None
+        try:
+            check_error_rate(self.read, len(self.errors), self.limits.max_error_rate, self.limits.min_records)
+        except ErrorRateExceeded as e:
+            return str(e)
+        return None
 
     def stats(self) -> tuple[int, int]:
         return self.read, len(self.errors)
@@ -103,7 +114,9 @@ def _good_records(batch: pa.Table, t: TransformSpec, log):
             errors.append((key, str(e)))
             continue
         yield key, label, px, epoch
-    ray.get(log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
+    over = ray.get(log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
+    if over:
+        raise ErrorRateExceeded(over)
 
 
 class _Tokenize:
