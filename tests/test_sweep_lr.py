@@ -115,7 +115,7 @@ def test_refit_retries_a_failure_then_gives_up_but_never_retries_a_divergence(tm
     with pytest.raises(FileNotFoundError):
         sweep_lr.refit(cfg, 0.01, None)
     err = capsys.readouterr().err
-    assert err.count("failed (FileNotFoundError") == 2 and "retry 2 resumes" in err  # 3 attempts in all
+    assert err.count("failed (MissingInput") == 2 and "retry 2 resumes" in err  # 3 attempts in all
     marker = tmp_path / "s" / "refit" / "nonfinite_loss"
     marker.parent.mkdir(parents=True)
     marker.write_text("loss nan at step 3\n")
