@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run_id", default=None,
                    help="MLflow run to log the PNG to (under samples/); with only --tracking_uri, a new run is made")
     p.add_argument("--experiment", default="igpt", help="experiment of the new run (only without --run_id)")
+    p = add("import-hf", help="a Hugging Face ImageGPTForCausalImageModeling folder (with its image processor's "
+                              "clusters) as an igpt checkpoint, <out>/weights.pt")
+    p.add_argument("--hf", required=True, help="save_pretrained folder: config.json, weights, preprocessor_config.json")
+    p.add_argument("--out", required=True, help="folder to write weights.pt to")
+    p.add_argument("--objective", choices=["ar", "bert"], default="ar", help="objective the checkpoint records")
+    p = add("export-hf", help="an igpt AR checkpoint as a Hugging Face ImageGPTForCausalImageModeling folder, "
+                              "with its ImageGPTImageProcessor (the palette as clusters)")
+    p.add_argument("--checkpoint", required=True,
+                   help="weights.pt, a checkpoint folder step_*/, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--out", required=True, help="folder for save_pretrained (model and image processor)")
     add("compare", add_help=False, help="pretraining runs in MLflow side by side: table (CSV, Markdown) "
                    "and plots, logged as a run; flags: python -m igpt compare --help")
     return parser
@@ -82,12 +92,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     args = _parser().parse_args(argv)
     command = {"sizes": lambda: sizes(args.resolution), "plan": lambda: plan_table(args),
-               "sample": lambda: sample_command(args)}[args.cmd]
+               "sample": lambda: sample_command(args),
+               "import-hf": lambda: _hf("import_hf", args.hf, args.out, args.objective),
+               "export-hf": lambda: _hf("export_hf", args.checkpoint, args.out)}[args.cmd]
     try:
         print(command())
     except UserError as e:  # a user's mistake: one line, exit 2 (as igpt.cli.main does for the jobs)
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _hf(name: str, *args) -> str:
+    from igpt.model import hf  # imported here: transformers is optional (the hf extra)
+
+    hf.require_transformers().utils.logging.disable_progress_bar()  # the command prints one summary line
+    return getattr(hf, name)(*args)
 
 
 def read_images(path: str, n: int, resolution: int, split: str = "test", key_prefix: str = "",

@@ -1,12 +1,25 @@
 """Our model against Hugging Face transformers' ImageGPT, which nobody here wrote."""
 
+import sys
+
+import numpy as np
 import pytest
 import torch
-from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    ImageGPTConfig,
+    ImageGPTForCausalImageModeling,
+    ImageGPTImageProcessor,
+    ImageGPTModel,
+)
 
+from igpt import cli
+from igpt.__main__ import main
 from igpt.config import ModelConfig
 from igpt.model import IGPT
 from igpt.model.hf import from_hf, to_hf
+from igpt.train import checkpoints
 
 
 def random_hf(n_layer=3, n_embd=64, n_head=4, n_positions=64) -> ImageGPTForCausalImageModeling:
@@ -91,3 +104,148 @@ def test_config_from_hf_picks_the_named_size():
 
     cfg = config_from_hf(hf_small)
     assert (cfg.size, cfg.n_layer, cfg.d_model, cfg.n_head, cfg.resolution) == ("S", 24, 512, 8, 32)
+
+
+# ---- python -m igpt import-hf / export-hf: folders in and out -------------------------------------------------------
+def random_centres(k=512, seed=0):
+    return np.random.default_rng(seed).uniform(-1.0, 1.0, (k, 3)).astype(np.float32)
+
+
+def hf_folder(path, hf, clusters=None):
+    """What a user downloads: the model's save_pretrained folder with the image processor's beside it."""
+    hf.save_pretrained(path)
+    if clusters is not None:
+        ImageGPTImageProcessor(clusters=clusters.tolist(), size={"height": 8, "width": 8}).save_pretrained(path)
+    return path
+
+
+def ar_checkpoint(folder, objective="ar", seed=1):
+    """A run folder with one complete checkpoint, written as pretraining writes it."""
+    torch.manual_seed(seed)
+    ours = IGPT(ModelConfig(size="debug", n_layer=2, resolution=8, objective=objective))
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.2)
+    step = folder / "step_00000007"
+    step.mkdir(parents=True)
+    checkpoints.write_weights(step, ours.state_dict(), cli.to_dict(ours.cfg), random_centres(seed=seed), step=7)
+    checkpoints.write_marker(step, {"step": 7})
+    return ours.eval()
+
+
+def test_import_hf_writes_a_checkpoint_with_hf_logits_and_palette(tmp_path, capsys):
+    hf = random_hf(n_layer=2, n_embd=64, n_head=2)
+    centres = random_centres()
+    src, out = hf_folder(tmp_path / "hf", hf, centres), tmp_path / "imported"
+    main(["import-hf", "--hf", str(src), "--out", str(out)])
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("imported") and str(out / "weights.pt") in printed[0]
+    assert "2 layers, d_model 64, 8x8, 512 colours" in printed[0]
+    assert checkpoints.resolve(out) == out / "weights.pt" and checkpoints.load(out)["step"] == 0
+    ours = checkpoints.load_model(out)
+    assert (ours.cfg.n_layer, ours.cfg.d_model, ours.cfg.n_head, ours.cfg.objective) == (2, 64, 2, "ar")
+    assert np.array_equal(checkpoints.load_palette(out).centres, centres)
+    ids = ours.ar_inputs(torch.randint(0, 512, (4, 64)))
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids).logits, ours(ids)
+    diff = (ref - got).abs().max().item()
+    print(f"import-hf: max |logit diff| = {diff:.3g} (logits up to {ref.abs().max().item():.3g})")
+    assert ref.shape == got.shape == (4, 64, 512) and diff <= 1e-5
+
+
+def test_export_hf_is_loaded_by_transformers_with_our_logits_and_palette(tmp_path, capsys):
+    ours = ar_checkpoint(tmp_path / "run")
+    out = tmp_path / "hf"
+    main(["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(out)])  # a run folder: its newest step
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and printed[0].startswith("exported") and "step_00000007" in printed[0]
+    hf = ImageGPTForCausalImageModeling.from_pretrained(out).eval()
+    proc = ImageGPTImageProcessor.from_pretrained(out)
+    palette = checkpoints.load_palette(tmp_path / "run").centres
+    assert np.array_equal(np.asarray(proc.clusters, dtype=np.float32), palette)
+    assert (proc.size["height"], proc.size["width"]) == (8, 8)
+    ids = ours.ar_inputs(torch.randint(0, 512, (4, 64)))
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids).logits, ours(ids)
+    diff = (ref - got).abs().max().item()
+    print(f"export-hf: max |logit diff| = {diff:.3g} (logits up to {ref.abs().max().item():.3g})")
+    assert ref.shape == got.shape == (4, 64, 512) and diff <= 1e-5
+
+
+def test_import_of_an_export_is_the_same_checkpoint_bit_for_bit(tmp_path):
+    ar_checkpoint(tmp_path / "run", seed=3)
+    main(["export-hf", "--checkpoint", str(tmp_path / "run" / "step_00000007"), "--out", str(tmp_path / "hf")])
+    main(["import-hf", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
+    a, b = checkpoints.load(tmp_path / "run"), checkpoints.load(tmp_path / "back")
+    assert a["model"] == b["model"] and torch.equal(a["palette"], b["palette"])
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, t in a["state_dict"].items():
+        assert t.dtype == b["state_dict"][name].dtype and torch.equal(t, b["state_dict"][name]), name
+
+
+def error_line(capsys, argv) -> str:
+    """The command's one-line complaint: exit code 2, one ``error:`` line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    return lines[0]
+
+
+def test_import_hf_refuses_a_non_zero_bias(tmp_path, capsys):
+    hf = random_hf(n_layer=2, n_embd=64, n_head=2)
+    with torch.no_grad():
+        hf.transformer.h[1].attn.c_proj.bias[5] = -0.25
+    src = hf_folder(tmp_path / "hf", hf, random_centres())
+    msg = error_line(capsys, ["import-hf", "--hf", str(src), "--out", str(tmp_path / "out")])
+    assert "transformer.h.1.attn.c_proj.bias is non-zero" in msg and "no biases" in msg
+    assert not (tmp_path / "out" / "weights.pt").exists()
+
+
+@pytest.mark.parametrize("other", ["gpt2", "imagegpt-base"])
+def test_import_hf_refuses_what_is_not_an_imagegpt_causal_model(tmp_path, capsys, other):
+    if other == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=513,
+                                               bos_token_id=512, eos_token_id=512))
+    else:  # ImageGPT without the output head
+        model = ImageGPTModel(ImageGPTConfig(vocab_size=513, n_positions=64, n_embd=32, n_layer=1, n_head=2))
+    src = hf_folder(tmp_path / "hf", model, random_centres())
+    msg = error_line(capsys, ["import-hf", "--hf", str(src), "--out", str(tmp_path / "out")])
+    assert "not an ImageGPT ImageGPTForCausalImageModeling" in msg
+    assert ("'gpt2'" in msg and "GPT2LMHeadModel" in msg) if other == "gpt2" else "ImageGPTModel" in msg
+
+
+@pytest.mark.parametrize("how", ["no processor file", "processor without clusters"])
+def test_import_hf_needs_the_clusters(tmp_path, capsys, how):
+    src = hf_folder(tmp_path / "hf", random_hf(n_layer=1))
+    if how == "processor without clusters":
+        ImageGPTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(src)
+        assert (src / "preprocessor_config.json").is_file()
+    msg = error_line(capsys, ["import-hf", "--hf", str(src), "--out", str(tmp_path / "out")])
+    assert "no colour palette" in msg and "preprocessor_config.json" in msg and "clusters" in msg
+
+
+def test_import_hf_missing_folder_or_config(tmp_path, capsys):
+    msg = error_line(capsys, ["import-hf", "--hf", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert "no Hugging Face model folder" in msg and "nowhere" in msg
+    (tmp_path / "empty").mkdir()
+    msg = error_line(capsys, ["import-hf", "--hf", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert "no config.json" in msg and "save_pretrained" in msg
+
+
+def test_export_hf_refuses_a_bert_checkpoint(tmp_path, capsys):
+    ar_checkpoint(tmp_path / "run", objective="bert")
+    msg = error_line(capsys, ["export-hf", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    assert "'bert' objective" in msg and "causal (AR)" in msg and "no BERT iGPT head" in msg
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("command", ["import-hf", "export-hf"])
+def test_without_transformers_both_commands_say_how_to_install_it(tmp_path, capsys, monkeypatch, command):
+    ar_checkpoint(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    src = "--hf" if command == "import-hf" else "--checkpoint"
+    msg = error_line(capsys, [command, src, str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    assert "pip install -e '.[hf]'" in msg
