@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from igpt.model.config import MODEL_SIZES, ModelConfig
 from igpt.model import IGPT
+from igpt.model.config import MODEL_SIZES, ModelConfig
 
 
 def config_from_hf(hf_config, objective: str = "ar") -> ModelConfig:

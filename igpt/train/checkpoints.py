@@ -171,8 +171,8 @@ def load_model(path: str | Path, random_init: bool = False, seed: int = 0):
     """The model of a checkpoint, in eval mode on the CPU. ``random_init``: its architecture with fresh
     release initialisers instead (the random-init twin a probe is compared with)."""
     from igpt import cli
-    from igpt.config import ModelConfig
     from igpt.model import IGPT
+    from igpt.model.config import ModelConfig
 
     data = load(path)
     cfg = cli.from_dict(ModelConfig, data["model"])

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from igpt.config import ModelConfig
+from igpt.model.config import ModelConfig
 
 GiB = 1024**3
 
