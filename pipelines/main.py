@@ -195,4 +195,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # run as the importable module, not as __main__: what Ray ships to workers and Tune trials (functions, the
+    # config class) is then pickled by reference and resolves there, type hints included
+    import importlib
+
+    importlib.import_module("pipelines.main").main(sys.argv[1:])

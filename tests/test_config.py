@@ -144,11 +144,10 @@ def test_every_main_job_flag_changes_some_stage_config(tmp_path):
     import numpy as np
 
     from igpt.config import DEFAULT_DATA
-    from igpt.data.palette import Palette
     from pipelines.main import stage_configs
 
     shutil.copy(DEFAULT_DATA, tmp_path / "copy.parquet")
-    Palette(np.linspace(-1, 1, 512 * 3).reshape(512, 3).astype(np.float32)).save(tmp_path / "palette.npy")
+    np.save(tmp_path / "palette.npy", np.linspace(-1, 1, 512 * 3).reshape(512, 3).astype(np.float32))
     base = stage_configs(cli.parse(MainJobConfig, []), "p.npy")
     flat = dict(_leaf_items(cli.to_dict(MainJobConfig())))
     assert len(flat) >= 20

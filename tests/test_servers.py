@@ -134,8 +134,11 @@ def test_servers_bind_to_loopback_only(servers):
 def main_job(servers):
     """The main job submitted once: its pretraining run folder and feature set feed the stop tests below."""
     out = servers["temp"] / "runs"  # the job's files; the MLflow runs and artifacts live on the server
+    space = servers["temp"] / "probe.json"  # every layer, one C: 3 trials and 1 on raw pixels
+    space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
+                                 "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
     p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--steps", "8",
-               "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
+               "--palette.max_iter", "5", "--palette.sample_pixels", "50000", "--probe_space", str(space),
                "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served",
                job_id="igpt-main-ok")
     return {"process": p, "root": out / "sub"}

@@ -6,6 +6,7 @@ import math
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ray.tune.search import Searcher
 
@@ -187,15 +188,14 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "sweep_lr",
                                  "params": {"lr": {"ordered": [0.005, 1e12, 0.001]}}}))
-    # 12 steps: at 0.005 the held-out loss first rises above ln 512 (steps 2-5, measured 6.22 -> 6.29), then falls
-    # below it (6.12 at step 12); 5 steps would end above it
+    # 12 steps: enough for 0.005's training loss to fall well clear of ln 512 (5 left it 0.1-0.2 below)
     cfg = sweep_job(tmp_path, palette_path, space, "--pretrain.steps", "12")
     summary = sweep_lr.run(cfg)
     trials = summary["trials"]
     print("trials:", [(t["lr"], t["val_loss"], t["diverged"]) for t in trials])
     assert [t["lr"] for t in trials] == [0.005, 1e12]  # in order; 0.001 never ran
     assert [t["diverged"] for t in trials] == [False, True]
-    assert 0 < trials[0]["val_loss"] < math.log(512) - 0.01 and trials[1]["val_loss"] == INF  # 0.005 learned
+    assert math.isfinite(trials[0]["val_loss"]) and trials[1]["val_loss"] == INF
     assert summary["stop_reason"] == "rose" and summary["best_lr"] == 0.005
     sweep_dir = tmp_path / "runs" / "s"
     assert sorted(p.name for p in sweep_dir.glob("lr_*")) == ["lr_0.005", "lr_1e+12"]
@@ -226,7 +226,12 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
             assert child.data.metrics["train/nonfinite_loss"] == 1.0
     ok = client.get_run(trials[0]["run_id"])
     assert ok.data.metrics["val/loss"] == pytest.approx(trials[0]["val_loss"])
-    assert sorted(m.step for m in client.get_metric_history(ok.info.run_id, "train/loss")) == list(range(1, 13))
+    history = sorted(client.get_metric_history(ok.info.run_id, "train/loss"), key=lambda m: m.step)
+    train_loss = [m.value for m in history]
+    assert len(train_loss) == 12
+    # 0.005 trains: from the zero-initialised head's ln 512 the training loss falls (its held-out loss after 12
+    # steps was 6.12 in one run and 6.61 in another, either side of ln 512, so it is not what shows learning here)
+    assert train_loss[0] == pytest.approx(math.log(512), abs=1e-3) and np.mean(train_loss[-3:]) < train_loss[0] - 0.1
 
     refit = client.get_run(summary["refit"]["run_id"])
     assert parent.data.tags["sweep.refit_run_id"] == refit.info.run_id
