@@ -200,3 +200,14 @@ def test_model_imports_neither_ray_nor_deepspeed():
     code = "import sys, igpt.model; print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'deepspeed')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_importing_the_model_pulls_no_ray_pyarrow_or_mlflow():
+    """The network is plain PyTorch: a user (or a worker) that only needs the model imports none of the stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, igpt.model, igpt.model.sampling; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'mlflow', 'deepspeed'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
