@@ -127,7 +127,7 @@ def run(cfg: ExtractJobConfig) -> dict:
                "resolution": res, "pixels": cfg.pixels, "columns": {k: list(v) for k, v in shape.items()},
                "splits": counts, "checkpoint": str(checkpoints.resolve(cfg.checkpoint)),
                "checkpoint_step": ckpt["step"], "random_init": cfg.random_init, "model": model_cfg,
-               "holdout": cfg.holdout, "run_id": run_.info.run_id, "tracking_uri": uri,
+               "holdout": cfg.holdout, "run_id": run_.run_id, "tracking_uri": uri,
                "pretrain_run_id": checkpoints.pretrain_run_id(cfg.checkpoint)}
         (out / "manifest.json").write_text(json.dumps(man, indent=2))
         mlflow.log_artifact(str(out / "manifest.json"))

@@ -83,7 +83,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
                    "pixels": int(len(px)), "pixels_per_image": per_image, "read_seconds": round(read_s, 2),
                    "fit_seconds": round(fit_s, 2), "lut_seconds": round(palette.lut_seconds or 0.0, 2),
                    "images_per_s": round(read / read_s, 1) if read_s else 0.0, "palette": str(path),
-                   "run_id": run_.info.run_id, "tracking_uri": uri}
+                   "run_id": run_.run_id, "tracking_uri": uri}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for f in ("palette.npy", "swatch.png", "summary.json"):

@@ -222,7 +222,7 @@ def run(cfg: ProbeJobConfig) -> dict:
     uri = run_.uri
     experiment, found = cfg.tracking.experiment, {}
     with run_:
-        parent = run_.info.run_id
+        parent = run_.run_id
         mlflow.log_dict(space_file, "search_space.json")
         mlflow.log_dict(man, "features_manifest.json")
         mlflow.set_tags({"igpt.checkpoint": man["checkpoint"], "igpt.random_init": str(man["random_init"]),

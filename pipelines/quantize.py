@@ -93,7 +93,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
         summary = {"split": cfg.data.split, "images_read": counts.read, "tokenized": counts.produced,
                    "skipped": counts.skipped, "seconds": round(seconds, 2),
                    "images_per_s": round(counts.images_per_s, 1), "shards": shard, "output": str(final_dir),
-                   "run_id": run_.info.run_id, "tracking_uri": uri}
+                   "run_id": run_.run_id, "tracking_uri": uri}
         (out / f"{cfg.data.split}.summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_artifact(str(out / f"{cfg.data.split}.summary.json"))

@@ -133,6 +133,17 @@ def ar_checkpoint(folder, objective="ar", seed=1):
     return ours.eval()
 
 
+def max_logit_diff(hf, ours, what: str) -> float:
+    """Max |logit difference| of the HF model and ours on the same random AR inputs (both (4, 64, 512))."""
+    ids = ours.ar_inputs(torch.randint(0, 512, (4, 64)))
+    with torch.no_grad():
+        ref, got = hf(input_ids=ids).logits, ours(ids)
+    assert ref.shape == got.shape == (4, 64, 512)
+    diff = (ref - got).abs().max().item()
+    print(f"{what}: max |logit diff| = {diff:.3g} (logits up to {ref.abs().max().item():.3g})")
+    return diff
+
+
 def test_import_hf_writes_a_checkpoint_with_hf_logits_and_palette(tmp_path, capsys):
     hf = random_hf(n_layer=2, n_embd=64, n_head=2)
     centres = random_centres()
@@ -145,12 +156,7 @@ def test_import_hf_writes_a_checkpoint_with_hf_logits_and_palette(tmp_path, caps
     ours = checkpoints.load_model(out)
     assert (ours.cfg.n_layer, ours.cfg.d_model, ours.cfg.n_head, ours.cfg.objective) == (2, 64, 2, "ar")
     assert np.array_equal(checkpoints.load_palette(out).centres, centres)
-    ids = ours.ar_inputs(torch.randint(0, 512, (4, 64)))
-    with torch.no_grad():
-        ref, got = hf(input_ids=ids).logits, ours(ids)
-    diff = (ref - got).abs().max().item()
-    print(f"import-hf: max |logit diff| = {diff:.3g} (logits up to {ref.abs().max().item():.3g})")
-    assert ref.shape == got.shape == (4, 64, 512) and diff <= 1e-5
+    assert max_logit_diff(hf, ours, "import-hf") <= 1e-5
 
 
 def test_export_hf_is_loaded_by_transformers_with_our_logits_and_palette(tmp_path, capsys):
@@ -164,12 +170,7 @@ def test_export_hf_is_loaded_by_transformers_with_our_logits_and_palette(tmp_pat
     palette = checkpoints.load_palette(tmp_path / "run").centres
     assert np.array_equal(np.asarray(proc.clusters, dtype=np.float32), palette)
     assert (proc.size["height"], proc.size["width"]) == (8, 8)
-    ids = ours.ar_inputs(torch.randint(0, 512, (4, 64)))
-    with torch.no_grad():
-        ref, got = hf(input_ids=ids).logits, ours(ids)
-    diff = (ref - got).abs().max().item()
-    print(f"export-hf: max |logit diff| = {diff:.3g} (logits up to {ref.abs().max().item():.3g})")
-    assert ref.shape == got.shape == (4, 64, 512) and diff <= 1e-5
+    assert max_logit_diff(hf, ours, "export-hf") <= 1e-5
 
 
 def test_import_of_an_export_is_the_same_checkpoint_bit_for_bit(tmp_path):

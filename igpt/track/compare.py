@@ -472,7 +472,7 @@ def run(cfg) -> dict:
         mlflow.log_artifact(str(out / "table.md"))
         for p in plot_paths:
             mlflow.log_artifact(str(p), "plots")
-    run_id = mrun.info.run_id
+    run_id = mrun.run_id
     print(f"{len(cmp.rows)} pretraining runs of experiment {cfg.tracking.experiment!r} at {uri}\n"
           f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n"
           f"table: {out / 'table.csv'}, {out / 'table.md'}\n"

@@ -198,10 +198,6 @@ class JobRun:
             mlflow.start_run(run_id=run_id)
         return cls(client, uri, run_id, exp_id, resumed, fluent)
 
-    @property
-    def info(self):
-        return self.client.get_run(self.run_id).info
-
     def wait(self, fn, *args, **kwargs):
         return interruptible(fn, *args, **kwargs)
 
