@@ -214,7 +214,8 @@ def plan_table(args) -> str:
             for ckpt in [True] if args.activation_checkpointing else [False, True]:
                 p = PlanInput(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, zero_stage=stage,
                               precision=args.precision, offload_optimizer=args.offload_optimizer,
-                              offload_params=args.offload_params, micro_batch=micro, activation_checkpointing=ckpt)
+                              offload_params=args.offload_params, micro_batch=micro, activation_checkpointing=ckpt,
+                              global_batch=global_batch)  # for the "best mb" column: the largest that fits
                 label = f"{name} IR{cfg.resolution} z{stage} mb{micro}{' ckpt' if ckpt else ''}"
                 label += " offl-opt" if args.offload_optimizer else ""
                 label += " offl-par" if args.offload_params else ""

@@ -1,11 +1,13 @@
 """`igpt plan` against DeepSpeed's own memory estimators (called live, not copied numbers)."""
 
+from dataclasses import replace
+
 import pytest
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from igpt.config import ModelConfig
-from igpt.train.plan import PlanInput, largest_layer_params, plan
+from igpt.train.plan import PlanInput, best_micro_batch, largest_layer_params, plan, table
 
 
 @pytest.mark.parametrize("size", ["S", "M", "L", "XL"])
@@ -44,3 +46,59 @@ def test_bad_plans_are_errors():
         PlanInput(ModelConfig.from_name("S"), zero_stage=2, offload_params=True)
     with pytest.raises(ValueError, match="0..3"):
         PlanInput(ModelConfig.from_name("S"), zero_stage=4)
+
+
+@pytest.mark.parametrize("size", ["S", "M", "L", "XL"])
+@pytest.mark.parametrize(("gpus", "gpu_mem"), [(8, 80.0), (1, 80.0), (1, 139.0), (2, 24.0)])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_best_micro_batch_is_the_largest_power_of_two_the_plan_fits(size, gpus, gpu_mem, ckpt):
+    cfg = ModelConfig.from_name(size, activation_checkpointing=ckpt)
+    global_batch = 64 if size == "XL" else 128
+    p = PlanInput(cfg, gpus=gpus, gpu_mem_gib=gpu_mem, zero_stage=3 if size == "XL" else 2,
+                  activation_checkpointing=ckpt, global_batch=global_batch)
+    per_worker = global_batch // gpus
+    best = best_micro_batch(p)
+    if best is None:  # not even one image per GPU fits
+        assert not plan(replace(p, micro_batch=1)).fits
+        return
+    assert best & (best - 1) == 0 and per_worker % best == 0  # a power of two the accumulation can reach
+    assert plan(replace(p, micro_batch=best)).fits
+    # the next power of two is past the per-worker batch, or does not fit the memory
+    assert 2 * best > per_worker or not plan(replace(p, micro_batch=2 * best)).fits
+
+
+def test_best_micro_batch_fills_the_memory_the_headroom_leaves():
+    s = PlanInput(ModelConfig.from_name("S"), gpus=1, global_batch=128)
+    assert best_micro_batch(s) == 128  # iGPT-S: every image of the batch at once on one 80 GB card
+    assert best_micro_batch(replace(s, gpus=8)) == 16  # ... but each of 8 GPUs has only 16
+    assert best_micro_batch(replace(s, gpus=3)) is None  # 128 images do not split over 3 GPUs
+    # less usable memory (more headroom): a smaller micro batch, the one whose plan fits under the new limit
+    tight = replace(s, gpu_mem_gib=16.0, usable=0.5)
+    best = best_micro_batch(tight)
+    assert best is not None and best < 128
+    limit = 0.5 * 16 * 2**30
+    assert plan(replace(tight, micro_batch=best)).total <= limit < plan(replace(tight, micro_batch=2 * best)).total
+    with pytest.raises(ValueError, match="global_batch"):
+        best_micro_batch(PlanInput(ModelConfig.from_name("S")))
+
+
+def test_plan_table_shows_the_best_micro_batch_when_the_global_batch_is_known():
+    s = ModelConfig.from_name("S")
+    out = table([("S known", PlanInput(s, gpus=8, global_batch=128)), ("S unknown", PlanInput(s))]).splitlines()
+    assert out[0].split()[-2:] == ["best", "mb"]
+    assert out[2].split()[-1] == "16" and out[3].split()[-1] == "-"
+
+
+def test_the_gpu_benchmark_plans_s_m_l_at_the_best_micro_batch_within_its_budget(capsys):
+    """benchmarks/gpu_pretrain.py --dry: its runs and time estimates, without a GPU (the real run needs one)."""
+    from benchmarks.gpu_pretrain import main
+
+    main(["--dry", "--gpu-mem", "139.8"])  # an H200
+    out = capsys.readouterr().out
+    runs = [line.split(":")[0].split()[-6:] for line in out.splitlines() if " z" in line]
+    # size, resolution, ZeRO stage, micro batch, accumulation, eager/compiled
+    assert runs[:5] == [["S", "32x32", "z2", "mb128", "x1", "eager"], ["S", "32x32", "z2", "mb128", "x1", "compiled"],
+                        ["L", "32x32", "z2", "mb32", "x4", "eager"], ["M", "32x32", "z2", "mb64", "x2", "eager"],
+                        ["XL", "64x64", "z3", "mb1", "x1", "eager"]]
+    total = float(out.splitlines()[-1].split("~")[1].split()[0])
+    assert total < 600  # one device call of at most 10 minutes

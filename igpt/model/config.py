@@ -43,6 +43,8 @@ class ModelConfig:
     objective: Literal["ar", "bert"] = _help("pretraining objective: autoregressive or BERT", default="ar")
     bert_mask_prob: float = _help("BERT: probability each position is masked; in (0, 1)", default=0.15)
     activation_checkpointing: bool = _help("recompute each block's activations in backward", default=False)
+    compile: bool = _help("train the model compiled by torch.compile (igpt.train.compile): same results, fused "
+                          "kernels; the first steps of each input shape wait for compilation", default=False)
 
     def __post_init__(self) -> None:
         if self.size not in MODEL_SIZES:

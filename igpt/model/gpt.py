@@ -12,7 +12,8 @@ Where it differs from GPT-2, and why (each follows the release):
 
 Decoding (``igpt/model/sampling.py``) passes a :class:`KVCache` to :meth:`IGPT.forward`: each block keeps the keys and
 values of the positions already seen, so a new pixel costs one position's worth of work instead of re-running
-the whole prefix. Without a cache the forward pass is exactly the training one.
+the whole prefix. Without a cache the forward pass is exactly the training one; ``igpt.train.compile`` compiles
+that pass with ``torch.compile``, and decoding with a cache stays eager.
 
 This file knows nothing of Ray or DeepSpeed: parallelism wraps the module from outside.
 """
@@ -198,6 +199,14 @@ class IGPT(nn.Module):
         if cache is None:
             logits = self.head(self._blocks(self._embed(idx, content_mask), causal))
             return logits if targets is None else self._objective_loss(logits, targets, content_mask)
+        return self._decode(idx, causal, content_mask, cache)
+
+    # A compiled model (igpt.train.compile) decodes eagerly, exactly as tested here: compile is for training, and
+    # tracing this would compile two more graphs (the prefix, then one position at a dynamic cache length) around
+    # in-place writes to the cache, at the first completions of a run.
+    @torch.compiler.disable
+    def _decode(self, idx: torch.Tensor, causal: bool, content_mask: torch.Tensor | None,
+                cache: KVCache) -> torch.Tensor:
         if not causal or content_mask is not None:
             raise ValueError("a KV cache is for causal (AR) decoding: no content_mask, causal=True")
         h = self._embed(idx, None, start=cache.length)

@@ -17,11 +17,16 @@ with the plain math kernel. Activation checkpointing stores each block's input (
 block at a time. Plus the logits: s*b*V in 16 bits and 32 bits for the loss. fp32 doubles the 16-bit terms.
 A configuration fits when the sum is under ``usable`` (default 90%) of the GPU's memory: the rest goes to the
 CUDA context, allocator fragmentation and communication buffers.
+
+:func:`best_micro_batch` picks the micro batch that fills that memory: larger matmuls (more rows per weight
+read) and fewer micro-batches per optimizer step, each with its fixed costs (kernel launches, gradient
+reduction). Only the activations grow with it, linearly, so the largest power of two that fits and divides the
+per-worker batch is the one to try first (``benchmarks/gpu_pretrain.py`` measures it beside its half).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from igpt.model.config import ModelConfig
 
@@ -41,6 +46,7 @@ class PlanInput:
     activation_checkpointing: bool = False
     flash_attention: bool = True
     usable: float = 0.9
+    global_batch: int | None = None  # images per optimizer step over all GPUs: what best_micro_batch divides
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -117,13 +123,29 @@ def plan(p: PlanInput) -> Plan:
                 p.usable * p.gpu_mem_gib * GiB)
 
 
+def best_micro_batch(p: PlanInput) -> int | None:
+    """The largest power-of-two micro batch that divides the per-worker batch (``global_batch / gpus``) and whose
+    plan fits (total under ``usable`` of the GPU memory: ``1 - usable`` is the headroom); ``p.micro_batch`` is
+    ignored. None when none does: not even 1 fits, or the GPUs do not divide the global batch."""
+    if p.global_batch is None:
+        raise ValueError("best_micro_batch needs PlanInput.global_batch")
+    per_worker, rest = divmod(p.global_batch, p.gpus)
+    best, micro = None, 1
+    while not rest and micro <= per_worker and per_worker % micro == 0:
+        if not plan(replace(p, micro_batch=micro)).fits:
+            break  # activations only grow with the micro batch: no larger one fits either
+        best, micro = micro, 2 * micro
+    return best
+
+
 def table(rows: list[tuple[str, PlanInput]]) -> str:
     head = (f"{'config':<34} {'params':>8} {'states GiB':>10} {'activ GiB':>9} {'total GiB':>9} "
-            f"{'limit GiB':>9} {'host/GPU':>8}  fits")
+            f"{'limit GiB':>9} {'host/GPU':>8}  fits  best mb")
     out = [head, "-" * len(head)]
     for name, p in rows:
         r = plan(p)
+        best = "-" if p.global_batch is None else best_micro_batch(p) or "none"  # "-": no global batch given
         out.append(f"{name:<34} {r.params / 1e6:>7.0f}M {r.model_states / GiB:>10.1f} {r.activations / GiB:>9.1f} "
                    f"{r.total / GiB:>9.1f} {r.limit / GiB:>9.1f} {r.cpu_offload / GiB:>8.1f}  "
-                   f"{'yes' if r.fits else 'NO'}")
+                   f"{'yes' if r.fits else 'NO':<4} {best:>7}")
     return "\n".join(out)
