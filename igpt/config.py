@@ -163,10 +163,15 @@ class ScalingConfig:
     workers: int = _help("Ray Train workers (one per GPU on a cluster); >= 1", default=2)
     use_gpu: bool = _help("one GPU per worker, NCCL; otherwise CPU with gloo", default=False)
     cpus_per_worker: float = _help("CPUs reserved per worker; leave some for Ray Data on small nodes", default=0.5)
+    placement: str = _help("PACK (workers on as few nodes as fit: fastest all-reduce) | SPREAD (one per node "
+                           "where possible: a lost node takes fewer workers; Ray's placement-group strategies)",
+                           default="PACK")
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus_per_worker < 0:
             raise ValueError("scaling.workers must be >= 1 and scaling.cpus_per_worker >= 0")
+        if self.placement not in ("PACK", "SPREAD"):
+            raise ValueError(f"scaling.placement must be PACK or SPREAD, not {self.placement!r}")
 
 
 @dataclass

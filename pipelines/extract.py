@@ -149,7 +149,7 @@ def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec
     import mlflow
 
     t0 = time.perf_counter()
-    log = ingest.ErrorLog.remote()
+    log = ingest.error_log()
     ds = ingest.tokenize(sources.read(spec, plan), lut_ref, tspec, log)
     ds = ds.map_batches(
         features.FeatureActor, batch_format="pyarrow", batch_size=None,

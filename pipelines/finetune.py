@@ -129,7 +129,7 @@ def checkpoint_info(path: str) -> dict:
     driver needs only these, the workers load the weights themselves."""
     import torch
 
-    data = torch.load(checkpoints.resolve(path), map_location="cpu", weights_only=True, mmap=True)
+    data = torch.load(checkpoints.local_weights(path), map_location="cpu", weights_only=True, mmap=True)
     return {"model": dict(data["model"]), "palette": data["palette"].clone(), "step": data["step"]}
 
 
@@ -182,7 +182,7 @@ def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs
     from igpt.data.palette import Palette
 
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
-    log = ingest.ErrorLog.remote(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
+    log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
     # every epoch its own crops and flips and its own order: a split stored class by class (an image folder, a
     # sorted file) would otherwise give batches of one class; seeded, so a run can be repeated exactly
@@ -284,7 +284,8 @@ def _trainer(cfg: FinetuneJobConfig, spec, name: str, datasets: dict):
         finetune_loop,
         train_loop_config={"spec": spec},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                     placement_strategy=cfg.scaling.placement),
         run_config=RunConfig(name=name, storage_path=cfg.storage_path),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),

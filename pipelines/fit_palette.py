@@ -59,7 +59,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     # enough pixels per image to reach the target; 64 per image when the record count is unknown up front
     per_image = max(1, -(-cfg.palette.sample_pixels // n_records)) if n_records else 64
     per_image = min(per_image, cfg.transform.ir**2)
-    log = ingest.ErrorLog.remote()
+    log = ingest.error_log()
     run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "fit_palette", cli.to_dict(cfg), fluent=True)
     uri = run_.uri
     with run_:

@@ -15,7 +15,6 @@ import contextlib
 import json
 import sys
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import ray
 
@@ -34,10 +33,13 @@ from igpt.config import (
 from igpt.data import ingest, sources
 from igpt.data.palette import Palette
 from igpt.data.sources import DatasetSpec
-from igpt.errors import UserError
+from igpt.data.stream import TrainStream
+from igpt.errors import Conflict, UserError
 from igpt.raysetup import init_ray
+from igpt.storage import Loc
 from igpt.track.tracking import JobRun, flatten
 from igpt.train import deepspeed_config, schedule
+from igpt.train.checkpoints import newest_complete, read_marker
 from igpt.train.faults import Faults
 from igpt.train.lease import Lease
 from igpt.train.schedule import Schedule
@@ -72,32 +74,34 @@ class PretrainJobConfig:
     eval_every: int = _help("validation loss every this many steps, besides every epoch (0: epochs only)",
                             default=0)
     val_images: int = _help("validation images per evaluation (0: the whole split)", default=1000)
-    deterministic: bool = _help(
-        "replayable data order: Ray Data keeps record order and deals blocks to workers in a fixed way, so a "
-        "resumed or repeated run sees exactly the same batches (costs a little throughput)", default=True)
     completions: int = _help("validation images completed from their top half in each epoch's picture",
                              default=8)
+    log_every: int = _help("training metrics every this many steps (the mean loss since the last; a diverged loss "
+                           "is found there): 1 on a CPU, 10-100 on GPUs, where each logged step waits for the "
+                           "device; >= 1", default=1)
     limits: IngestLimits = field(default_factory=IngestLimits)
     """the error budget of the training and evaluation streams (checked inside the stream)"""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        if (self.steps is not None and self.steps < 1) or self.eval_every < 0 or self.val_images < 0:
-            raise ValueError("steps must be >= 1; eval_every and val_images >= 0")
+        if (self.steps is not None and self.steps < 1) or self.eval_every < 0 or self.val_images < 0 or \
+                self.log_every < 1:
+            raise ValueError("steps and log_every must be >= 1; eval_every and val_images >= 0")
         if not 0.0 < self.schedule_fraction <= 1.0:
             raise ValueError(f"schedule_fraction must be in (0, 1], got {self.schedule_fraction}")
 
 
 def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):
-    """The training stream (``epochs`` passes in one Dataset, each epoch its own augmentations and its own order
-    of read units) and the validation split, materialized once."""
+    """The training stream (``epochs`` passes, each epoch its own augmentations, its own order of read pieces and
+    of records; each worker builds its own share, igpt/data/stream.py) and the validation split, materialized
+    once."""
     val_plan = sources.check(cfg.val)
     lut = ray.put(palette.lut)
-    log = ingest.ErrorLog.remote(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
+    log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
     spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft)
-    stream = sources.read(cfg.train, plan, epochs=epochs, shuffle_seed=t.seed)
-    train = ingest.tokenize(stream, lut, spec, log).select_columns(["tokens"])
+    train = TrainStream(cfg.train, ray.put(plan), tuple(u.take for u in plan.units), epochs, cfg.scaling.workers,
+                        lut, spec, log)
     val_spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, False, t.seed, 0, t.draft)
     val = ingest.tokenize(sources.read(cfg.val, val_plan), lut, val_spec, log).select_columns(["tokens"])
     if cfg.val_images:
@@ -148,16 +152,6 @@ def resolved_params(cfg: PretrainJobConfig, sched: Schedule) -> dict:
     return params
 
 
-def _execution_options(cfg: PretrainJobConfig):
-    """With ``deterministic``: ordered execution, so the splitter deals the same blocks to the same workers in
-    the same order every time (it gives each block to the worker with the fewest rows so far)."""
-    from ray.data import ExecutionOptions
-
-    opts = ExecutionOptions()
-    opts.preserve_order = cfg.deterministic
-    return opts
-
-
 def run(cfg: PretrainJobConfig) -> dict:
     if cfg.dry_run:
         return dry_run(cfg)
@@ -167,14 +161,29 @@ def run(cfg: PretrainJobConfig) -> dict:
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
-    run_dir = Path(cfg.storage_path).resolve() / cfg.name
+    run_dir = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     with Lease(run_dir):  # one job per run name: a second one fails now, naming the owner
+        check_resumable(run_dir, cfg.scaling.workers)
         return _train(cfg, sched, plan, ds_conf, model_cfg, palette, run_dir)
 
 
+def check_resumable(run_dir: Loc, workers: int) -> None:
+    """Refuse, before Ray starts, to resume a run with another worker count than wrote its newest checkpoint:
+    each worker's data position is a place in its own share of the stream, dealt for that count, and DeepSpeed's
+    shards are per rank; neither maps to another count."""
+    ckpt = newest_complete(run_dir, report=False)
+    if ckpt is None:
+        return
+    written = read_marker(ckpt).get("world_size", workers)
+    if written != workers:
+        raise Conflict(f"{ckpt} was written by {written} workers and this job has --scaling.workers {workers}: "
+                       f"resume with --scaling.workers {written}, or start a new --name (a fine-tuning or probe "
+                       "run reads its weights.pt with any worker count)")
+
+
 def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf: dict, model_cfg: dict,
-           palette: Palette, run_dir: Path) -> dict:
-    (run_dir / NONFINITE).unlink(missing_ok=True)  # a re-submission is a new attempt (e.g. with a lower lr)
+           palette: Palette, run_dir: Loc) -> dict:
+    (run_dir / NONFINITE).unlink()  # a re-submission is a new attempt (e.g. with a lower lr)
     # one MLflow run per named run: a re-submission continues it
     with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "pretrain", cli.to_dict(cfg),
                      params=resolved_params(cfg, sched), id_file=run_dir / "mlflow_run_id") as run:
@@ -185,15 +194,17 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
         init_ray()
         train, val, log = datasets(cfg, palette, plan, sched.epochs)
         spec = PretrainSpec(
+            stream=train,
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed,
                         warmup_steps=sched.warmup_steps, total_steps=sched.total_steps, run_id=run.run_id,
                         tracking_uri=run.uri, use_gpu=cfg.scaling.use_gpu, palette=palette.centres.tolist(),
                         run_dir=str(run_dir)),
             steps_per_epoch=sched.steps_per_epoch, records=sched.records, epochs=sched.epochs,
             global_batch=sched.global_batch, eval_every=cfg.eval_every, completions=cfg.completions,
+            log_every=cfg.log_every,
             checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep)
         try:
-            result = run.wait(_trainer(cfg, spec, {"train": train, "val": val}).fit)
+            result = run.wait(_trainer(cfg, spec, {"val": val}).fit)
             if result.error:
                 raise result.error
         except BaseException:  # the report exists even when the run dies (a stream that ran dry points to it)
@@ -202,7 +213,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             raise
         ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
         read, skipped = ray.get(log.stats.remote())
-        run.client.log_artifact(run.run_id, str(run_dir / "errors.tsv"))
+        run.client.log_text(run.run_id, (run_dir / "errors.tsv").read_text(), "errors.tsv")
         run.client.log_metric(run.run_id, "data/records_read", read)
         run.client.log_metric(run.run_id, "data/records_skipped", skipped)
     summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,
@@ -222,14 +233,16 @@ def _trainer(cfg: PretrainJobConfig, spec: PretrainSpec, datasets: dict):
         # test faults (igpt.train.faults) travel beside the config, never in it or in the run's params
         train_loop_config={"spec": spec, "faults": Faults.from_env().as_dict()},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.storage_path).resolve()),
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
+                                     placement_strategy=cfg.scaling.placement),
+        run_config=RunConfig(name=cfg.name, storage_path=Loc(cfg.storage_path).uri,
                              failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
                              # the workers prune (igpt.train.checkpoints.prune): Ray's count forgets what a stopped
                              # attempt left, and would delete folders by its own list
                              checkpoint_config=CheckpointConfig(num_to_keep=None)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_execution_options(cfg)),
+        # the training stream is no Ray Train dataset: each worker reads its own share from its own position
+        dataset_config=DataConfig(datasets_to_split=[]),
     )
 
 

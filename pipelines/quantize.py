@@ -70,7 +70,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
     t0 = time.perf_counter()
     t = cfg.transform
     tspec = ingest.TransformSpec(t.recipe, t.ir, t.augment, t.seed, t.epoch, t.draft)
-    log = ingest.ErrorLog.remote()
+    log = ingest.error_log()
     lut_ref = ray.put(palette.lut)
     run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg), fluent=True)
     uri = run_.uri

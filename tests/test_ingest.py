@@ -156,7 +156,7 @@ def test_one_dataset_of_two_epochs_augments_each_by_its_own_epoch(palette_file, 
 
     def run(t, **read_kw):
         log = ingest.ErrorLog.remote()
-        rows = ingest.tokenize(sources.read(spec, **read_kw), lut, t, log, with_epoch=True).take_all()
+        rows = ingest.tokenize(sources.read(spec, **read_kw), lut, t, log, carry=("epoch",)).take_all()
         return rows, ray.get(log.stats.remote())
 
     rows, stats = run(ingest.TransformSpec("cifar", 32, True, seed=0, epoch=0), epochs=2, shuffle_seed=5)
@@ -168,8 +168,8 @@ def test_one_dataset_of_two_epochs_augments_each_by_its_own_epoch(palette_file, 
     for e in (0, 1):  # the same as a one-epoch dataset tokenized with TransformSpec(epoch=e)
         single, _ = run(ingest.TransformSpec("cifar", 32, True, seed=0, epoch=e))
         assert all(np.array_equal(by_epoch[e][r["key"]], np.asarray(r["tokens"])) for r in single)
-        assert {r["epoch"] for r in single} == {e}
-    # without with_epoch the rows keep the columns the quantize job writes
+        assert {r["epoch"] for r in single} == {0}  # carried as read: the pass, not the TransformSpec's offset
+    # without carry the rows keep the columns the quantize job writes
     plain = ingest.tokenize(sources.read(spec), lut, ingest.TransformSpec("none", 32, False), ingest.ErrorLog.remote())
     assert plain.columns() == ["key", "label", "tokens"]
 

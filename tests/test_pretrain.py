@@ -9,7 +9,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from igpt import cli
-from igpt.train.checkpoints import MARKER, newest_complete
+from igpt.errors import Conflict
+from igpt.storage import Loc
+from igpt.train import checkpoints
+from igpt.train.checkpoints import MARKER, newest_complete, read_marker
 from pipelines import pretrain
 from pipelines.pretrain import PretrainJobConfig
 
@@ -48,9 +51,12 @@ def history(summary, key):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, ray_local, stage):
-    summary = pretrain.run(job(tmp_path, palette_path, f"z{stage}", stage, max_steps=12))
-    losses = [m.value for m in sorted(history(summary, "train/loss"), key=lambda m: m.step)]
-    assert len(losses) == 12
+    # stage 3 also logs every 5 steps: the first step, every 5th, checkpoints (every 4) and the end
+    extra = {"log_every": 5} if stage == 3 else {}
+    summary = pretrain.run(job(tmp_path, palette_path, f"z{stage}", stage, max_steps=12, **extra))
+    logged = sorted(history(summary, "train/loss"), key=lambda m: m.step)
+    losses = [m.value for m in logged]
+    assert [m.step for m in logged] == (list(range(1, 13)) if stage == 2 else [1, 4, 5, 8, 10, 12])
     assert losses[0] == pytest.approx(np.log(512), abs=1e-3)  # the zero-initialised head: uniform over 512
     assert np.mean(losses[-3:]) < losses[0] - 0.3, losses  # it learns
     client = MlflowClient(summary["tracking_uri"])
@@ -99,35 +105,50 @@ def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_
     # logged twice; 9-10 are new
     assert sorted(steps) == list(range(1, 11))
     assert newest_complete(run_dir).name == "step_00000010"
+    # each worker's data position is in a share dealt for 2 workers: another count is refused before Ray starts
+    with pytest.raises(Conflict, match="written by 2 workers .* --scaling.workers 1: resume with --scaling.workers 2"):
+        pretrain.run(job(tmp_path, palette_path, "torn", 2, max_steps=12, **{"scaling.workers": 1}))
 
 
-def final_params(summary) -> dict:
+def final_params(summary, tmp_path=None) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    ckpt = newest_complete(Path(summary["run_dir"]))
-    tag = json.loads((ckpt / MARKER).read_text())["tag"]
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=tag)
+    ckpt = newest_complete(summary["run_dir"])
+    tag = read_marker(ckpt)["tag"]
+    local = ckpt.download(tmp_path / "final" / ckpt.name) if ckpt.remote else ckpt.local()
+    return get_fp32_state_dict_from_zero_checkpoint(str(local), tag=tag)
 
 
 @pytest.mark.slow  # ~3.5 min: two runs plus Ray Train's restart of the worker group
-def test_killed_worker_resumes_to_the_same_parameters(tmp_path, palette_path, ray_local, monkeypatch):
-    """Rank 1 dies (os._exit) at step 6 of a 10-step run; Ray Train restarts the workers, which resume from the
-    step-4 checkpoint; the final parameters equal those of a run that was never interrupted, bit for bit."""
+def test_killed_worker_resumes_on_s3_to_the_same_parameters(tmp_path, palette_path, ray_local, monkeypatch, s3):
+    """Rank 1 dies (os._exit) at step 6 of a 10-step run kept on S3 (a real S3 server on 127.0.0.1); Ray Train
+    restarts the workers, which resume from the step-4 checkpoint in the bucket, each reading its data from its
+    saved position; the final parameters equal those of a run on a local disk that was never interrupted, bit
+    for bit."""
     clean = pretrain.run(job(tmp_path, palette_path, "clean", 2, max_steps=10))
     monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 6, "fail_rank": 1}))  # the driver hands it on
-    faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10))
+    faulty = pretrain.run(job(tmp_path, palette_path, "faulty", 2, max_steps=10,
+                              **{"storage_path": f"{s3}/{tmp_path.name}",
+                                 "tracking.tracking_uri": f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"}))
+    assert faulty["run_dir"] == f"{s3}/{tmp_path.name}/faulty"
     params = MlflowClient(faulty["tracking_uri"]).get_run(faulty["run_id"]).data.params
     assert "checkpoint.max_failures" in params and not any(  # test faults are not the run's params
         k.split(".")[-1] in ("fail_at_step", "fail_rank", "nan_at_step") for k in params)
-    assert (Path(faulty["run_dir"]) / "fault_injected").exists()  # the fault did happen
+    run_dir = Loc(faulty["run_dir"])
+    assert (run_dir / "fault_injected").exists()  # the fault did happen
+    assert [p.name for p in checkpoints.checkpoint_dirs(run_dir)] == ["step_00000008", "step_00000010"]
+    assert (run_dir / "mlflow_run_id").read_text() == faulty["run_id"] and (run_dir / "errors.tsv").exists()
     steps = sorted(m.step for m in history(faulty, "train/loss"))
     assert steps == list(range(1, 11))  # steps 5-6 ran twice but are logged once
     assert [m.value for m in sorted(history(faulty, "train/loss"), key=lambda m: m.step)] == \
         [m.value for m in sorted(history(clean, "train/loss"), key=lambda m: m.step)]
-    a, b = final_params(clean), final_params(faulty)
+    # the resumed attempt's own cost: engine, checkpoint copied down from S3, stream positioned, one step
+    assert [m.step for m in history(faulty, "train/seconds_to_first_step")] == [1, 5]
+    a, b = final_params(clean), final_params(faulty, tmp_path)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert torch.equal(checkpoints.load(run_dir)["state_dict"]["head.weight"], a["head.weight"].float())
 
 
 def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, palette_path, ray_local, monkeypatch):

@@ -210,7 +210,9 @@ def test_epochs_stream_in_one_dataset_each_in_its_unit_order(monkeypatch, root_b
     assert len(set(orders)) == 3 and sorted(orders[0]) == list(range(6))  # a new order every epoch
     for e in range(3):
         got = [k for ep, k, _ in rows if ep == e]
-        assert got == [k for u in orders[e] for k in units[u]]  # units in the epoch's order, records in file order
+        # units in the epoch's order, the records of each in the order drawn for the epoch
+        assert got == [units[u][i] for u in orders[e] for i in sources.record_order(units[u], e, 1)]
+        assert got[:200] != units[orders[e][0]]  # not file order
     assert sources.unit_order.__wrapped__(6, 2, 1) == orders[2]  # a pure function of (seed, epoch)
     assert sources.unit_order(6, 0, 2) != orders[0]
     assert [k for _, k, _ in ordered_keys(spec, plan=plan, epochs=2)] == one * 2  # no seed: file order

@@ -57,6 +57,16 @@ class ErrorLog:
 _LUT_CACHE: dict[str, np.ndarray] = {}
 
 
+def error_log(limits=None):
+    """A new :class:`ErrorLog`, on this (the driver's) node: on a cluster it must outlive any worker node, since
+    every read task and training worker reports to it, and a lost node would take the counts and the budget
+    with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ErrorLog.options(scheduling_strategy=here).remote(limits)
+
+
 def _lut(ref_box: list) -> np.ndarray:
     ref = ref_box[0]
     key = ref.hex()
@@ -100,11 +110,11 @@ def _epochs(batch: pa.Table, t: TransformSpec) -> list[int]:
 
 
 def _good_records(batch: pa.Table, t: TransformSpec, log):
-    """(key, label, uint8 pixels, epoch) of every record of the batch that decodes and transforms; the others,
+    """(row, key, label, uint8 pixels, epoch) of every record of the batch that decodes and transforms; the others,
     with their reasons, and the count of records seen go to the error log once the batch is done."""
     errors = []
     cols = [batch[c].to_pylist() for c in ("key", "label", "image", "raw_size", "error")]
-    for key, label, image, raw_size, err, epoch in zip(*cols, _epochs(batch, t), strict=False):
+    for row, (key, label, image, raw_size, err, epoch) in enumerate(zip(*cols, _epochs(batch, t), strict=False)):
         if err:
             errors.append((key, err))
             continue
@@ -113,45 +123,45 @@ def _good_records(batch: pa.Table, t: TransformSpec, log):
         except BadImage as e:
             errors.append((key, str(e)))
             continue
-        yield key, label, px, epoch
+        yield row, key, label, px, epoch
     over = ray.get(log.add.remote(batch.num_rows, errors))  # wait: counts are exact once a batch is out
     if over:
         raise ErrorRateExceeded(over)
 
 
 class _Tokenize:
-    def __init__(self, lut_box: list, t: TransformSpec, log, with_epoch: bool):
-        self.lut_box, self.t, self.log, self.with_epoch = lut_box, t, log, with_epoch
+    def __init__(self, lut_box: list, t: TransformSpec, log, carry: tuple[str, ...]):
+        self.lut_box, self.t, self.log, self.carry = lut_box, t, log, carry
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         lut = _lut(self.lut_box)
         ir = self.t.resolution
-        keys, labels, toks, epochs = [], [], [], []
-        for key, label, px, epoch in _good_records(batch, self.t, self.log):
+        rows, keys, labels, toks = [], [], [], []
+        for row, key, label, px, _ in _good_records(batch, self.t, self.log):
+            rows.append(row)
             toks.append(px)
             keys.append(key)
             labels.append(label)
-            epochs.append(epoch)
         # one vectorised lookup for the whole batch
         flat = lut[colour_keys(np.stack(toks))].reshape(-1) if toks else np.zeros(0, np.uint16)
-        cols = {
+        out = pa.table({
             "key": pa.array(keys, pa.string()),
             "label": pa.array(labels, pa.int64()),
             "tokens": pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint16()), ir * ir),
-        }
-        if self.with_epoch:
-            cols["epoch"] = pa.array(epochs, pa.int32())
-        return pa.table(cols)
+        })
+        for c in self.carry:
+            out = out.append_column(c, batch[c].take(pa.array(rows, pa.int64())))
+        return out
 
 
-def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None, with_epoch: bool = False):
-    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2], and with
-    ``with_epoch`` the epoch each record's augmentation was drawn for, int32). Off by default: the quantize job
-    writes its rows under a fixed key/label/tokens schema.
+def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None, carry: tuple[str, ...] = ()):
+    """The tokenized Ray Dataset (columns key, label, tokens: fixed_size_list<uint16>[IR^2], then the input's
+    ``carry`` columns of each good record, e.g. ``("slot", "index")``, the stream position of
+    ``sources.read``). None by default: the quantize job writes its rows under a fixed key/label/tokens schema.
 
     ``batch_size=None`` works block by block: a fixed batch size would make Ray bundle the reader's small
     work units (one Parquet row group each) into one task and serialise the whole read."""
-    return ds.map_batches(_Tokenize([lut_ref], t, log, with_epoch), batch_format="pyarrow", batch_size=batch_size)
+    return ds.map_batches(_Tokenize([lut_ref], t, log, tuple(carry)), batch_format="pyarrow", batch_size=batch_size)
 
 
 def materialize_eval(ds):
@@ -172,7 +182,7 @@ class _SamplePixels:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
-        for key, _, px, epoch in _good_records(batch, self.t, self.log):
+        for _, key, _, px, epoch in _good_records(batch, self.t, self.log):
             px = px.reshape(-1, 3)
             rng = np.random.default_rng(np.frombuffer(  # own stream, independent of the crop draws
                 transforms.record_rng(self.t.seed, epoch, key, stream=1)._u, np.uint64))
@@ -249,10 +259,10 @@ class error_report:
 
 def write_error_report(path, errors: list[tuple[str, str]]) -> None:
     """Tab-separated ``key<TAB>reason`` lines, one per skipped record, with a header."""
-    from pathlib import Path
+    from igpt.storage import Loc
 
     lines = ["key\treason"] + [f"{k}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}" for k, r in errors]
-    Path(path).write_text("\n".join(lines) + "\n")
+    Loc(path).write_text("\n".join(lines) + "\n")  # a local path or object storage
 
 
 def swatch(centres: np.ndarray, cell: int = 16):

@@ -9,7 +9,8 @@ Every reader yields rows with the same columns:
 - ``raw_size`` (int32): side of a raw square RGB image (CIFAR: 32, STL-10: 96), 0 for encoded files;
 - ``error`` (str): "" for a good record; otherwise why the *reader* could not produce it (a tar member with no
   image, a shard cut short). Such rows carry no image and are counted and listed downstream, never dropped here;
-- ``epoch`` (int32): which pass over the split the row belongs to (:func:`read` can stream several).
+- ``epoch`` (int32): which pass over the split the row belongs to (:func:`read` can stream several);
+- ``slot`` (int64), ``index`` (int32): the read slot the row came from and its place in it: a stream position.
 
 :func:`check` validates a spec (path exists, split files present, format known) before any work starts, cuts the
 split into small read units (a Parquet row group, a chunk of image files, a tar shard, a CIFAR batch, a chunk of
@@ -36,7 +37,7 @@ from igpt.errors import UserError
 Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
 FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-COLUMNS = ("key", "label", "image", "raw_size", "error", "epoch")
+COLUMNS = ("key", "label", "image", "raw_size", "error", "epoch", "slot", "index")
 
 
 def _help(text: str, **kw):
@@ -254,10 +255,19 @@ def _plan_imagefolder(spec, fs, root, info) -> tuple[Plan, Keys]:
         if not spec.labels_file:
             raise SpecError(f"{split_dir} holds images directly; give labels_file (file name -> class)")
         labels = _read_labels_file(spec.labels_file, classes)
+    # chunks of files in a keyed-hash order, not the sorted one: a sorted chunk is 256 files of one class, and a
+    # micro-batch drawn from it would be one class (max_images, too, takes a spread of classes, not the first)
+    files.sort(key=lambda f: _hash_order(f[len(split_dir):]))  # relative: the same order wherever it lives
     plan = Plan(spec, fs, files, classes=classes, labels=labels,
                 units=[Unit("", s, min(FOLDER_CHUNK, len(files) - s)) for s in range(0, len(files), FOLDER_CHUNK)])
     index = {c: i for i, c in enumerate(classes)}
     return plan, lambda u: [_folder_record(p, spec.split, index, labels)[0] for p in files[u.pos:u.pos + u.take]]
+
+
+def _hash_order(path: str) -> bytes:
+    from hashlib import blake2b
+
+    return blake2b(path.encode(), digest_size=8).digest()
 
 
 def _read_labels_file(path: str, classes: list[str]) -> dict[str, int]:
@@ -352,41 +362,71 @@ def _plan_stl10(spec, fs, root, info) -> tuple[Plan, Keys]:
 ROOT_BLOCKS_MAX = 256
 
 
-def read(spec: DatasetSpec, plan: Plan | None = None, epochs: int = 1, shuffle_seed: int | None = None):
+def read(spec: DatasetSpec, plan=None, epochs: int = 1, shuffle_seed: int | None = None,
+         parts: int = 1, slots=None, after: tuple[int, int] | None = None):
     """The Ray Dataset of ``epochs`` passes over the split, one after another; streams, nothing read yet.
 
-    Rows: the module docstring's columns plus ``epoch`` (int32, the pass: 0 .. epochs-1). Every pass reads the
-    plan's units (one task each, so every CPU decodes) in file order or, with ``shuffle_seed``, in the order
-    :func:`unit_order` gives that epoch; records keep their file order inside a unit. key_prefix, max_images
-    and holdout/part apply to every pass alike, so each pass yields ``plan.count`` records."""
+    A pass reads ``len(plan.units) * parts`` *pieces* (a unit, or with ``parts`` > 1 one of its ``parts`` equal
+    slices, for splits with too few units to deal to every worker), each one task so every CPU decodes. Slot ``s``
+    of the whole stream is piece ``s % pieces`` of epoch ``s // pieces`` (see :func:`piece_of`). Without a seed
+    the pieces come in file order and records in file order; with ``shuffle_seed`` each epoch reads its pieces in
+    the order :func:`unit_order` gives and each piece's records in an order drawn from (seed, epoch, key).
+
+    ``plan``: the split's :class:`Plan` (default: :func:`check`'s), or a reference to one in the object store.
+    ``slots``: read only these slots, in this order (a worker's share, ``igpt.data.stream``); default: all.
+    ``after``: (slot, index): skip the records of that slot up to and including that index (a resumed position).
+
+    Rows: the module docstring's columns plus ``epoch`` (int32, the pass: 0 .. epochs-1), ``slot`` (int64) and
+    ``index`` (int32, the record's place in its piece's order, before the holdout filter): with them a consumer
+    knows exactly where it is. key_prefix, max_images and holdout/part apply to every pass alike, so each pass
+    yields ``plan.count`` records."""
     import ray
     import ray.data
 
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    plan = plan or check(spec)
-    slots = len(plan.units) * epochs  # slot i: position i % units of epoch i // units
-    if not slots:
-        return ray.data.from_arrow(_rows_table([], [], [], [], [], epoch=[]))
-    if slots <= ROOT_BLOCKS_MAX:
-        ids = ray.data.range(slots, override_num_blocks=slots)
+    if epochs < 1 or parts < 1:
+        raise ValueError(f"epochs and parts must be >= 1, got {epochs}, {parts}")
+    if plan is None:
+        plan = check(spec)
+    if slots is None:  # every slot: needs the plan itself, not a reference
+        slots = np.arange(len(plan.units) * parts * epochs, dtype=np.int64)
+    slots = np.asarray(slots, np.int64)
+    if not len(slots):
+        return ray.data.from_arrow(_empty_read())
+    if len(slots) <= ROOT_BLOCKS_MAX:
+        ids = ray.data.range(len(slots), override_num_blocks=len(slots))
     else:
-        ids = _one_row_blocks(ray.data.range(slots, override_num_blocks=1))
-    reader = _ReadUnits([ray.put(plan)], len(plan.units), shuffle_seed)
+        ids = _one_row_blocks(ray.data.range(len(slots), override_num_blocks=1))
+    plan_ref = ray.put(plan) if isinstance(plan, Plan) else plan  # or already in the object store
+    reader = _ReadUnits([plan_ref], [ray.put(slots)], parts, shuffle_seed, after)
     return ids.map_batches(reader, batch_format="pyarrow", batch_size=None)
+
+
+def piece_of(slot: int, n_units: int, parts: int, shuffle_seed: int | None) -> tuple[int, int, int]:
+    """Slot -> (epoch, unit, part): which piece of which unit a slot of :func:`read` reads."""
+    epoch, pos = divmod(slot, n_units * parts)
+    unit, part = divmod(unit_order(n_units * parts, epoch, shuffle_seed)[pos], parts)
+    return epoch, unit, part
 
 
 @functools.lru_cache(maxsize=8)
 def unit_order(n: int, epoch: int, shuffle_seed: int | None) -> tuple[int, ...]:
-    """The order of a split's ``n`` read units in ``epoch``: file order without a seed; with one, a permutation
-    that depends on (shuffle_seed, epoch) alone: the units sorted by a keyed hash, the same on every machine and
-    library version (numpy promises no stable streams)."""
+    """The order of a split's ``n`` read units (or pieces) in ``epoch``: file order without a seed; with one, a
+    permutation that depends on (shuffle_seed, epoch) alone: the units sorted by a keyed hash, the same on every
+    machine and library version (numpy promises no stable streams)."""
     if shuffle_seed is None:
         return tuple(range(n))
     from hashlib import blake2b
 
     salt = f"{shuffle_seed}:{epoch}:".encode()
     return tuple(sorted(range(n), key=lambda u: blake2b(salt + str(u).encode(), digest_size=8).digest()))
+
+
+def record_order(keys: list[str], epoch: int, shuffle_seed: int) -> list[int]:
+    """A piece's records in the order drawn for (seed, epoch): sorted by a keyed hash of each key."""
+    from hashlib import blake2b
+
+    salt = f"{shuffle_seed}:{epoch}:r:".encode()
+    return sorted(range(len(keys)), key=lambda i: blake2b(salt + keys[i].encode(), digest_size=8).digest())
 
 
 def _one_row_blocks(ds):
@@ -408,42 +448,64 @@ def _one_row_blocks(ds):
         return ds.repartition(target_num_rows_per_block=1)
 
 
-_PLANS: dict[str, Plan] = {}
+_BOXED: dict[str, object] = {}
 
 
-def _fetch(box: list) -> Plan:
-    """The plan a read task needs, fetched once per worker process (an ImageNet plan lists 1.28M files)."""
+def _fetch(box: list):
+    """The object a read task needs (a plan: an ImageNet plan lists 1.28M files; a worker's slots), fetched once
+    per worker process."""
     import ray
 
     key = box[0].hex()
-    if key not in _PLANS:
-        if len(_PLANS) >= 4:  # a worker may serve a few datasets in turn (train, val)
-            _PLANS.pop(next(iter(_PLANS)))
-        _PLANS[key] = ray.get(box[0])
-    return _PLANS[key]
+    if key not in _BOXED:
+        if len(_BOXED) >= 8:  # a worker may serve a few datasets in turn (train, val)
+            _BOXED.pop(next(iter(_BOXED)))
+        _BOXED[key] = ray.get(box[0])
+    return _BOXED[key]
 
 
 class _ReadUnits:
-    """Slot ids -> the records of their units, each with its epoch, filtered to ``part`` (after the take, i.e.
-    after max_images)."""
+    """Slot ids -> the records of their pieces, each with its epoch, slot and index, filtered to ``part`` (after
+    the take, i.e. after max_images)."""
 
-    def __init__(self, plan_box: list, n_units: int, shuffle_seed: int | None):
-        self.plan_box, self.n, self.seed = plan_box, n_units, shuffle_seed
+    def __init__(self, plan_box: list, slots_box: list, parts: int, shuffle_seed: int | None,
+                 after: tuple[int, int] | None):
+        self.plan_box, self.slots_box, self.parts, self.seed = plan_box, slots_box, parts, shuffle_seed
+        self.after = after
 
     def __call__(self, ids: pa.Table) -> pa.Table:
-        plan = _fetch(self.plan_box)
-        tables = [self._slot(plan, i) for i in ids["id"].to_pylist()]
-        return pa.concat_tables(tables) if tables else _rows_table([], [], [], [], [], epoch=[])
+        plan, slots = _fetch(self.plan_box), _fetch(self.slots_box)
+        tables = [self._slot(plan, int(slots[i])) for i in ids["id"].to_pylist()]
+        return pa.concat_tables(tables) if tables else _empty_read()
 
     def _slot(self, plan: Plan, slot: int) -> pa.Table:
-        epoch, pos = divmod(slot, self.n)
-        t = _READERS[plan.spec.format](plan, plan.units[unit_order(self.n, epoch, self.seed)[pos]])
+        epoch, unit, part = piece_of(slot, len(plan.units), self.parts, self.seed)
+        t = _READERS[plan.spec.format](plan, plan.units[unit])
+        if self.parts > 1:
+            lo, hi = t.num_rows * part // self.parts, t.num_rows * (part + 1) // self.parts
+            t = t.slice(lo, hi - lo)
+        if self.seed is not None:
+            t = t.take(pa.array(record_order(t["key"].to_pylist(), epoch, self.seed), pa.int64()))
+        index = np.arange(t.num_rows, dtype=np.int32)
+        keep = np.ones(t.num_rows, bool)
+        if self.after is not None and slot == self.after[0]:
+            keep &= index > self.after[1]  # a resumed position: these were trained on
         if plan.spec.part != "all":
-            t = t.filter(pa.array(in_part(t["key"].to_pylist(), plan.spec)))
-        return t.append_column("epoch", pa.array(np.full(t.num_rows, epoch, np.int32)))
+            keep &= in_part(t["key"].to_pylist(), plan.spec)
+        if not keep.all():
+            t, index = t.filter(pa.array(keep)), index[keep]
+        return t.append_column("epoch", pa.array(np.full(t.num_rows, epoch, np.int32))) \
+            .append_column("slot", pa.array(np.full(t.num_rows, slot, np.int64))) \
+            .append_column("index", pa.array(index))
 
 
-def _rows_table(keys, labels, images, raw_size, errors, epoch=None) -> pa.Table:
+def _empty_read() -> pa.Table:
+    """No rows, with every column :func:`read` yields."""
+    return _rows_table([], [], [], [], []).append_column("epoch", pa.array([], pa.int32())) \
+        .append_column("slot", pa.array([], pa.int64())).append_column("index", pa.array([], pa.int32()))
+
+
+def _rows_table(keys, labels, images, raw_size, errors) -> pa.Table:
     cols = {
         "key": pa.array(keys, pa.string()),
         "label": pa.array(labels, pa.int64()),
@@ -451,8 +513,6 @@ def _rows_table(keys, labels, images, raw_size, errors, epoch=None) -> pa.Table:
         "raw_size": pa.array(raw_size, pa.int32()),
         "error": pa.array(errors, pa.string()),
     }
-    if epoch is not None:
-        cols["epoch"] = pa.array(epoch, pa.int32())
     return pa.table(cols)
 
 

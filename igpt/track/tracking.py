@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 from igpt.errors import UserError
+from igpt.storage import Loc, is_remote
 
 STOP_REQUESTED = threading.Event()
 
@@ -59,6 +60,10 @@ def end_status(exc: BaseException | None) -> str:
 
 def default_tracking_uri(output_dir: str | Path) -> str:
     # MLflow 3.17's file store is in maintenance mode and refuses writes; SQLite is its local default.
+    if is_remote(output_dir):
+        raise UserError(f"runs kept on object storage ({output_dir}) need an MLflow tracking server: give "
+                        "--tracking.tracking_uri http://<host>:5000 (or sqlite:///<local path> on one machine); "
+                        "SQLite cannot live in an object store")
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
@@ -164,7 +169,7 @@ class JobRun:
 
     @classmethod
     def open(cls, tracking, store_dir: str | Path, name: str, job: str, config: dict | None, *,
-             params: dict | None = None, tags: dict | None = None, id_file: Path | None = None,
+             params: dict | None = None, tags: dict | None = None, id_file: str | Path | Loc | None = None,
              fluent: bool = False) -> JobRun:
         """``tracking``: a TrackingConfig (store, experiment, run name, parent); ``store_dir``: where a local
         store and its artifacts live when none is given; ``config``: logged as params (flattened) and
@@ -174,11 +179,14 @@ class JobRun:
         from mlflow.tracking import MlflowClient
 
         uri = tracking.tracking_uri or default_tracking_uri(store_dir)
-        exp_id = ensure_experiment(uri, tracking.experiment, Path(store_dir) / "mlartifacts")
+        # artifacts beside a local store; with runs on object storage, where the tracking server keeps them
+        exp_id = ensure_experiment(uri, tracking.experiment,
+                                   None if is_remote(store_dir) else Path(store_dir) / "mlartifacts")
         client = MlflowClient(uri)
-        resumed = id_file is not None and Path(id_file).exists()
+        id_file = Loc(id_file) if id_file is not None else None
+        resumed = id_file is not None and id_file.exists()
         if resumed:
-            run_id = Path(id_file).read_text().strip()
+            run_id = id_file.read_text().strip()
             client.update_run(run_id, status="RUNNING")
         else:
             all_tags = {"igpt.job": job, **(tags or {})}
@@ -186,8 +194,7 @@ class JobRun:
                 all_tags["mlflow.parentRunId"] = tracking.parent_run_id
             run_id = client.create_run(exp_id, run_name=tracking.run_name or name, tags=all_tags).info.run_id
             if id_file is not None:
-                Path(id_file).parent.mkdir(parents=True, exist_ok=True)
-                Path(id_file).write_text(run_id)
+                id_file.write_text(run_id)
             items = list({**(flatten(config) if config else {}), **(params or {})}.items())
             for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
                 client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i:i + 90]])

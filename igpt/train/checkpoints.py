@@ -16,75 +16,91 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
+import posixpath
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from igpt.errors import MissingInput
+from igpt.storage import Loc
 
 MARKER = "igpt_complete.json"
 WEIGHTS = "weights.pt"
 HASH_MAX_BYTES = 256 * 2**20  # weights.pt up to this size gets a checksum (S: 306 MB fp32 does not)
 
 
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """A run's checkpoint folders, oldest first (``step_00000042``)."""
-    return sorted(p for p in Path(run_dir).glob("step_*") if p.is_dir())
+_RANK = re.compile(r"(?:^|_)pp_rank_(\d+)_")
 
 
-def _sha256(path: Path) -> str:
+def rank_file(name: str, rank: int) -> bool:
+    """Whether rank ``rank`` needs file ``name`` of a checkpoint folder to resume: everything but other ranks'
+    DeepSpeed ZeRO shards (``*zero_pp_rank_<r>_*``), so that a resume on object storage copies one rank's share."""
+    m = _RANK.search(posixpath.basename(name))
+    return m is None or int(m.group(1)) == rank
+
+
+def checkpoint_dirs(run_dir: str | Path | Loc) -> list[Loc]:
+    """A run's checkpoint folders, oldest first (``step_00000042``), local or on object storage."""
+    return [p for p in Loc(run_dir).children(dirs=True) if p.name.startswith("step_")]
+
+
+def _sha256(f: Loc) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    if f.remote:
+        h.update(f.read_bytes())  # only files up to HASH_MAX_BYTES are hashed
+        return h.hexdigest()
+    with open(f.local(), "rb") as fh:
         for chunk in iter(lambda: fh.read(2**20), b""):
             h.update(chunk)
     return h.hexdigest()
 
 
-def file_manifest(folder: Path) -> dict:
+def file_manifest(folder: str | Path | Loc) -> dict:
     """What a marker records of a finished checkpoint folder: each file's size, and weights.pt's checksum when
     cheap."""
-    folder = Path(folder)
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+    folder = Loc(folder)
+    files = {k: v for k, v in sorted(folder.files().items()) if k != MARKER and not k.endswith(".tmp")}
     out = {"files": files}
-    w = folder / WEIGHTS
-    if w.exists() and w.stat().st_size <= HASH_MAX_BYTES:
-        out["weights_sha256"] = _sha256(w)
+    if files.get(WEIGHTS, HASH_MAX_BYTES + 1) <= HASH_MAX_BYTES:
+        out["weights_sha256"] = _sha256(folder / WEIGHTS)
     return out
 
 
-def write_marker(folder: Path, state: dict) -> None:
-    """The completion marker, written last and atomically, with the folder's file manifest."""
-    folder = Path(folder)
-    tmp = folder / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({**state, **file_manifest(folder)}))
-    tmp.rename(folder / MARKER)
+def write_marker(folder: str | Path | Loc, state: dict) -> None:
+    """The completion marker, written last and whole (igpt.storage), with the folder's file manifest."""
+    folder = Loc(folder)
+    (folder / MARKER).write_text(json.dumps({**state, **file_manifest(folder)}))
 
 
-def verify(folder: Path) -> str | None:
+def read_marker(folder: str | Path | Loc) -> dict:
+    return json.loads((Loc(folder) / MARKER).read_text())
+
+
+def verify(folder: str | Path | Loc) -> str | None:
     """None when the checkpoint folder is whole; else why not."""
-    folder = Path(folder)
+    folder = Loc(folder)
     try:
-        state = json.loads((folder / MARKER).read_text())
+        state = read_marker(folder)
     except FileNotFoundError:
         return "no completion marker (torn mid-write)"
-    except (json.JSONDecodeError, OSError) as e:
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError) as e:
         return f"unreadable completion marker: {e}"
+    there = folder.files()  # one listing, also on object storage
     for name, size in state.get("files", {}).items():  # markers written before manifests list none
-        p = folder / name
-        if not p.is_file():
+        if name not in there:
             return f"{name} is missing"
-        if p.stat().st_size != size:
-            return f"{name} has {p.stat().st_size} bytes, the marker recorded {size}"
+        if there[name] != size:
+            return f"{name} has {there[name]} bytes, the marker recorded {size}"
     if "weights_sha256" in state and _sha256(folder / WEIGHTS) != state["weights_sha256"]:
         return f"{WEIGHTS} does not match its recorded checksum"
     return None
 
 
-def newest_complete(run_dir: Path, report: bool = True) -> Path | None:
+def newest_complete(run_dir: str | Path | Loc, report: bool = True) -> Loc | None:
     """The newest checkpoint folder that verifies; newer ones that do not are passed over, each with its reason
     on stderr."""
     for p in reversed(checkpoint_dirs(run_dir)):
@@ -96,7 +112,7 @@ def newest_complete(run_dir: Path, report: bool = True) -> Path | None:
     return None
 
 
-def prune(run_dir: Path, keep: int) -> list[Path]:
+def prune(run_dir: str | Path | Loc, keep: int) -> list[Loc]:
     """Delete checkpoint folders older than the ``keep`` newest that verify (whatever stopped earlier attempts
     before they could prune); returns what was deleted."""
     dirs = checkpoint_dirs(run_dir)
@@ -104,9 +120,9 @@ def prune(run_dir: Path, keep: int) -> list[Path]:
     if len(whole) <= keep:
         return []
     oldest_kept = whole[-keep]
-    gone = [p for p in dirs if p < oldest_kept]
+    gone = [p for p in dirs if p.name < oldest_kept.name]
     for p in gone:
-        shutil.rmtree(p, ignore_errors=True)
+        p.rmtree()
     return gone
 
 
@@ -132,9 +148,10 @@ def write_weights(folder: Path, state_dict: dict, model_cfg: dict, palette: np.n
     return path
 
 
-def resolve(path: str | Path) -> Path:
-    """A weights file, a checkpoint folder or a run folder (its newest complete checkpoint) -> ``weights.pt``."""
-    p = Path(path)
+def resolve(path: str | Path | Loc) -> Loc:
+    """A weights file, a checkpoint folder or a run folder (its newest complete checkpoint) -> ``weights.pt``;
+    local or on object storage."""
+    p = Loc(path)
     if p.is_file():
         return p
     if not p.exists():
@@ -152,16 +169,32 @@ def resolve(path: str | Path) -> Path:
     return ckpt / WEIGHTS
 
 
-def pretrain_run_id(path: str | Path) -> str | None:
+def pretrain_run_id(path: str | Path | Loc) -> str | None:
     """The MLflow run of the pretraining run a checkpoint belongs to (``<run dir>/mlflow_run_id``), if known."""
     f = resolve(path).parent.parent / "mlflow_run_id"
     return f.read_text().strip() if f.exists() else None
 
 
-def load(path: str | Path) -> dict:
+_DOWNLOADED: dict[str, Path] = {}
+
+
+def local_weights(path: str | Path | Loc) -> Path:
+    """``weights.pt`` of ``path`` (see :func:`resolve`) as a local file: on object storage, copied once per
+    process into a temporary folder (torch.load and its mmap need a file)."""
+    f = resolve(path)
+    if not f.remote:
+        return f.local()
+    if f.uri not in _DOWNLOADED:
+        tmp = Path(tempfile.mkdtemp(prefix="igpt-weights-")) / WEIGHTS
+        tmp.write_bytes(f.read_bytes())
+        _DOWNLOADED[f.uri] = tmp
+    return _DOWNLOADED[f.uri]
+
+
+def load(path: str | Path | Loc) -> dict:
     f = resolve(path)
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(local_weights(f), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError) as e:  # torch names no file: a truncated one says "failed finding..."
         raise RuntimeError(f"cannot read checkpoint weights {f}: {e} (truncated or corrupt?); use an earlier "
                            f"checkpoint") from None

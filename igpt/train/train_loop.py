@@ -14,14 +14,16 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from igpt.data.palette import Palette
+from igpt.data.stream import TrainStream
 from igpt.model import IGPT, ModelConfig
 from igpt.model.sampling import complete, grid
+from igpt.storage import Loc
 from igpt.train.checkpoints import write_weights
 from igpt.train.faults import Faults
 from igpt.train.trainer import RunSpec, Trainer
@@ -71,6 +73,8 @@ class PretrainSpec:
     """What the pretraining driver decided for every worker, beyond the shared :class:`RunSpec`."""
 
     run: RunSpec
+    stream: TrainStream
+    """this run's training stream: each worker reads its own share from its own position (igpt/data/stream.py)"""
     steps_per_epoch: int
     records: int
     """records in the training split: the stream holds ``epochs`` passes over them"""
@@ -80,6 +84,9 @@ class PretrainSpec:
     """validation loss every this many steps (0: only at epoch ends and the end)"""
     completions: int
     """validation images completed from their top half at each epoch's end (AR models)"""
+    log_every: int
+    """training metrics (and the finiteness check) every this many steps, besides evaluations and checkpoints:
+    the loss mean over the window, a host sync per logged step rather than per step"""
     checkpoint_every: int
     keep: int
     """checkpoints kept, the newest"""
@@ -89,30 +96,35 @@ class Pretraining:
     """The pretraining loop of one worker: resume, stream, step, log, evaluate, complete, checkpoint."""
 
     def __init__(self, spec: PretrainSpec, faults: Faults):
-        import ray.train
-
+        self.started = time.perf_counter()
         self.spec, self.faults = spec, faults
-        self.run_dir = Path(spec.run.run_dir)
+        self.run_dir = Loc(spec.run.run_dir)
         if (self.run_dir / NONFINITE).exists():  # Ray Train restarts failed workers; a diverged run is final
             raise FloatingPointError(f"this run diverged ({(self.run_dir / NONFINITE).read_text().strip()}); "
                                      "not retrying")
         torch.manual_seed(spec.run.seed)  # the same initial weights on every rank
         self.model = IGPT(ModelConfig(**spec.run.model))
+        if self.model.cfg.compile:  # in place, before DeepSpeed wraps it (igpt/train/compile.py)
+            from igpt.train.compile import compile_model
+
+            compile_model(self.model)
         self.t = Trainer(spec.run, self.model)
-        self.step, self.consumed = 0, 0
+        self.step, self.consumed, self.position = 0, 0, None
         client = self.t.resume()
         if client is not None:
+            if len(client.get("positions", ())) != self.t.world:
+                raise ValueError("this run's checkpoint holds no stream position per worker (it predates them): "
+                                 "start a new --name, or fine-tune from its weights.pt")
             self.step, self.consumed = client["step"], client["micro_batches"]
+            self.position = client["positions"][self.t.rank]
         self.logged_until = self.t.logged_until("train/loss")
         self.peak, self.peak_note = device_peak_flops(spec.run.use_gpu)
-        self.stream = iter(ray.train.get_dataset_shard("train").iter_torch_batches(
-            batch_size=self.t.micro, drop_last=True, dtypes={"tokens": torch.int64}, device=self.t.device))
-        for _ in range(self.consumed):  # data position: skip what the checkpointed run already trained on
-            self._next_batch()
+        # the stream starts just past the last record the checkpoint trained on: nothing before it is read again
+        self.stream = spec.stream.batches(self.t.rank, self.t.micro, after=self.position)
 
     def _next_batch(self) -> torch.Tensor:
         try:
-            return next(self.stream)["tokens"]
+            b = next(self.stream)
         except StopIteration:  # the planned passes hold a spare epoch; only many undecodable records get here
             s = self.spec
             raise RuntimeError(
@@ -120,6 +132,9 @@ class Pretraining:
                 f"{self.t.micro} at step {self.step} of {s.run.total_steps}: it holds {s.epochs} passes over "
                 f"{s.records} records, one more than the steps need, so more records failed to decode than a "
                 f"whole epoch (see the run's errors.tsv)") from None
+        self.position = b["position"]
+        x = torch.from_numpy(b["tokens"].astype(np.int64))
+        return x.pin_memory().to(self.t.device, non_blocking=True) if self.t.device.type == "cuda" else x
 
     def _micro_batches(self) -> Iterator[torch.Tensor]:
         while True:
@@ -138,32 +153,44 @@ class Pretraining:
         return loss, loss.detach().float()
 
     def run(self) -> None:
-        total, per_epoch = self.spec.run.total_steps, self.spec.steps_per_epoch
+        total, per_epoch, every = self.spec.run.total_steps, self.spec.steps_per_epoch, self.spec.log_every
         self.t.engine.train()
         batches = self._micro_batches()
+        first, window, t0 = True, [], time.perf_counter()
         while self.step < total:
-            t0, lr = time.perf_counter(), self.t.lr()
+            lr = self.t.lr()
             losses = self.t.step(batches, self._loss)
             self.step += 1
-            mean = self.t.mean_over_ranks(torch.stack(losses).mean()).item()
+            window.append(torch.stack(losses).mean())  # stays on the device: no host sync on the hot path
             self._maybe_die()
-            self._check_finite(mean)
-            self._log_step(mean, lr, time.perf_counter() - t0)
             end_of_epoch = self.step % per_epoch == 0
-            if end_of_epoch or (self.spec.eval_every and self.step % self.spec.eval_every == 0) or self.step == total:
+            evaluate = end_of_epoch or (self.spec.eval_every and self.step % self.spec.eval_every == 0) or \
+                self.step == total
+            save = self.step % self.spec.checkpoint_every == 0 or self.step == total
+            if first or self.step % every == 0 or evaluate or save:
+                # one all-reduce and one host sync per logged step: the mean loss of the steps since the last
+                mean = self.t.mean_over_ranks(torch.stack(window).mean()).item()
+                if first and self.t.client:  # a resume's cost: engine, checkpoint, stream to its position, a step
+                    self.t.log({"train/seconds_to_first_step": time.perf_counter() - self.started}, self.step)
+                self._check_finite(mean)
+                self._log_step(mean, lr, (time.perf_counter() - t0) / len(window))
+                first, window, t0 = False, [], time.perf_counter()
+            if evaluate:
                 val = self._evaluate()
                 if self.step > self.logged_until:
                     self.t.log({"val/loss": val, "val/bits_per_dim": val / math.log(2)}, self.step)
             if end_of_epoch or self.step == total:
                 self._completions(-(-self.step // per_epoch))
-            if self.step % self.spec.checkpoint_every == 0 or self.step == total:
+            if save:
                 self._save()
+            if evaluate or save:
+                t0 = time.perf_counter()  # the step time measures steps, not evaluations or checkpoints
 
     def _maybe_die(self) -> None:
         f = self.faults
         if self.step == f.fail_at_step and self.t.rank == f.fail_rank and \
                 not (self.run_dir / "fault_injected").exists():
-            (self.run_dir / "fault_injected").touch()
+            (self.run_dir / "fault_injected").write_text("")
             os._exit(1)  # test fault: an abrupt worker death, as a lost node gives
 
     def _check_finite(self, mean: float) -> None:
@@ -228,5 +255,8 @@ class Pretraining:
     def _save(self) -> None:
         run = self.spec.run
         centres = np.asarray(run.palette, np.float32)
-        self.t.save(self.step, {"micro_batches": self.consumed}, self.spec.keep,
+        # DeepSpeed keeps one client state (rank 0's): every rank's own position goes into it, gathered
+        positions = [None] * self.t.world
+        dist.all_gather_object(positions, self.position)
+        self.t.save(self.step, {"micro_batches": self.consumed, "positions": positions}, self.spec.keep,
                     lambda folder, weights: write_weights(folder, weights, run.model, centres, self.step))

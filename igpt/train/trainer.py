@@ -11,7 +11,6 @@ that every rank's RNG state was saved). The driver decides everything up front i
 
 from __future__ import annotations
 
-import json
 import random
 import tempfile
 import time
@@ -24,7 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from igpt.train.checkpoints import MARKER, full_fp32_state_dict, newest_complete, prune, write_marker
+from igpt.storage import Loc
+from igpt.train.checkpoints import full_fp32_state_dict, newest_complete, prune, rank_file, read_marker, write_marker
 from igpt.train.optim import lr_factor
 
 
@@ -144,17 +144,20 @@ class Trainer:
         worker and DeepSpeed's shards per rank: neither maps to another count) or one lacking this rank's RNG."""
         import ray.train
 
-        run_dir = Path(self.spec.run_dir)
+        run_dir = Loc(self.spec.run_dir)
         ckpt = newest_complete(run_dir, report=self.rank == 0)  # the newest that verifies; skipped ones say why
         if ckpt is None and ray.train.get_checkpoint() is not None:
             raise RuntimeError(f"Ray reports a checkpoint but none under {run_dir} is complete")
         if ckpt is None:
             return None
-        state = json.loads((ckpt / MARKER).read_text())
+        state = read_marker(ckpt)
         if state.get("world_size", self.world) != self.world:
             raise ValueError(f"{ckpt} was written by {state['world_size']} workers, this run has {self.world}: "
                              f"resume with --scaling.workers {state['world_size']}, or start a new --name")
-        path, client = self.engine.load_checkpoint(str(ckpt), tag=state["tag"])
+        with tempfile.TemporaryDirectory() as tmp:
+            # DeepSpeed loads from a local folder: on object storage, this rank's files are copied down first
+            local = ckpt.download(tmp, keep=lambda name: rank_file(name, self.rank)) if ckpt.remote else ckpt.local()
+            path, client = self.engine.load_checkpoint(str(local), tag=state["tag"])
         if path is None:  # DeepSpeed only warns when 'latest' is missing; a checkpoint was expected here
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt} (tag {state['tag']})")
         if self.rank >= len(client["rng"]):
@@ -172,7 +175,7 @@ class Trainer:
         in) and prunes to the newest ``keep``."""
         import ray.train
 
-        tag, name, run_dir = f"step{step}", f"step_{step:08d}", Path(self.spec.run_dir)
+        tag, name, run_dir = f"step{step}", f"step_{step:08d}", Loc(self.spec.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             rng = [None] * self.world
             dist.all_gather_object(rng, _rng_state())
