@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from igpt.storage import Loc
+from igpt.train.checkpoints import MARKER
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # a Ray head, an MLflow server and three submitted jobs: ~6-10 min on 2 cores
@@ -78,7 +81,7 @@ def servers():
         wait_http(f"{dashboard}/api/version")
         wait_http(f"{tracking}/health")
         yield {"dashboard": dashboard, "tracking": tracking, "env": env, "dash_port": dash, "mlflow_port": mlf,
-               "temp": temp}
+               "temp": temp, "gcs": gcs}
     finally:
         os.killpg(mlflow_proc.pid, signal.SIGTERM)
         try:
@@ -291,3 +294,90 @@ def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, 
 def _logs(servers, job_id) -> str:
     with urllib.request.urlopen(f"{servers['dashboard']}/api/jobs/{job_id}/logs") as r:
         return json.load(r)["logs"][-3000:]
+
+
+# ------------------------------------------------------------------------------------ a second node, and losing it
+def _pids_under(temp: Path) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", str(temp)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive_nodes(servers) -> int:
+    code = (f"import ray; ray.init(address='127.0.0.1:{servers['gcs']}', logging_level='ERROR'); "
+            "print(sum(n['Alive'] for n in ray.nodes()))")
+    p = subprocess.run([sys.executable, "-c", code], env=servers["env"], capture_output=True, text=True, timeout=120)
+    return int(p.stdout.split()[-1]) if p.returncode == 0 and p.stdout.split() else 0
+
+
+@pytest.fixture(scope="module")
+def worker_node(servers):
+    """A second Ray node joined to the head (``ray start --address``), with its own 2 CPUs, ports and temp dir:
+    killing every process under that temp dir is losing the node (its raylet, object store and workers at once)."""
+    temp = Path(tempfile.mkdtemp(prefix="rw", dir="/tmp"))
+    ports = [a for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                            "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port")
+             for a in (flag, str(free_port()))]
+
+    def start() -> None:
+        subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{servers['gcs']}", "--num-cpus", "2",
+                        "--node-ip-address", "127.0.0.1", *ports, "--temp-dir", str(temp), "--disable-usage-stats"],
+                       env=servers["env"], check=True, capture_output=True, timeout=180)
+        deadline = time.time() + 120
+        while _alive_nodes(servers) < 2:
+            assert time.time() < deadline, "the second node did not join"
+            time.sleep(2)
+
+    def kill() -> None:
+        for _ in range(3):  # the raylet's workers may outlive it by a moment
+            for pid in _pids_under(temp):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(1)
+
+    start()
+    yield {"kill": kill, "start": start, "temp": temp}
+    kill()
+    assert not _pids_under(temp)
+
+
+def test_a_lost_worker_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(servers, worker_node, s3):
+    """Two nodes, the workers spread over them (``--scaling.placement SPREAD``), the run kept on S3 (a moto server
+    on 127.0.0.1), jobs submitted with ``ray job submit``, metrics on the MLflow server. The worker node is killed
+    once the step-4 checkpoint is complete; Ray Train restarts the worker group on what is left, which resumes
+    from the newest complete checkpoint in the bucket and ends with the losses, to the bit, of a run that lost
+    nothing; MLflow has every step once."""
+    storage = f"{s3}/two-nodes"
+    argv = ["--storage_path", storage, "--steps", "14", "--checkpoint.every_steps", "4", "--checkpoint.max_failures",
+            "3", "--scaling.placement", "SPREAD", "--model.resolution", "16", "--optim.warmup_steps", "3"]
+    clean = submit(servers, *_pretrain_argv(servers, "spread-clean", *argv), job_id="igpt-spread-clean")
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+
+    lost = submit(servers, *_pretrain_argv(servers, "spread-lost", *argv), job_id="igpt-spread-lost", wait=False)
+    assert lost.returncode == 0, lost.stderr
+    marker, t0 = Loc(storage) / "spread-lost" / "step_00000004" / MARKER, time.time()
+    while not marker.exists():
+        assert job_status(servers, "igpt-spread-lost") in ("PENDING", "RUNNING") and time.time() - t0 < 600, \
+            _logs(servers, "igpt-spread-lost")[-3000:]
+        time.sleep(0.5)
+    killed_at = time.time() - t0
+    worker_node["kill"]()
+    while job_status(servers, "igpt-spread-lost") in ("PENDING", "RUNNING"):
+        assert time.time() - t0 < 1200, "the job did not end after the node was lost"
+        time.sleep(2)
+    assert job_status(servers, "igpt-spread-lost") == "SUCCEEDED", _logs(servers, "igpt-spread-lost")[-3000:]
+
+    client = MlflowClient(servers["tracking"])
+    runs = {n: _run_of(servers, n) for n in ("spread-clean", "spread-lost")}
+    assert runs["spread-lost"].info.status == "FINISHED"
+    hist = {n: {k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: (m.step, m.timestamp))
+                for k in ("train/loss", "train/seconds_to_first_step", "val/loss")} for n, r in runs.items()}
+    firsts = [m.step for m in hist["spread-lost"]["train/seconds_to_first_step"]]
+    # a worker was on the lost node: a second attempt started, from a complete checkpoint (step 4, or 8 if it
+    # was written before the workers noticed)
+    assert len(firsts) == 2 and firsts[0] == 1 and firsts[1] in (5, 9), firsts
+    assert [m.step for m in hist["spread-lost"]["train/loss"]] == list(range(1, 15))  # nothing lost or doubled
+    assert [m.value for m in hist["spread-lost"]["train/loss"]] == [m.value for m in hist["spread-clean"]["train/loss"]]
+    assert hist["spread-lost"]["val/loss"][-1].value == hist["spread-clean"]["val/loss"][-1].value
+    print(f"\nworker node killed {killed_at:.0f} s after submission (step-4 checkpoint complete); resumed from "
+          f"step {firsts[1] - 1}; final loss {hist['spread-lost']['train/loss'][-1].value:.6f}, uninterrupted "
+          f"{hist['spread-clean']['train/loss'][-1].value:.6f}")
