@@ -168,6 +168,15 @@ class Loc:
         with contextlib.suppress(FileNotFoundError):
             self.fs.delete_dir(self.path)
 
+    def move_to(self, dest: Loc) -> None:
+        """This folder to ``dest`` (same file system): a rename locally; on object storage, which has no
+        folders to rename, a copy then a delete."""
+        if not self.remote:
+            Path(self.path).rename(dest.local())
+            return
+        pafs.copy_files(self.path, dest.path, source_filesystem=self.fs, destination_filesystem=dest.fs)
+        self.rmtree()
+
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 

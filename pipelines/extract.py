@@ -8,18 +8,19 @@ Splits: ``train`` and ``val`` are the training split's records outside / inside 
 the key, ``--holdout``), ``test`` the test split. Images go through the eval transform (no augmentation) and the
 run's own palette. One forward pass per image (per mask for BERT models) gives every layer at once: layers
 0 .. L of an L-block model, layer L being the final norm's output (manifest: ``n_layer``, ``layers``). Each split
-is written into ``<split>.partial/`` and renamed when complete; ``manifest.json`` is written last. Probes
+is written into ``<split>/`` (a local folder or object storage: ``s3://``, ``gs://``), emptied first;
+``manifest.json`` is written last, and a feature set without it is incomplete (probes refuse it). Probes
 (pipelines/probe.py) then sweep layers and learning rates without recomputing anything.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -33,6 +34,7 @@ from igpt.errors import UserError
 from igpt.eval import features
 from igpt.eval.ensemble import N_MASKS
 from igpt.raysetup import init_ray
+from igpt.storage import Loc
 from igpt.track.tracking import JobRun
 from igpt.train import checkpoints
 
@@ -94,9 +96,8 @@ def run(cfg: ExtractJobConfig) -> dict:
     cfg.transform.check_model(res)
     specs = split_specs(cfg)
     plans = {s: sources.check(spec) for s, spec in specs.items()}
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)  # the set is complete only once the manifest is back
+    out = Loc(cfg.output_dir) / cfg.name  # a local folder, or s3://… / gs://…
+    (out / "manifest.json").unlink()  # the set is complete only once the manifest is back
 
     init_ray()
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # same keys, same shard order
@@ -129,23 +130,26 @@ def run(cfg: ExtractJobConfig) -> dict:
                "checkpoint_step": ckpt["step"], "random_init": cfg.random_init, "model": model_cfg,
                "holdout": cfg.holdout, "run_id": run_.run_id, "tracking_uri": uri,
                "pretrain_run_id": checkpoints.pretrain_run_id(cfg.checkpoint)}
-        (out / "manifest.json").write_text(json.dumps(man, indent=2))
-        mlflow.log_artifact(str(out / "manifest.json"))
-        size_mb = sum(f.stat().st_size for f in out.rglob("shard-*.npz")) / 2**20
+        (out / "manifest.json").write_text(json.dumps(man, indent=2))  # last: the set is complete
+        mlflow.log_dict(man, "manifest.json")
+        size_mb = sum(n for f, n in out.files().items() if f.rsplit("/", 1)[-1].startswith("shard-")) / 2**20
         mlflow.log_metric("features_mb", size_mb)
         if size_mb <= cfg.log_features_max_mb:
             for split in specs:
-                mlflow.log_artifacts(str(out / split), f"features/{split}")
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = (out / split).download(tmp) if out.remote else (out / split).local()
+                    mlflow.log_artifacts(str(local), f"features/{split}")
         else:
-            mlflow.set_tag("igpt.features_at", str(out.resolve()))
+            mlflow.set_tag("igpt.features_at", out.uri)
     print(f"features of layers 0..{n_layer} ({n_layer} blocks; layer {n_layer}: the final norm's output) x {m} "
           f"mask(s) in {out}")
     return man
 
 
-def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec, shape: dict, out: Path) -> dict:
-    """One split's features through a pool of model replicas, written as shards into ``<split>.partial`` and
-    renamed to ``<split>`` once complete; its counts, logged to the active MLflow run."""
+def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec, shape: dict, out: Loc) -> dict:
+    """One split's features through a pool of model replicas, written as shards into ``<split>/`` (emptied
+    first; the set counts as complete only once ``manifest.json`` is written, after every split); its counts,
+    logged to the active MLflow run."""
     import mlflow
 
     t0 = time.perf_counter()
@@ -157,12 +161,13 @@ def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
                                    batch_size=cfg.batch_size, pixels=cfg.pixels, use_gpu=cfg.use_gpu))
-    partial, final = out / f"{split}.partial", out / split
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
+    final = out / split
+    final.rmtree()  # an earlier attempt's shards (a longer split) must not mix in
 
     def write(table, index: int) -> None:
-        np.savez(partial / f"shard-{index:05d}.npz", **features.table_to_arrays(table, shape))
+        buf = io.BytesIO()
+        np.savez(buf, **features.table_to_arrays(table, shape))
+        (final / f"shard-{index:05d}.npz").write_bytes(buf.getvalue())  # whole: locally or one PUT
 
     with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
         written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
@@ -170,12 +175,9 @@ def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec
     if written == 0:
         raise UserError(f"split {split} produced no images ({guard.skipped} skipped; see "
                         f"{out / f'{split}.errors.tsv'})")
-    shutil.rmtree(final, ignore_errors=True)
-    partial.rename(final)
     seconds = time.perf_counter() - t0
     mlflow.log_metrics({f"{split}/images": written, f"{split}/skipped": guard.skipped,
                         f"{split}/images_per_s": written / seconds})
-    mlflow.log_artifact(str(out / f"{split}.errors.tsv"), "errors")
     print(f"{split}: {written} images, {guard.skipped} skipped, {shard} shard(s), {seconds:.1f} s")
     return {"images": written, "skipped": guard.skipped, "shards": shard, "seconds": round(seconds, 2)}
 

@@ -39,10 +39,12 @@ Tune's experiment), ``palette.npy`` with its lookup table (unless ``--palette_pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -54,6 +56,7 @@ from igpt.config import DeepSpeedConfig, IngestLimits, OptimConfig, ScalingConfi
 from igpt.data.sources import DatasetSpec
 from igpt.errors import Conflict, UserError
 from igpt.eval.ensemble import N_MASKS
+from igpt.storage import Loc, is_remote
 from igpt.train import checkpoints
 
 
@@ -114,8 +117,16 @@ class FinetuneJobConfig:
 METRIC = "val_accuracy"
 
 
-def job_dir(cfg: FinetuneJobConfig) -> Path:
-    return Path(cfg.storage_path) / cfg.name
+def job_dir(cfg: FinetuneJobConfig) -> Loc:
+    return Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
+
+
+def checkpoint_uri(cfg: FinetuneJobConfig, path: str) -> str:
+    """Where Ray Train persisted a checkpoint, as a path or URI our code opens (Ray gives a bucket's path without
+    its scheme)."""
+    if is_remote(cfg.storage_path):
+        return f"{cfg.storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
+    return str(Path(path))
 
 
 def tracking_uri(cfg: FinetuneJobConfig) -> str:
@@ -143,7 +154,10 @@ def palette_file(cfg: FinetuneJobConfig) -> Path:
         if not np.array_equal(Palette.load(cfg.palette_path).centres, centres):
             raise UserError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
         return Path(cfg.palette_path)
-    path = job_dir(cfg) / "palette.npy"
+    # the driver alone reads it: beside the job when the job folder is local, else in a local cache by content
+    where = job_dir(cfg)
+    cache = Path(tempfile.gettempdir()) / "igpt-palettes" / hashlib.sha256(centres.tobytes()).hexdigest()[:16]
+    path = (cache if where.remote else where.local()) / "palette.npy"
     if not (path.exists() and np.array_equal(np.load(path), centres) and Palette(centres).lut_path(path).exists()):
         Palette(centres).save(path)  # builds the table (tens of seconds) and keeps it beside the centres
     return path
@@ -258,7 +272,7 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
         job.client.log_metric(job.run_id, "data/records_read", read)
         job.client.log_metric(job.run_id, "data/records_skipped", skipped)
     out.update(run_id=job.run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
-               classifier=str(Path(result.checkpoint.path)))
+               classifier=checkpoint_uri(cfg, result.checkpoint.path))
     return out
 
 
@@ -286,7 +300,7 @@ def _trainer(cfg: FinetuneJobConfig, spec, name: str, datasets: dict):
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
                                      placement_strategy=cfg.scaling.placement),
-        run_config=RunConfig(name=name, storage_path=cfg.storage_path),
+        run_config=RunConfig(name=name, storage_path=Loc(cfg.storage_path).uri),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=opts),
     )
@@ -342,7 +356,6 @@ def run(cfg: FinetuneJobConfig) -> dict:
     out_dir = job_dir(cfg)
     if (out_dir / "summary.json").exists():
         raise Conflict(f"{out_dir} holds a finished fine-tuning job; choose another --name")
-    out_dir.mkdir(parents=True, exist_ok=True)
     palette_file(cfg)  # the lookup table, built once here rather than in every trial
     tags = {"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}
     if checkpoints.pretrain_run_id(cfg.checkpoint):  # igpt.track.compare links the job to its pretraining run by it
@@ -373,7 +386,7 @@ def run(cfg: FinetuneJobConfig) -> dict:
     return summary
 
 
-def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Path, job) -> tuple[list[dict], list[str]]:
+def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list[dict], list[str]]:
     """The Tune sweep of fine-tuning trials; its finished trials (by lr, clf_weight) and its failures."""
     from ray import tune
 
@@ -381,7 +394,7 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Path, job) -> tuple[lis
         tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id), {"CPU": cfg.cpus_per_trial})
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
-                       run_config=tune.RunConfig(name="tune", storage_path=str(out_dir), verbose=1))
+                       run_config=tune.RunConfig(name="tune", storage_path=out_dir.uri, verbose=1))
     grid = job.wait(tuner.fit)
     trials, failed = [], []
     for r in grid:

@@ -57,13 +57,13 @@ import pickle
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ray.tune.search import Searcher
 
 from igpt import cli, tune_space
 from igpt.cli import field_help as _help
 from igpt.errors import UserError
+from igpt.storage import Loc
 from igpt.train.faults import Faults
 from pipelines.pretrain import PretrainJobConfig
 
@@ -236,7 +236,7 @@ def pretrain_once(pcfg: PretrainJobConfig, diverged_ok: bool) -> dict:
     from igpt.train.train_loop import NONFINITE
     from pipelines import pretrain
 
-    run_dir = Path(pcfg.storage_path) / pcfg.name
+    run_dir = Loc(pcfg.storage_path) / pcfg.name
     marker, done = run_dir / NONFINITE, run_dir / "summary.json"
     summary = None
     if not marker.exists():  # a diverged run diverges again: not retried
@@ -302,7 +302,7 @@ def load_values(space: str) -> list[float]:
     return [float(v) for v in tune_space.to_tune(data["params"])["lr"]]
 
 
-def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Path):
+def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Loc):
     """The sweep's MLflow run (a re-submission continues it); the store and experiment are created here, before
     any trial touches them (SQLite schema race)."""
     from igpt.track.tracking import JobRun
@@ -343,8 +343,7 @@ def run(cfg: SweepLRJobConfig) -> dict:
         raise UserError("pretrain.palette_path is required (fit one with pipelines.fit_palette)")
     pretrain_config(cfg, values[0], None)  # a bad pretraining config fails now, not in a trial
     pretrain_config(cfg, values[0], None, refit=True)
-    sweep_dir = Path(cfg.storage_path) / cfg.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     with _parent_run(cfg, values, sweep_dir) as job:
         init_ray(num_cpus=_ray_cpus(cfg))
         _check_cpus(cfg)
@@ -368,7 +367,7 @@ def run(cfg: SweepLRJobConfig) -> dict:
     return summary
 
 
-def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Path):
+def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
     """Tune's experiment of this sweep: restored when a killed sweep left one, else a new one."""
     from ray import tune
 
@@ -376,19 +375,19 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Path):
         tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id, tracking_uri=job.uri,
                              faults=Faults.from_env().as_dict()),
         {"CPU": cfg.cpus_per_trial})
-    tune_dir = sweep_dir / "tune"
-    if tune.Tuner.can_restore(str(tune_dir)):
+    tune_dir = (sweep_dir / "tune").uri  # Tune reads and writes local folders and object storage alike
+    if tune.Tuner.can_restore(tune_dir):
         print(f"resuming the sweep from {tune_dir}")
-        return tune.Tuner.restore(str(tune_dir), trainable)
+        return tune.Tuner.restore(tune_dir, trainable)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=OrderedSearcher(values), num_samples=len(values),
                                     max_concurrent_trials=1),
-        run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir.uri, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
 
 
-def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Path) -> None:
+def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Loc) -> None:
     """Why the sweep stopped and its best rate, on its MLflow run; a failed sweep or one whose every trial
     diverged ends here with what to do."""
     job.client.set_tag(job.run_id, "sweep.stop_reason", summary["stop_reason"])
@@ -399,8 +398,9 @@ def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Path) 
     if summary["stop_reason"] == "failed":
         # set aside, so that a re-submission starts a new Tune experiment: its trials replay the finished
         # pretraining runs from their records (nothing is trained again) and resume the failed one
-        kept = sweep_dir / f"tune.failed-{len(list(sweep_dir.glob('tune.failed-*'))) + 1}"
-        (sweep_dir / "tune").rename(kept)
+        failed = [c for c in sweep_dir.children() if c.name.startswith("tune.failed-")]
+        kept = sweep_dir / f"tune.failed-{len(failed) + 1}"
+        (sweep_dir / "tune").move_to(kept)
         raise RuntimeError(f"sweep {cfg.name}: {summary['stop_detail']}; Tune's experiment moved to {kept}; "
                            f"re-submit to retry (the failed trial resumes from its newest checkpoint)")
     if summary["stop_reason"] == "all_diverged":

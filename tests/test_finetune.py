@@ -235,12 +235,13 @@ def test_early_stopping_ends_a_flat_trial_after_patience_epochs(trial_cfg, small
 
 @pytest.mark.slow  # ~3 min: a Tune sweep of 2 fine-tuning trials and the refit, each a Ray Train job
 def test_sweep_picks_the_best_trial_refits_on_train_and_val_and_reports_test_accuracy(
-        tmp_path, ar_checkpoint, palette_path, small_cifar, ray_local):  # noqa: F811
+        tmp_path, ar_checkpoint, palette_path, small_cifar, ray_local, s3):  # noqa: F811
+    """The job kept on S3 (moto on 127.0.0.1): Tune's experiment, each run's classifier, the job's records."""
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "finetune",
                                  "params": {"lr": {"grid_search": [3e-3, 1e-3]}}}))
     cfg = finetune_cfg(tmp_path, ar_checkpoint, palette_path, small_cifar, "sweep", "--space", str(space),
-                       "--max_epochs", "3", "--patience", "1")
+                       "--max_epochs", "3", "--patience", "1", "--storage_path", f"{s3}/{tmp_path.name}")
     summary = finetune.run(cfg)
     client = MlflowClient(summary["tracking_uri"])
     assert sorted(t["lr"] for t in summary["trials"]) == [1e-3, 3e-3] and not summary["failed_trials"]
@@ -265,6 +266,7 @@ def test_sweep_picks_the_best_trial_refits_on_train_and_val_and_reports_test_acc
     assert parent.data.metrics["test/accuracy"] == refit["test_accuracy"] == run.data.metrics["test/accuracy"]
     # the test accuracy is that of the refit's weights on the 100 test images, recomputed here in one process
     tokens, labels, keys = tokenized(small_cifar, "test/", checkpoints.load_palette(cfg.checkpoint))
+    assert refit["classifier"].startswith(f"{s3}/{tmp_path.name}/sweep/")  # read back from the bucket
     correct = int((predict(load_classifier(refit["classifier"]), tokens, keys) == labels).sum())
     assert correct / 100 == pytest.approx(refit["test_accuracy"], abs=1e-12)
     # every run of the job is a finished child of the parent

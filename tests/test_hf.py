@@ -19,6 +19,7 @@ from igpt.__main__ import main
 from igpt.config import ModelConfig
 from igpt.model import IGPT
 from igpt.model.hf import from_hf, to_hf
+from igpt.storage import Loc
 from igpt.train import checkpoints
 
 
@@ -152,7 +153,7 @@ def test_import_hf_writes_a_checkpoint_with_hf_logits_and_palette(tmp_path, caps
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and printed[0].startswith("imported") and str(out / "weights.pt") in printed[0]
     assert "2 layers, d_model 64, 8x8, 512 colours" in printed[0]
-    assert checkpoints.resolve(out) == out / "weights.pt" and checkpoints.load(out)["step"] == 0
+    assert checkpoints.resolve(out) == Loc(out / "weights.pt") and checkpoints.load(out)["step"] == 0
     ours = checkpoints.load_model(out)
     assert (ours.cfg.n_layer, ours.cfg.d_model, ours.cfg.n_head, ours.cfg.objective) == (2, 64, 2, "ar")
     assert np.array_equal(checkpoints.load_palette(out).centres, centres)

@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from igpt import cli
 from igpt.eval import features, probe
+from igpt.storage import Loc
 from pipelines import extract, pretrain
 from pipelines import probe as probe_job
 from pipelines.extract import ExtractJobConfig
@@ -43,10 +44,14 @@ def extract_cfg(tmp, summary, name, *extra):
 
 
 @pytest.fixture(scope="module")
-def feature_sets(pretrained):
+def feature_sets(pretrained, s3):
+    """The trained model's features on the local disk; its random-init twin's on S3 (moto on 127.0.0.1), where
+    the probe below reads them from."""
     tmp, summary = pretrained
     trained = extract.run(extract_cfg(tmp, summary, "trained"))
-    twin = extract.run(extract_cfg(tmp, summary, "random", "--random_init", "--no-pixels"))
+    twin = extract.run(extract_cfg(tmp, summary, "random", "--random_init", "--no-pixels",
+                                   "--output_dir", f"{s3}/{tmp.name}/features"))
+    twin["at"] = f"{s3}/{tmp.name}/features/random"
     return tmp, summary, trained, twin
 
 
@@ -93,9 +98,14 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
             h = blk(h, True)
         np.testing.assert_allclose(model.ln_f(h).mean(1).numpy(), x2[:4, 0], rtol=1e-4, atol=1e-5)
     # the random-init twin: same shapes, different values, no pixels
-    xr, _, kr = features.load(tmp / "features" / "random", "test", 1)
+    xr, _, kr = features.load(twin["at"], "test", 1)
     assert list(kr) == list(k0) and not np.allclose(xr, x0)
-    assert twin["random_init"] and not twin["pixels"]
+    assert twin["random_init"] and not twin["pixels"] and features.manifest(twin["at"])["run_id"] == twin["run_id"]
+    assert Loc(twin["at"]).parent.children()[0].name == "random" and (Loc(twin["at"]) / "test.errors.tsv").exists()
+    # each split's error report logged once (it was twice), at the run's top level
+    arts = [a.path for a in MlflowClient(summary["tracking_uri"]).list_artifacts(twin["run_id"])]
+    assert "errors" not in arts and \
+        sorted(a for a in arts if a.endswith("errors.tsv")) == ["test.errors.tsv", "train.errors.tsv", "val.errors.tsv"]
     client = MlflowClient(summary["tracking_uri"])
     ext = client.get_run(man["run_id"])
     assert ext.data.metrics["test/images"] == n["test"] and ext.info.status == "FINISHED"
@@ -104,7 +114,7 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
 
 @pytest.mark.slow
 def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
-    tmp, summary, man, _ = feature_sets
+    tmp, summary, man, twin_set = feature_sets  # the twin's features are on S3
     argv = ["--name", "probe-trained", "--output_dir", str(tmp / "probe"), "--features",
             str(tmp / "features" / "trained"), "--tracking.tracking_uri", summary["tracking_uri"]]
     space = tmp / "space.json"
@@ -135,7 +145,7 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
 
     # the random-init twin, probed the same way, for the record beside it
     twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--output_dir", str(tmp / "probe"),
-                                                   "--features", str(tmp / "features" / "random"), "--space",
+                                                   "--features", twin_set["at"], "--space",
                                                    str(space), "--tracking.tracking_uri", summary["tracking_uri"]]))
     print(f"\nprobe test accuracy: trained {res['test_accuracy']:.3f} (layer {res['best']['layer']}), "
           f"random-init {twin['test_accuracy']:.3f}, raw pixels {res['pixels']['test_accuracy']:.3f}")

@@ -96,6 +96,8 @@ def test_a_warmup_as_long_as_the_run_is_refused_with_the_way_out():
 def test_dry_run_counts_the_records_left_by_max_images_and_holdout_and_prints_one_json_object(tmp_path):
     """The issue's case: an ImageNet-style folder, max_images then a 50% holdout; steps per epoch and the
     one-epoch warm-up come from the records that remain, not from the file count."""
+    from hashlib import blake2b
+
     from igpt.data.sources import held_out
 
     from .fixtures import encode, rand_images
@@ -106,7 +108,9 @@ def test_dry_run_counts_the_records_left_by_max_images_and_holdout_and_prints_on
         d.mkdir(parents=True, exist_ok=True)
         (d / f"{i:03d}.png").write_bytes(encode(img))
         keys.append(f"train/n{i % 3:02d}/{i:03d}.png")
-    first = sorted(keys)[:40]  # max_images takes records in listing order, before the holdout split
+    # max_images takes records in the plan's file order (a keyed hash of each path below the split folder, so
+    # that chunks mix classes), before the holdout split
+    first = sorted(keys, key=lambda k: blake2b(k[len("train"):].encode(), digest_size=8).digest())[:40]
     kept = int((~held_out(first, 0.5)).sum())
     argv = ["--train.path", str(tmp_path / "folder"), "--train.format", "imagefolder", "--train.max_images", "40",
             "--train.holdout", "0.5", "--train.part", "rest", "--model.size", "debug", "--optim.global_batch", "2",

@@ -16,10 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from igpt.storage import Loc
 from igpt.train.checkpoints import MARKER
+
+from .test_pretrain import final_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -197,6 +200,8 @@ def test_a_failing_job_ends_failed_in_ray_and_in_mlflow(servers):
     assert job_status(servers, "igpt-fails") == "FAILED"
     run = _run_of(servers, "diverges")
     assert run.info.status == "FAILED" and run.data.metrics["train/nonfinite_loss"] == 1.0
+    assert "checkpoint.max_failures" in run.data.params and not any(  # test faults are not the run's params
+        k.split(".")[-1] in ("fail_at_step", "fail_rank", "nan_at_step") for k in run.data.params)
 
 
 def test_a_stopped_job_ends_killed_in_mlflow(servers):
@@ -319,6 +324,8 @@ def worker_node(servers):
              for a in (flag, str(free_port()))]
 
     def start() -> None:
+        if _alive_nodes(servers) >= 2:
+            return
         subprocess.run([str(BIN / "ray"), "start", "--address", f"127.0.0.1:{servers['gcs']}", "--num-cpus", "2",
                         "--node-ip-address", "127.0.0.1", *ports, "--temp-dir", str(temp), "--disable-usage-stats"],
                        env=servers["env"], check=True, capture_output=True, timeout=180)
@@ -340,7 +347,7 @@ def worker_node(servers):
     assert not _pids_under(temp)
 
 
-def test_a_lost_worker_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(servers, worker_node, s3):
+def test_a_lost_worker_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(servers, worker_node, s3, tmp_path):
     """Two nodes, the workers spread over them (``--scaling.placement SPREAD``), the run kept on S3 (a moto server
     on 127.0.0.1), jobs submitted with ``ray job submit``, metrics on the MLflow server. The worker node is killed
     once the step-4 checkpoint is complete; Ray Train restarts the worker group on what is left, which resumes
@@ -378,6 +385,54 @@ def test_a_lost_worker_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(ser
     assert [m.step for m in hist["spread-lost"]["train/loss"]] == list(range(1, 15))  # nothing lost or doubled
     assert [m.value for m in hist["spread-lost"]["train/loss"]] == [m.value for m in hist["spread-clean"]["train/loss"]]
     assert hist["spread-lost"]["val/loss"][-1].value == hist["spread-clean"]["val/loss"][-1].value
+    # the parameters too, bit for bit (both runs' newest checkpoints, copied down from the bucket)
+    a, b = (final_params(f"{storage}/{n}", tmp_path / n) for n in ("spread-clean", "spread-lost"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"\nworker node killed {killed_at:.0f} s after submission (step-4 checkpoint complete); resumed from "
           f"step {firsts[1] - 1}; final loss {hist['spread-lost']['train/loss'][-1].value:.6f}, uninterrupted "
           f"{hist['spread-clean']['train/loss'][-1].value:.6f}")
+
+
+def test_a_sweep_trial_on_a_lost_node_resumes_and_the_sweep_finishes(servers, worker_node, s3):
+    """A one-trial learning-rate sweep kept on S3, the trial's two workers spread over both nodes (the node is back
+    after the test above); the worker node is lost once the trial's step-2 checkpoint is in the bucket. The trial
+    resumes from the bucket (Ray Train restarts its workers, or Tune the trial) and the sweep finishes, every step
+    of the trial once in MLflow."""
+    worker_node["start"]()
+    storage, name = f"{s3}/two-nodes", "sweep-lost"
+    space = servers["temp"] / "lost_space.json"
+    space.write_text(json.dumps({"_comment": "lost node", "job": "sweep_lr", "params": {"lr": {"ordered": [0.005]}}}))
+    sample = str(ROOT / "igpt" / "data" / "cifar10_sample.parquet")
+    argv = ["-m", "pipelines.sweep_lr", "--name", name, "--storage_path", storage, "--space", str(space),
+            "--holdout", "0.2", "--cpus_per_trial", "0.2", "--trial_fraction", "1", "--no-refit", "--max_failures", "2",
+            "--pretrain.palette_path", str(servers["temp"] / "palette.npy"),
+            "--pretrain.train.path", sample, "--pretrain.train.key_prefix", "train/",
+            "--pretrain.val.path", sample, "--pretrain.val.key_prefix", "test/", "--pretrain.completions", "0",
+            "--pretrain.val_images", "16", "--pretrain.model.size", "debug", "--pretrain.model.resolution", "16",
+            "--pretrain.deepspeed.preset", "cpu", "--pretrain.deepspeed.precision", "fp32",
+            "--pretrain.deepspeed.micro_batch", "8", "--pretrain.optim.global_batch", "16", "--pretrain.steps", "10",
+            "--pretrain.optim.warmup_steps", "2", "--pretrain.checkpoint.every_steps", "2",
+            "--pretrain.checkpoint.max_failures", "3", "--pretrain.scaling.workers", "2",
+            "--pretrain.scaling.cpus_per_worker", "0.4", "--pretrain.scaling.placement", "SPREAD",
+            "--pretrain.tracking.tracking_uri", servers["tracking"], "--pretrain.tracking.experiment", "served"]
+    p = submit(servers, *argv, job_id="igpt-sweep-lost", wait=False)
+    assert p.returncode == 0, p.stderr
+    marker, t0 = Loc(storage) / name / "lr_0.005" / "step_00000002" / MARKER, time.time()
+    while not marker.exists():
+        assert job_status(servers, "igpt-sweep-lost") in ("PENDING", "RUNNING") and time.time() - t0 < 600, \
+            _logs(servers, "igpt-sweep-lost")[-3000:]
+        time.sleep(0.5)
+    worker_node["kill"]()
+    while job_status(servers, "igpt-sweep-lost") in ("PENDING", "RUNNING"):
+        assert time.time() - t0 < 1200, "the sweep did not end after the node was lost"
+        time.sleep(2)
+    assert job_status(servers, "igpt-sweep-lost") == "SUCCEEDED", _logs(servers, "igpt-sweep-lost")[-3000:]
+    summary = json.loads((Loc(storage) / name / "summary.json").read_text())
+    assert summary["stop_reason"] == "exhausted" and summary["best_lr"] == 0.005
+    client = MlflowClient(servers["tracking"])
+    trial_run = summary["trials"][0]["run_id"]
+    assert sorted(m.step for m in client.get_metric_history(trial_run, "train/loss")) == list(range(1, 11))
+    firsts = sorted(m.step for m in client.get_metric_history(trial_run, "train/seconds_to_first_step"))
+    assert len(firsts) == 2 and firsts[0] == 1 and firsts[1] > 2, firsts  # resumed from a checkpoint after step 2
+    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
+    print(f"\nsweep trial: node lost after its step-2 checkpoint; resumed at step {firsts[1]}")

@@ -11,6 +11,8 @@ import pytest
 from ray.tune.search import Searcher
 
 from igpt import cli
+from igpt.storage import Loc
+from igpt.train.checkpoints import checkpoint_dirs
 from pipelines import sweep_lr
 from pipelines.sweep_lr import OrderedSearcher, SweepLRJobConfig, decide
 
@@ -264,8 +266,9 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
 
 @pytest.mark.slow  # ~2.5 min: one trial killed three times: the sweep failed, re-submitted, retried by Tune
 def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resumes(tmp_path, palette_path, ray_local,
-                                                                                  monkeypatch):
-    """A worker dies at step 4 (fault injection) and Ray Train does not retry (checkpoint.max_failures 0).
+                                                                                  monkeypatch, s3):
+    """The sweep kept on S3 (moto on 127.0.0.1: Tune's experiment, the trials' pretraining runs). A worker dies at
+    step 4 (fault injection) and Ray Train does not retry (checkpoint.max_failures 0).
     1. No Tune retries: the trial fails, so does the sweep; Tune's experiment is set aside.
     2. Re-submitted with one Tune retry: the trial resumes from its step-2 checkpoint, dies at step 4 again (the
        fault re-armed), Tune retries it, it resumes from step 2 again and finishes."""
@@ -274,13 +277,14 @@ def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resume
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": [0.005]}}}))
     monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 4}))  # test faults: never a user's flag
-    faults = ["--no-refit", "--pretrain.checkpoint.every_steps", "2"]
+    faults = ["--no-refit", "--pretrain.checkpoint.every_steps", "2", "--storage_path", f"{s3}/{tmp_path.name}",
+              "--pretrain.tracking.tracking_uri", f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"]
     with pytest.raises(RuntimeError, match=r"trial 0 \(lr=0.005\) failed after its retries.*re-submit"):
         sweep_lr.run(sweep_job(tmp_path, palette_path, space, "--max_failures", "0", *faults))
-    sweep_dir = tmp_path / "runs" / "s"
+    sweep_dir = Loc(f"{s3}/{tmp_path.name}") / "s"
     run_dir = sweep_dir / "lr_0.005"
     assert (sweep_dir / "tune.failed-1").is_dir() and not (sweep_dir / "tune").exists()
-    assert [p.name for p in run_dir.glob("step_*")] == ["step_00000002"]  # died at step 4, before its checkpoint
+    assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000002"]  # died at step 4, before its checkpoint
     client = MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
     parent_id = (sweep_dir / "mlflow_run_id").read_text().strip()
     parent = client.get_run(parent_id)

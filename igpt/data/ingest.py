@@ -22,6 +22,7 @@ import ray
 from igpt.data import transforms
 from igpt.data.images import BadImage
 from igpt.data.palette import colour_keys
+from igpt.storage import Loc
 
 
 @ray.remote(num_cpus=0)
@@ -249,20 +250,21 @@ class error_report:
 
         self.errors = ray.get(self.log.all_errors.remote())
         self.read, self.skipped = ray.get(self.log.stats.remote())
-        write_error_report(self.path, self.errors)
+        text = write_error_report(self.path, self.errors)
         if mlflow.active_run():
-            mlflow.log_artifact(str(self.path))
+            mlflow.log_text(text, Loc(self.path).name)  # the report may live on object storage
         if exc_type is None:
             self.check(final=True)
         return False
 
 
-def write_error_report(path, errors: list[tuple[str, str]]) -> None:
-    """Tab-separated ``key<TAB>reason`` lines, one per skipped record, with a header."""
-    from igpt.storage import Loc
-
+def write_error_report(path, errors: list[tuple[str, str]]) -> str:
+    """Tab-separated ``key<TAB>reason`` lines, one per skipped record, with a header, to ``path`` (local or on
+    object storage); returns the text."""
     lines = ["key\treason"] + [f"{k}\t{r.replace(chr(9), ' ').replace(chr(10), ' ')}" for k, r in errors]
-    Loc(path).write_text("\n".join(lines) + "\n")  # a local path or object storage
+    text = "\n".join(lines) + "\n"
+    Loc(path).write_text(text)
+    return text
 
 
 def swatch(centres: np.ndarray, cell: int = 16):

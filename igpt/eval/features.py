@@ -23,6 +23,7 @@ import pyarrow as pa
 import torch
 
 from igpt.errors import MissingInput
+from igpt.storage import Loc
 
 SPLITS = ("train", "val", "test")
 
@@ -87,39 +88,48 @@ def table_to_arrays(t: pa.Table, shape: dict[str, tuple[int, int]]) -> dict[str,
     return out
 
 
-def load(feature_set: str | Path, split: str, layer: int | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features (N, M, d), labels (N,), keys (N,)) of one layer (or ``"pixels"``) of one split."""
-    root = Path(feature_set) / split
-    shards = sorted(root.glob("shard-*.npz"))
+def _shards(feature_set: str | Path | Loc, split: str) -> list[Loc]:
+    root = Loc(feature_set) / split
+    shards = [c for c in root.children() if c.name.startswith("shard-") and c.name.endswith(".npz")]
     if not shards:
         raise MissingInput(f"no feature shards in {root} (run pipelines.extract first)")
+    return shards
+
+
+def _open(shard: Loc, read):
+    """``read(z)`` of one shard's np.load, the file opened where it lies: a seekable pyarrow file on object
+    storage, so only the members asked for are fetched."""
+    with shard.fs.open_input_file(shard.path) as fh, np.load(fh) as z:
+        return read(z)
+
+
+def load(feature_set: str | Path | Loc, split: str, layer: int | str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features (N, M, d), labels (N,), keys (N,)) of one layer (or ``"pixels"``) of one split; the feature set
+    local or on object storage."""
     xs, ys, ks = [], [], []
     key = layer_key(layer)
-    for s in shards:
-        with np.load(s) as z:
-            if key not in z.files:
-                raise KeyError(f"{s} has no {key} (has {', '.join(f for f in z.files if f not in ('keys', 'labels'))})")
-            xs.append(z[key])
-            ys.append(z["labels"])
-            ks.append(z["keys"])
+
+    def read(z, s):
+        if key not in z.files:
+            raise KeyError(f"{s} has no {key} (has {', '.join(f for f in z.files if f not in ('keys', 'labels'))})")
+        return z[key], z["labels"], z["keys"]
+
+    for s in _shards(feature_set, split):
+        x, y, k = _open(s, lambda z, s=s: read(z, s))
+        xs.append(x)
+        ys.append(y)
+        ks.append(k)
     return np.concatenate(xs), np.concatenate(ys), np.concatenate(ks)
 
 
-def labels_and_keys(feature_set: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+def labels_and_keys(feature_set: str | Path | Loc, split: str) -> tuple[np.ndarray, np.ndarray]:
     """(labels (N,), keys (N,)) of one split, without reading any features (for checks on the splits)."""
-    shards = sorted((Path(feature_set) / split).glob("shard-*.npz"))
-    if not shards:
-        raise MissingInput(f"no feature shards in {Path(feature_set) / split} (run pipelines.extract first)")
-    ys, ks = [], []
-    for s in shards:
-        with np.load(s) as z:
-            ys.append(z["labels"])
-            ks.append(z["keys"])
+    ys, ks = zip(*(_open(s, lambda z: (z["labels"], z["keys"])) for s in _shards(feature_set, split)), strict=True)
     return np.concatenate(ys), np.concatenate(ks)
 
 
-def manifest(feature_set: str | Path) -> dict:
-    p = Path(feature_set) / "manifest.json"
+def manifest(feature_set: str | Path | Loc) -> dict:
+    p = Loc(feature_set) / "manifest.json"
     if not p.exists():
         raise MissingInput(f"{feature_set} is not a feature set (no manifest.json); run pipelines.extract")
     return json.loads(p.read_text())

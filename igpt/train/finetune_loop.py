@@ -103,10 +103,15 @@ def save_classifier(folder: Path, state_dict: dict, model_cfg: dict, n_classes: 
 
 
 def load_classifier(path: str | Path) -> Classifier:
-    from igpt import cli
+    """A fine-tuned classifier from its ``classifier/`` folder or ``classifier.pt``, local or on object storage."""
+    import io
 
-    p = Path(path)
-    data = torch.load(p / CLASSIFIER if p.is_dir() else p, map_location="cpu", weights_only=True)
+    from igpt import cli
+    from igpt.storage import Loc
+
+    p = Loc(path)
+    data = torch.load(io.BytesIO((p / CLASSIFIER if p.is_dir() else p).read_bytes()), map_location="cpu",
+                      weights_only=True)
     model = Classifier(IGPT(cli.from_dict(ModelConfig, data["model"])), data["n_classes"])
     model.load_state_dict(data["state_dict"])
     return model.eval()
