@@ -32,6 +32,7 @@ from igpt.errors import UserError
 from igpt.eval import features, probe
 from igpt.raysetup import init_ray
 from igpt.track.tracking import JobRun, interruptible
+from igpt.track.trial_logger import TrialRunLogger
 
 
 @dataclass
@@ -92,7 +93,6 @@ def trial(config: dict, cfg_dict: dict) -> None:
 def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str, parent_id: str):
     """Run one Tune sweep; returns (best config, DataFrame of all trials)."""
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trial, cfg_dict=cli.to_dict(cfg)), {"CPU": cfg.cpus_per_trial}),
@@ -100,7 +100,7 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
             name=name, storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
-            callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+            callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={"mlflow.parentRunId": parent_id, "igpt.job": "probe_trial",
                                                   "igpt.sweep": name})]),
     )
@@ -260,7 +260,6 @@ def run(cfg: ProbeJobConfig) -> dict:
 def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent: str) -> dict:
     import mlflow
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     counts = [int(n) for n in cfg.low_data.split(",") if n.strip()]
     C = best.get("C", 1.0)
@@ -272,7 +271,7 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
         tune_config=tune.TuneConfig(metric="test_accuracy", mode="max"),
         run_config=tune.RunConfig(
             name="low_data", storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
-            callbacks=[MLflowLoggerCallback(tracking_uri=uri, experiment_name=experiment,
+            callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={"mlflow.parentRunId": parent, "igpt.job": "probe_low_data"})]),
     )
     grid = interruptible(tuner.fit)  # a stop (ray job stop) interrupts the wait at once
