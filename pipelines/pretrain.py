@@ -211,9 +211,9 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             with contextlib.suppress(Exception):  # best effort: never hide the run's own error
                 ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote(), timeout=10))
             raise
-        ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
+        report = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
         read, skipped = ray.get(log.stats.remote())
-        run.client.log_text(run.run_id, (run_dir / "errors.tsv").read_text(), "errors.tsv")
+        run.client.log_text(run.run_id, report, "errors.tsv")  # the text just written, not read back from storage
         run.client.log_metric(run.run_id, "data/records_read", read)
         run.client.log_metric(run.run_id, "data/records_skipped", skipped)
     summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,

@@ -10,7 +10,8 @@ from PIL import Image
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers the tests start)."""
     import socket
 
     with socket.socket() as s:
@@ -21,7 +22,7 @@ def _free_port() -> int:
 # Object storage: an S3-compatible server (moto) on 127.0.0.1, started by the `s3` fixture on a port fixed now,
 # so the local Ray runtime's workers (which take their environment at ray.init) reach it like the driver does;
 # pyarrow's S3 file system reads these variables.
-S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_ACCESS_KEY_ID": "testing",
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "testing",
           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 os.environ.update(S3_ENV)
 

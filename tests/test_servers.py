@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,12 @@ from mlflow.tracking import MlflowClient
 from igpt.storage import Loc
 from igpt.train.checkpoints import MARKER
 
+from .conftest import free_port
 from .test_pretrain import final_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow  # a Ray head, an MLflow server and three submitted jobs: ~6-10 min on 2 cores
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> set[str]:

@@ -6,8 +6,6 @@ then every run under it (:meth:`igpt.track.tracking.JobRun.end`), while that thr
 run it created after that sweep stayed RUNNING for good. Once a stop is requested this logger starts no run, and
 one it was creating when the stop came it ends KILLED itself. The stop is requested before the job's sweep of its
 children, so every trial run is ended by one or the other.
-
-A module-level class: Tune pickles its callbacks with the experiment's state.
 """
 
 from __future__ import annotations
