@@ -131,13 +131,23 @@ def test_bad_palette_files_and_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_lut_equals_brute_force_on_all_2_24_colours(fitted_palette):
-    """Exhaustive: every 24-bit colour against all 512 centres (the ~90 s brute force the LUT avoids)."""
+    """Exhaustive: every 24-bit colour against all 512 centres.
+
+    Distances come from one float64 matmul (|c|^2 - 2 x.c; |x|^2 is the same for every centre); where the
+    best two are within 1e-9 of each other, far above the matmul's rounding, the colour is decided again
+    with the elementwise formula the LUT's own tie-breaking follows. ~45 s instead of ~300 s elementwise.
+    """
     c = torch.as_tensor(fitted_palette.centres, dtype=torch.float64)
+    cn = (c * c).sum(1)
     lut = fitted_palette.lut
     allc = torch.arange(LUT_SIZE)
     for s in range(0, LUT_SIZE, 1 << 18):
         k = allc[s : s + (1 << 18)]
         px = torch.stack([(k >> 16) & 255, (k >> 8) & 255, k & 255], 1).double() / 127.5 - 1
-        d0, d1, d2 = (px[:, None, i] - c[None, :, i] for i in range(3))
-        ref = ((d0 * d0 + d1 * d1) + d2 * d2).argmin(1).numpy()
-        assert np.array_equal(lut[s : s + (1 << 18)], ref), s
+        two = torch.addmm(cn, px, c.T, alpha=-2).topk(2, dim=1, largest=False)
+        ref = two.indices[:, 0].clone()
+        close = (two.values[:, 1] - two.values[:, 0]) < 1e-9
+        if close.any():
+            d0, d1, d2 = (px[close][:, None, i] - c[None, :, i] for i in range(3))
+            ref[close] = ((d0 * d0 + d1 * d1) + d2 * d2).argmin(1)
+        assert np.array_equal(lut[s : s + (1 << 18)], ref.numpy()), s
