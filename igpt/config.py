@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from igpt.cli import field_help as _help
+from igpt.data.images import DEFAULT_MAX_PIXELS, PIL_HARD_LIMIT
 from igpt.model.config import MODEL_SIZES, PAPER_PARAMS_M, ModelConfig  # noqa: F401 (the config tree's model)
 
 
@@ -88,10 +89,15 @@ class TransformConfig:
 class IngestLimits:
     max_error_rate: float = _help("stop when more than this fraction of records is skipped; in [0, 1]", default=0.01)
     min_records: int = _help("judge the error rate only after this many records (and at the end)", default=1000)
+    max_pixels: int = _help("skip (and list) encoded images with more pixels than this, before decoding them; "
+                            f"default PIL's {DEFAULT_MAX_PIXELS:,}, at most {PIL_HARD_LIMIT:,} (PIL refuses more as "
+                            "a decompression bomb)", default=DEFAULT_MAX_PIXELS)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"limits.max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if not 1 <= self.max_pixels <= PIL_HARD_LIMIT:
+            raise ValueError(f"limits.max_pixels must be in [1, {PIL_HARD_LIMIT}], got {self.max_pixels}")
 
 
 CLUSTER_DIR = Path(__file__).resolve().parents[1] / "cluster"

@@ -105,7 +105,7 @@ def run(cfg: ExtractJobConfig) -> dict:
 
     lut_ref = ray.put(Palette(palette).lut)
     t = cfg.transform
-    tspec = ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft)
+    tspec = ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft, cfg.limits.max_pixels)
     m = N_MASKS if model_cfg["objective"] == "bert" else 1
     d = model_cfg["d_model"]
     n_layer = model_cfg["n_layer"]

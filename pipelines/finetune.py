@@ -198,17 +198,19 @@ def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
     log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
+
+    def spec(epoch: int, augment: bool) -> ingest.TransformSpec:
+        return ingest.TransformSpec(t.recipe, res, augment, t.seed, epoch, t.draft, cfg.limits.max_pixels)
+
     # every epoch its own crops and flips and its own order: a split stored class by class (an image folder, a
     # sorted file) would otherwise give batches of one class; seeded, so a run can be repeated exactly
-    train = [ingest.tokenize(sources.read(specs["train"], plans["train"]), lut,
-                             ingest.TransformSpec(t.recipe, res, t.augment, t.seed, e, t.draft), log
+    train = [ingest.tokenize(sources.read(specs["train"], plans["train"]), lut, spec(e, t.augment), log
                              ).select_columns(["tokens", "label"]).random_shuffle(seed=t.seed * 100_003 + e)
              for e in range(epochs)]
     datasets = {"train": train[0].union(*train[1:]) if len(train) > 1 else train[0]}
     evals = [k for k in ("val", "test") if k in specs]
     for k in evals:
-        datasets[k] = ingest.tokenize(sources.read(specs[k], plans[k]), lut,
-                                      ingest.TransformSpec(t.recipe, res, False, t.seed, 0, t.draft), log
+        datasets[k] = ingest.tokenize(sources.read(specs[k], plans[k]), lut, spec(0, False), log
                                       ).select_columns(["key", "tokens", "label"])
         datasets[k] = ingest.materialize_eval(datasets[k])
     return datasets, evals, log

@@ -52,7 +52,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     init_ray()
     t0 = time.perf_counter()
     tspec = ingest.TransformSpec(cfg.transform.recipe, cfg.transform.ir, False, cfg.palette.seed, 0,
-                                 cfg.transform.draft)
+                                 cfg.transform.draft, cfg.limits.max_pixels)
     n_records = plan.count if plan.count is not None else None
     if cfg.data.max_images:
         n_records = min(n_records or cfg.data.max_images, cfg.data.max_images)

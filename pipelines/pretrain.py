@@ -99,10 +99,12 @@ def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epoch
     lut = ray.put(palette.lut)
     log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
-    spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft)
+    spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft,
+                                cfg.limits.max_pixels)
     train = TrainStream(cfg.train, ray.put(plan), tuple(u.take for u in plan.units), epochs, cfg.scaling.workers,
                         lut, spec, log)
-    val_spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, False, t.seed, 0, t.draft)
+    val_spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, False, t.seed, 0, t.draft,
+                                    cfg.limits.max_pixels)
     val = ingest.tokenize(sources.read(cfg.val, val_plan), lut, val_spec, log).select_columns(["tokens"])
     if cfg.val_images:
         val = val.limit(cfg.val_images)

@@ -69,7 +69,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
     ctx.execution_options.preserve_order = True  # deterministic row order -> byte-identical shards
     t0 = time.perf_counter()
     t = cfg.transform
-    tspec = ingest.TransformSpec(t.recipe, t.ir, t.augment, t.seed, t.epoch, t.draft)
+    tspec = ingest.TransformSpec(t.recipe, t.ir, t.augment, t.seed, t.epoch, t.draft, cfg.limits.max_pixels)
     log = ingest.error_log()
     lut_ref = ray.put(palette.lut)
     run_ = JobRun.open(cfg.tracking, cfg.output_dir, cfg.name, "quantize", cli.to_dict(cfg), fluent=True)

@@ -74,7 +74,8 @@ def bad_shard(path: Path) -> dict:
 def quantize_cfg(palette_path, data_path, out, **kw):
     return QuantizeJobConfig(name="tok", output_dir=str(out), palette_path=str(palette_path),
                              data=DatasetSpec(str(data_path), "parquet", "train"), rows_per_shard=17,
-                             limits=IngestLimits(max_error_rate=kw.pop("max_error_rate", 0.5), min_records=10), **kw)
+                             limits=IngestLimits(max_error_rate=kw.pop("max_error_rate", 0.5), min_records=10,
+                                                 max_pixels=kw.pop("max_pixels", IngestLimits.max_pixels)), **kw)
 
 
 def test_bad_records_are_skipped_alone_listed_and_counted(tmp_path, palette_file):
@@ -105,6 +106,23 @@ def test_bad_records_are_skipped_alone_listed_and_counted(tmp_path, palette_file
     client = MlflowClient(summary["tracking_uri"])
     assert "train.errors.tsv" in {a.path for a in client.list_artifacts(summary["run_id"])}
     assert not (out / "train.partial").exists()
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_and_listed_before_decoding(tmp_path, palette_file):
+    """--limits.max_pixels: a 64x64 image against a limit of 40x40 is refused from its header (what keeps a 20,000 x
+    20,000 scan from taking a read task's memory), listed with its size; everything else is tokenized."""
+    path = tmp_path / "train-00000.parquet"
+    t = pq.read_table(SAMPLE).slice(0, 30)
+    big = fixtures.encode(fixtures.rand_images(1, 64)[0])
+    pq.write_table(pa.table({"key": t["key"].to_pylist() + ["big/64x64.png"],
+                             "image": pa.array(t["image"].to_pylist() + [big], pa.binary()),
+                             "label": t["label"].to_pylist() + [0]}), path)
+    summary = quantize.run(quantize_cfg(palette_file[0], path, tmp_path / "out", max_pixels=1600))
+    assert summary["images_read"] == 31 and summary["skipped"] == 1 and summary["tokenized"] == 30
+    report = (tmp_path / "out" / "tok" / "train.errors.tsv").read_text().splitlines()
+    assert report[1] == "big/64x64.png\timage of 64x64 = 4,096 pixels is over the limit of 1,600 (--limits.max_pixels)"
+    with pytest.raises(ValueError, match="limits.max_pixels must be in"):
+        IngestLimits(max_pixels=0)
 
 
 def test_error_rate_over_the_limit_stops_the_run(tmp_path, palette_file):

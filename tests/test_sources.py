@@ -230,3 +230,65 @@ def test_setup_does_not_grow_with_epochs(ray_local):
         times[epochs] = time.perf_counter() - t
         assert len(batch["key"]) == 200
     assert times[20_000] < times[1] + 10, times
+
+
+def _parquet(path, keys, images, labels, **kw):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"key": keys, "image": images, "label": labels}), path, **kw)
+    return path
+
+
+def test_every_parquet_file_is_checked_and_a_bad_one_named_before_any_work(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    imgs = [fixtures.encode(a) for a in fixtures.rand_images(4)]
+    good = _parquet(tmp_path / "train-0.parquet", [f"a{i}" for i in range(4)], imgs, [0, 1, 2, 3])
+    spec = DatasetSpec(str(tmp_path), "parquet")
+    assert sources.check(spec).count == 4
+    # a second file without the image column: named, though the first file's schema is fine
+    pq.write_table(pa.table({"key": ["b0"], "img": [imgs[0]], "label": [0]}), tmp_path / "train-1.parquet")
+    with pytest.raises(SpecError, match=r"train-1\.parquet lacks column\(s\) \['image'\]"):
+        sources.check(spec)
+    # wrong types: image as text, label as text
+    _parquet(tmp_path / "train-1.parquet", ["b0"], ["not bytes"], [0])
+    with pytest.raises(SpecError, match=r"train-1\.parquet: column 'image' is string, expected binary"):
+        sources.check(spec)
+    _parquet(tmp_path / "train-1.parquet", ["b0"], [imgs[0]], ["cat"])
+    with pytest.raises(SpecError, match=r"train-1\.parquet: column 'label' is string, expected an integer"):
+        sources.check(spec)
+    # random bytes instead of a Parquet file
+    (tmp_path / "train-1.parquet").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(SpecError, match=r"train-1\.parquet is not a readable Parquet file"):
+        sources.check(spec)
+    # a zero-row file beside a good one adds nothing; alone it is a clear error, not Ray's "parallelism" one
+    _parquet(tmp_path / "train-1.parquet", pa.array([], pa.string()), pa.array([], pa.binary()),
+             pa.array([], pa.int64()))
+    assert sources.check(spec).count == 4
+    good.unlink()
+    with pytest.raises(SpecError, match=r"split 'train' under .* yields no records \(1 file\(s\), none with records"):
+        sources.check(spec)
+
+
+def test_a_row_group_with_corrupt_pages_is_listed_record_by_record(tmp_path, ray_local):
+    """Random bytes over one row group's image pages: that row group's records come out as errors naming the file
+    and the row group (the tokenizer counts and lists them); the other row group reads as ever."""
+    import pyarrow.parquet as pq
+
+    imgs = [fixtures.encode(a) for a in fixtures.rand_images(6)]
+    path = _parquet(tmp_path / "d.parquet", [f"k{i}" for i in range(6)], imgs, list(range(6)), row_group_size=3,
+                    compression="none")
+    col = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    assert col.path_in_schema == "image"
+    data = bytearray(path.read_bytes())
+    start = col.data_page_offset
+    data[start:start + 64] = np.random.default_rng(1).bytes(64)
+    path.write_bytes(bytes(data))
+    rows = read_all(DatasetSpec(str(path), "parquet"))
+    assert len(rows) == 6
+    bad = {k for k, r in rows.items() if r["error"]}
+    assert bad == {"k0", "k1", "k2"}, {k: r["error"] for k, r in rows.items()}
+    assert all(f"{path}, row group 0 cannot be read" in rows[k]["error"] for k in bad)
+    assert all(np.array_equal(pixels(rows[f"k{i}"]), fixtures.rand_images(6)[i]) for i in (3, 4, 5))

@@ -12,16 +12,29 @@ class BadImage(ValueError):
     """A record that cannot be turned into an RGB image; ``str(e)`` is the reason recorded in error reports."""
 
 
-def open_image(data: bytes) -> Image.Image:
-    """Identify encoded image bytes (no pixel decoding yet, so callers may still ask for a reduced-scale draft)."""
+# PIL warns above MAX_IMAGE_PIXELS (~89.5M: ~270 MB decoded) and refuses above twice that, before decoding
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+PIL_HARD_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+
+
+def open_image(data: bytes, max_pixels: int = 0) -> Image.Image:
+    """Identify encoded image bytes (no pixel decoding yet, so callers may still ask for a reduced-scale draft).
+
+    ``max_pixels``: an image whose header declares more pixels is refused before decoding (0: PIL's default
+    MAX_IMAGE_PIXELS): a 20,000 x 20,000 scan would otherwise take 1.2 GB of a read task's memory."""
     if not data:
         raise BadImage("empty record (zero bytes)")
     try:
-        return Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:  # not an OSError: it would kill the whole read task
         raise BadImage(f"decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+    limit = max_pixels or DEFAULT_MAX_PIXELS
+    if img.width * img.height > limit:
+        raise BadImage(f"image of {img.width}x{img.height} = {img.width * img.height:,} pixels is over the limit of "
+                       f"{limit:,} (--limits.max_pixels)")
+    return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -50,9 +63,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(data: bytes) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int = 0) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, or raise :class:`BadImage` with the reason."""
-    return to_rgb(open_image(data))
+    return to_rgb(open_image(data, max_pixels))
 
 
 def to_resolution(img: Image.Image, resolution: int) -> np.ndarray:

@@ -85,6 +85,7 @@ class TransformSpec:
     seed: int = 0
     epoch: int = 0
     draft: bool = True
+    max_pixels: int = 0  # larger encoded images are skipped and listed (0: PIL's default); --limits.max_pixels
 
 
 def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec,
@@ -99,7 +100,7 @@ def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec,
     else:
         image = row_image
     return transforms.apply(image, t.recipe, t.resolution, t.train, t.seed, t.epoch if epoch is None else epoch,
-                            key, t.draft)
+                            key, t.draft, t.max_pixels)
 
 
 def _epochs(batch: pa.Table, t: TransformSpec) -> list[int]:

@@ -171,7 +171,12 @@ def check(spec: DatasetSpec) -> Plan:
     }[spec.format](spec, fs, root, info)
     if not plan.files:
         raise SpecError(f"no {spec.format} files for split {spec.split!r} under {spec.path}")
-    return _cut(plan, keys)
+    plan = _cut(plan, keys)
+    if not plan.units:  # only zero-row files, or a key_prefix nothing starts with (a part may still be empty)
+        why = f"{len(plan.files)} file(s), none with records" + (
+            f" whose key starts with key_prefix {spec.key_prefix!r}" if spec.key_prefix else "")
+        raise SpecError(f"split {spec.split!r} under {spec.path} yields no records ({why})")
+    return plan
 
 
 def _cut(plan: Plan, keys: Keys) -> Plan:
@@ -208,17 +213,21 @@ def _plan_parquet(spec, fs, root, info) -> tuple[Plan, Keys]:
     import pyarrow.parquet as pq
 
     files = _split_files(fs, root, info, (".parquet",), spec.split)
-    if files:
-        schema = pq.read_schema(files[0], filesystem=fs)
-        missing = {spec.key_column, spec.image_column, spec.label_column} - set(schema.names)
-        if missing:
-            raise SpecError(f"{files[0]} lacks column(s) {sorted(missing)}; has {schema.names}")
     units, known = [], {}
-    for f in files:
-        pf = pq.ParquetFile(f, filesystem=fs)
+    for f in files:  # every file's footer and schema, before any work starts: a bad one is named here
+        try:
+            pf = pq.ParquetFile(f, filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise SpecError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove or replace "
+                            "it") from None
+        _check_parquet_schema(f, pf.schema_arrow, spec)
         for g in range(pf.metadata.num_row_groups):
             if spec.key_prefix:  # a unit's records are its matching keys: reads the key column only
-                known[(f, g)] = _parquet_keys(pf, g, spec)
+                try:
+                    known[(f, g)] = _parquet_keys(pf, g, spec)
+                except (OSError, pa.ArrowException) as e:
+                    raise SpecError(f"{f}, row group {g}: its key column cannot be read ({type(e).__name__}: "
+                                    f"{e}); remove or replace the file") from None
                 units.append(Unit(f, g, len(known[(f, g)])))
             else:  # every row is a record: the footer says how many
                 units.append(Unit(f, g, pf.metadata.row_group(g).num_rows))
@@ -229,6 +238,23 @@ def _plan_parquet(spec, fs, root, info) -> tuple[Plan, Keys]:
         return known[(u.path, u.pos)]
 
     return Plan(spec, fs, files, units=units), keys
+
+
+def _check_parquet_schema(path: str, schema: pa.Schema, spec: DatasetSpec) -> None:
+    """The three columns present with types the reader can use, in every file (a second file without ``image``
+    would otherwise fail one read task mid-run with a raw Arrow error)."""
+    want = {spec.key_column: ("a string or integer key", lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
+                              or pa.types.is_integer(t)),
+            spec.image_column: ("binary (encoded image bytes)", lambda t: pa.types.is_binary(t)
+                                or pa.types.is_large_binary(t)),
+            spec.label_column: ("an integer class index", lambda t: pa.types.is_integer(t) or pa.types.is_null(t))}
+    missing = [c for c in want if c not in schema.names]
+    if missing:
+        raise SpecError(f"{path} lacks column(s) {missing}; has {schema.names} (name them with "
+                        f"key_column/image_column/label_column)")
+    for col, (what, ok) in want.items():
+        if not ok(schema.field(col).type):
+            raise SpecError(f"{path}: column {col!r} is {schema.field(col).type}, expected {what}")
 
 
 def _parquet_keys(pf, group: int, spec: DatasetSpec) -> list:
@@ -526,8 +552,11 @@ def _read_parquet(plan: Plan, u: Unit) -> pa.Table:
     import pyarrow.parquet as pq
 
     s = plan.spec
-    t = pq.ParquetFile(u.path, filesystem=plan.fs).read_row_group(
-        u.pos, columns=[s.key_column, s.image_column, s.label_column])
+    try:
+        t = pq.ParquetFile(u.path, filesystem=plan.fs).read_row_group(
+            u.pos, columns=[s.key_column, s.image_column, s.label_column])
+    except (OSError, pa.ArrowException) as e:  # corrupt pages: the row group's records are listed, not lost
+        return _unreadable_row_group(plan, u, f"{u.path}, row group {u.pos} cannot be read: {type(e).__name__}: {e}")
     if s.key_prefix:
         t = t.filter(pc.starts_with(t[s.key_column].cast(pa.string()), s.key_prefix))
     t = t.slice(0, u.take)
@@ -536,6 +565,19 @@ def _read_parquet(plan: Plan, u: Unit) -> pa.Table:
     label = pc.fill_null(t[s.label_column].cast(pa.int64()), -1)
     return pa.table({"key": t[s.key_column].cast(pa.string()), "label": label, "image": image,
                      "raw_size": pa.array(np.zeros(t.num_rows, np.int32)), "error": errors})
+
+
+def _unreadable_row_group(plan: Plan, u: Unit, why: str) -> pa.Table:
+    """A row group that cannot be decoded: one error row per record it should yield, with its key where the key
+    column still reads (the plan read it for a key_prefix or holdout), else ``<file>#<group>/<row>``."""
+    import pyarrow.parquet as pq
+
+    try:
+        keys = _parquet_keys(pq.ParquetFile(u.path, filesystem=plan.fs), u.pos, plan.spec)[:u.take]
+    except (OSError, pa.ArrowException):
+        keys = [f"{u.path}#{u.pos}/{i}" for i in range(u.take)]
+    n = len(keys)
+    return _rows_table(keys, [-1] * n, [None] * n, np.zeros(n, np.int32), [why] * n)
 
 
 class _ParquetRows:

@@ -113,11 +113,13 @@ def apply(
     epoch: int = 0,
     key: str = "",
     draft: bool = True,
+    max_pixels: int = 0,
 ) -> np.ndarray:
-    """Encoded bytes or a uint8 (H, W, 3) array -> uint8 (IR, IR, 3) under ``recipe``. Raises BadImage."""
+    """Encoded bytes or a uint8 (H, W, 3) array -> uint8 (IR, IR, 3) under ``recipe``. Raises BadImage (also for
+    an encoded image of more than ``max_pixels`` pixels; 0: PIL's default limit)."""
     rng = record_rng(seed, epoch, key) if train else None
     if recipe == "imagenet":
-        img = Image.fromarray(image) if isinstance(image, np.ndarray) else open_image(image)
+        img = Image.fromarray(image) if isinstance(image, np.ndarray) else open_image(image, max_pixels)
         w, h = img.size
         box = _imagenet_box(w, h, train, rng)
         if draft and img.format == "JPEG":
@@ -131,7 +133,7 @@ def apply(
             k = 2 ** round(math.log2(w / img.width))
             box = tuple(min(v / k, lim) for v, lim in zip(box, (img.width, img.height) * 2, strict=False))
         return np.asarray(img.resize((ir, ir), Image.BOX, box=box), dtype=np.uint8)
-    arr = image if isinstance(image, np.ndarray) else np.asarray(decode_rgb(image))
+    arr = image if isinstance(image, np.ndarray) else np.asarray(decode_rgb(image, max_pixels))
     if recipe == "cifar":
         return cifar(arr, ir, train, rng)
     if recipe == "none":
