@@ -172,10 +172,18 @@ class ScalingConfig:
     placement: str = _help("PACK (workers on as few nodes as fit: fastest all-reduce) | SPREAD (one per node "
                            "where possible: a lost node takes fewer workers; Ray's placement-group strategies)",
                            default="PACK")
+    worker_mem_gib: float | None = _help("memory one worker may fill with model states and activations: its GPU's; "
+                                         "on CPU workers its share of the node's RAM (default: measured on the "
+                                         "cluster); what the pre-flight `igpt plan` check compares against; > 0",
+                                         default=None)
+    ignore_plan: bool = _help("start even when `igpt plan` says the configuration will not fit in worker_mem_gib "
+                              "(its estimate is conservative; for the brave)", default=False)
 
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus_per_worker < 0:
             raise ValueError("scaling.workers must be >= 1 and scaling.cpus_per_worker >= 0")
+        if self.worker_mem_gib is not None and not self.worker_mem_gib > 0:
+            raise ValueError(f"scaling.worker_mem_gib must be > 0, got {self.worker_mem_gib}")
         if self.placement not in ("PACK", "SPREAD"):
             raise ValueError(f"scaling.placement must be PACK or SPREAD, not {self.placement!r}")
 

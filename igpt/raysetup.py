@@ -32,3 +32,34 @@ def configure_data() -> None:
 
     ctx = ray.data.DataContext.get_current()
     ctx.op_resource_reservation_enabled = False
+
+
+def worker_memory_gib(workers: int, use_gpu: bool, cpus_per_worker: float) -> tuple[float, str]:
+    """(GiB one training worker may fill, how it was found), from the cluster Ray is connected to.
+
+    GPU workers: the total memory of the GPU a one-GPU Ray task is given (so the GPUs the workers will get).
+    CPU workers: they share their node's memory, so the smallest alive node's Ray ``memory`` resource (what Ray
+    lets tasks use there) divided by the workers that can land on it (its CPUs / cpus_per_worker, at most
+    ``workers``). Raises RuntimeError when nothing can tell (no GPU free)."""
+    import ray
+
+    if use_gpu:
+        @ray.remote(num_gpus=1)
+        def total_memory() -> int:
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory
+
+        ref = total_memory.remote()
+        ready, _ = ray.wait([ref], timeout=120)
+        if not ready:
+            ray.cancel(ref, force=True)
+            raise RuntimeError("no GPU could be measured within 120 s (none free?)")
+        return ray.get(ref) / 1024**3, "the total memory of a GPU a one-GPU Ray task was given"
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    if not nodes:
+        raise RuntimeError("no alive Ray node with CPUs")
+    node = min(nodes, key=lambda r: r.get("memory", 0))
+    per_node = max(1, min(workers, int(node["CPU"] // cpus_per_worker) if cpus_per_worker > 0 else workers))
+    return node.get("memory", 0) / 1024**3 / per_node, \
+        f"Ray's memory on the smallest node, {node.get('memory', 0) / 1024**3:.1f} GiB, shared by {per_node} worker(s)"

@@ -35,10 +35,11 @@ from igpt.data.palette import Palette
 from igpt.data.sources import DatasetSpec
 from igpt.data.stream import TrainStream
 from igpt.errors import Conflict, UserError
-from igpt.raysetup import init_ray
+from igpt.raysetup import init_ray, worker_memory_gib
 from igpt.storage import Loc
 from igpt.track.tracking import JobRun, flatten
 from igpt.train import deepspeed_config, schedule
+from igpt.train import plan as memplan
 from igpt.train.checkpoints import newest_complete, read_marker
 from igpt.train.faults import Faults
 from igpt.train.lease import Lease
@@ -163,10 +164,31 @@ def run(cfg: PretrainJobConfig) -> dict:
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
+    preflight_memory(cfg, ds_conf, model_cfg)
     run_dir = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     with Lease(run_dir):  # one job per run name: a second one fails now, naming the owner
         check_resumable(run_dir, cfg.scaling.workers)
         return _train(cfg, sched, plan, ds_conf, model_cfg, palette, run_dir)
+
+
+def preflight_memory(cfg: PretrainJobConfig, ds_conf: dict, model_cfg: dict) -> None:
+    """Refuse, before any data loads or run is recorded, a configuration that ``igpt plan`` says will not fit in a
+    worker's memory (XL on a CPU worker would otherwise read data for minutes and then die of it)."""
+    if cfg.scaling.ignore_plan:
+        return
+    if cfg.scaling.worker_mem_gib is not None:
+        mem, where = cfg.scaling.worker_mem_gib, "--scaling.worker_mem_gib"
+    else:
+        init_ray()
+        try:
+            mem, where = worker_memory_gib(cfg.scaling.workers, cfg.scaling.use_gpu, cfg.scaling.cpus_per_worker)
+        except RuntimeError as e:
+            raise UserError(f"cannot check this run's memory plan: {e}; give --scaling.worker_mem_gib (GiB per "
+                            "worker) or --scaling.ignore_plan") from None
+    model = replace(cfg.model, activation_checkpointing=model_cfg["activation_checkpointing"])
+    why = memplan.refusal(memplan.of_run(model, ds_conf, cfg.scaling.workers, mem), where)
+    if why:
+        raise UserError(why)
 
 
 def check_resumable(run_dir: Loc, workers: int) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from igpt.train.lease import OWNER, Lease, RunNameTaken
@@ -101,3 +102,66 @@ def test_an_unreachable_tracking_server_fails_in_seconds():
     with pytest.raises(TrackingUnreachable, match=rf"127.0.0.1:{port} did not answer .*tracking_uri"):
         check_reachable(f"http://127.0.0.1:{port}", timeout=2)
     assert time.time() - t < 10
+
+
+def _plan_job(tmp_path, *extra):
+    from igpt import cli
+    from igpt.data.palette import Palette
+    from pipelines.pretrain import PretrainJobConfig
+
+    from .conftest import SAMPLE
+
+    pal = tmp_path / "palette.npy"
+    Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32)).save(pal)
+    return cli.parse(PretrainJobConfig, [
+        "--name", "big", "--storage_path", str(tmp_path / "runs"), "--palette_path", str(pal),
+        "--train.path", str(SAMPLE), "--train.key_prefix", "train/", "--val.path", str(SAMPLE),
+        "--val.key_prefix", "test/", "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32",
+        "--scaling.workers", "2", "--steps", "10", "--optim.warmup_steps", "1", *extra])
+
+
+def test_a_run_the_plan_says_will_not_fit_is_refused_before_data_or_tracking(tmp_path):
+    """XL on two 16 GiB CPU workers: refused in seconds from the plan, naming what it needs and the ways out; no run
+    folder, no MLflow store. --scaling.ignore_plan lets it through the check."""
+    from igpt.errors import UserError
+    from pipelines import pretrain
+
+    cfg = _plan_job(tmp_path, "--model.size", "XL", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8",
+                    "--scaling.worker_mem_gib", "16")
+    t0 = time.time()
+    with pytest.raises(UserError, match=r"will not fit: XL \(6\d{3}M parameters\), ZeRO-\d, fp32, micro batch 8, 2 "
+                                        r"worker\(s\) needs \d+\.\d GiB per worker .* and 90% of 16\.0 GiB is there "
+                                        r"\(--scaling.worker_mem_gib\)\. No micro batch fits: .*--scaling.ignore_plan"):
+        pretrain.run(cfg)
+    assert time.time() - t0 < 30 and not (tmp_path / "runs").exists()
+    # the check alone lets a smaller micro batch through when one fits, and says which
+    s_cfg = _plan_job(tmp_path, "--model.size", "S", "--optim.global_batch", "64", "--deepspeed.micro_batch", "32",
+                      "--scaling.worker_mem_gib", "16")
+    sched, _, ds_conf, model_cfg = pretrain.resolve(s_cfg)
+    with pytest.raises(UserError, match=r"--deepspeed\.micro_batch (2|4|8|16) fits"):
+        pretrain.preflight_memory(s_cfg, ds_conf, model_cfg)
+    brave = _plan_job(tmp_path, "--model.size", "XL", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8",
+                      "--scaling.worker_mem_gib", "16", "--scaling.ignore_plan")
+    _, _, ds_conf, model_cfg = pretrain.resolve(brave)
+    pretrain.preflight_memory(brave, ds_conf, model_cfg)  # no error: the brave start
+
+
+def test_worker_memory_is_measured_on_the_cluster(tmp_path, ray_local):
+    """Without --scaling.worker_mem_gib, CPU workers share the smallest node's Ray memory: XL is refused naming it;
+    the debug model passes."""
+    import ray
+
+    from igpt.errors import UserError
+    from igpt.raysetup import worker_memory_gib
+    from pipelines import pretrain
+
+    node = min(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]) / 1024**3
+    gib, how = worker_memory_gib(2, False, 0.5)
+    assert gib == pytest.approx(node / 2) and "shared by 2 worker(s)" in how
+    assert worker_memory_gib(2, False, 1.5)[0] == pytest.approx(node)  # one 1.5-CPU worker per 2-CPU node
+    cfg = _plan_job(tmp_path, "--model.size", "XL", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8")
+    with pytest.raises(UserError, match=rf"of {node / 2:.1f} GiB is there \(Ray's memory on the smallest node"):
+        pretrain.run(cfg)
+    ok = _plan_job(tmp_path, "--model.size", "debug", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8")
+    _, _, ds_conf, model_cfg = pretrain.resolve(ok)
+    pretrain.preflight_memory(ok, ds_conf, model_cfg)

@@ -149,3 +149,35 @@ def table(rows: list[tuple[str, PlanInput]]) -> str:
                    f"{r.total / GiB:>9.1f} {r.limit / GiB:>9.1f} {r.cpu_offload / GiB:>8.1f}  "
                    f"{'yes' if r.fits else 'NO':<4} {best:>7}")
     return "\n".join(out)
+
+
+def of_run(model: ModelConfig, ds_conf: dict, workers: int, mem_gib: float) -> PlanInput:
+    """The plan input of a resolved run: its DeepSpeed config (stage, precision, offload, batch) and model."""
+    zero = ds_conf.get("zero_optimization", {})
+
+    def offloaded(key: str) -> bool:
+        return zero.get(key, {}).get("device", "none") not in ("none", None)
+
+    precision = "bf16" if ds_conf.get("bf16", {}).get("enabled") else \
+        "fp16" if ds_conf.get("fp16", {}).get("enabled") else "fp32"
+    return PlanInput(model, gpus=workers, gpu_mem_gib=mem_gib, zero_stage=zero.get("stage", 0), precision=precision,
+                     offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
+                     micro_batch=ds_conf["train_micro_batch_size_per_gpu"],
+                     activation_checkpointing=model.activation_checkpointing, global_batch=ds_conf["train_batch_size"])
+
+
+def refusal(p: PlanInput, where: str) -> str | None:
+    """Why ``p`` will not fit (one paragraph with the ways out), or None when it fits. ``where``: how the memory
+    figure was found."""
+    r = plan(p)
+    if r.fits:
+        return None
+    best = best_micro_batch(p)
+    way = (f"--deepspeed.micro_batch {best} fits" if best else
+           "no micro batch fits: a higher --deepspeed.zero_stage, --deepspeed.offload_optimizer, "
+           "--model.activation_checkpointing or more workers")
+    return (f"`igpt plan` says this run will not fit: {p.model.size} ({r.params / 1e6:.0f}M parameters), ZeRO-"
+            f"{p.zero_stage}, {p.precision}, micro batch {p.micro_batch}, {p.gpus} worker(s) needs {r.total / GiB:.1f} "
+            f"GiB per worker (model states {r.model_states / GiB:.1f}, activations {r.activations / GiB:.1f}) and "
+            f"{p.usable:.0%} of {p.gpu_mem_gib:.1f} GiB is there ({where}). {way[0].upper() + way[1:]}; or "
+            "--scaling.ignore_plan to start anyway")
