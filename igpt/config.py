@@ -113,9 +113,10 @@ class DeepSpeedConfig:
     precision: Literal["fp32", "bf16", "fp16"] | None = _help("training precision", default=None)
     offload_optimizer: bool | None = _help("optimizer state on the host (ZeRO >= 1; compiles cpu_adam)", default=None)
     offload_params: bool | None = _help("parameters on the host (ZeRO 3 only)", default=None)
-    micro_batch: int | None = _help("images per GPU per forward/backward (default: the size's recipe, else the "
-                                    "preset's); the global batch is reached by gradient accumulation and must be "
-                                    "a multiple of micro_batch x workers", default=None)
+    micro_batch: int | None = _help("images per GPU per forward/backward (default: on GPU workers the largest "
+                                    "that `igpt plan` fits in the GPU's memory; on CPU workers the size's recipe, "
+                                    "else the preset's); the global batch is reached by gradient accumulation and "
+                                    "must be a multiple of micro_batch x workers", default=None)
 
     def __post_init__(self) -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):

@@ -180,6 +180,16 @@ class Loc:
     def mkdir(self) -> None:
         self.fs.create_dir(self.path, recursive=True)
 
+    def unwritable(self) -> str | None:
+        """Why a file cannot be written in this folder now (a probe file written whole and removed), or None."""
+        probe = self / ".igpt_write_probe"
+        try:
+            probe.write_text("probe")
+            probe.unlink()
+        except OSError as e:
+            return f"cannot write {probe}: {type(e).__name__}: {e}"
+        return None
+
     # ---- folders to and from the local disk ----------------------------------------------------------------
     def download(self, dest: str | Path, keep=None) -> Path:
         """This folder's files (those whose relative path ``keep`` accepts, default all) into the local folder

@@ -35,7 +35,7 @@ from igpt.eval import features
 from igpt.eval.ensemble import N_MASKS
 from igpt.raysetup import init_ray
 from igpt.storage import Loc
-from igpt.track.tracking import JobRun
+from igpt.track.tracking import JobRun, lineage_tags
 from igpt.train import checkpoints
 
 
@@ -119,8 +119,7 @@ def run(cfg: ExtractJobConfig) -> dict:
     with run_:
         mlflow.set_tag("igpt.checkpoint", str(checkpoints.resolve(cfg.checkpoint)))
         mlflow.set_tag("igpt.random_init", str(cfg.random_init))
-        if checkpoints.pretrain_run_id(cfg.checkpoint):
-            mlflow.set_tag("igpt.pretrain_run_id", checkpoints.pretrain_run_id(cfg.checkpoint))
+        mlflow.set_tags(lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint), run_.client))
         for split, spec in specs.items():
             counts[split] = _extract_split(cfg, split, spec, plans[split], lut_ref, tspec, shape, out)
         man = {"n_layer": n_layer, "layers": list(range(n_layer + 1)), "layer_definition": LAYER_DEFINITION,

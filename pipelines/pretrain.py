@@ -37,7 +37,7 @@ from igpt.data.stream import TrainStream
 from igpt.errors import Conflict, UserError
 from igpt.raysetup import init_ray, worker_memory_gib
 from igpt.storage import Loc
-from igpt.track.tracking import JobRun, flatten
+from igpt.track.tracking import JobRun, end_status, flatten
 from igpt.train import deepspeed_config, schedule
 from igpt.train import plan as memplan
 from igpt.train.checkpoints import newest_complete, read_marker
@@ -135,17 +135,25 @@ def dry_run(cfg: PretrainJobConfig) -> dict:
     sched, _, ds_conf, model_cfg = resolve(cfg)
     out = sched.as_dict()
     out.update(zero_stage=ds_conf["zero_optimization"].get("stage", 0),
-               precision="bf16" if ds_conf.get("bf16", {}).get("enabled") else
-               "fp16" if ds_conf.get("fp16", {}).get("enabled") else "fp32",
+               precision=deepspeed_config.precision_of(ds_conf),
                activation_checkpointing=model_cfg["activation_checkpointing"],
                params=cfg.model.param_count(), tokens=sched.total_steps * sched.global_batch * cfg.model.n_ctx)
     print(json.dumps(out))
     return out
 
 
-def resolved_params(cfg: PretrainJobConfig, sched: Schedule) -> dict:
-    """The run's params for MLflow: the config with every recipe default replaced by the value that ran."""
+def resolved_params(cfg: PretrainJobConfig, sched: Schedule, ds_conf: dict, model_cfg: dict) -> dict:
+    """The run's params for MLflow: the config with every recipe and preset default replaced by the value that
+    ran (no "None" where DeepSpeed's config says 2); the full config stays the config.json artifact."""
     params = flatten(cli.to_dict(cfg))
+    zero = ds_conf.get("zero_optimization", {})
+    params.update({"deepspeed.zero_stage": zero.get("stage", 0),
+                   "deepspeed.precision": deepspeed_config.precision_of(ds_conf),
+                   "deepspeed.offload_optimizer": "offload_optimizer" in zero,
+                   "deepspeed.offload_params": "offload_param" in zero,
+                   "deepspeed.grad_accum": ds_conf["gradient_accumulation_steps"],
+                   "model.activation_checkpointing": model_cfg["activation_checkpointing"],
+                   "steps.schedule_fraction": cfg.schedule_fraction})
     params.update({"model.params": cfg.model.param_count(), "steps": sched.total_steps,
                    "steps.total": sched.total_steps, "steps.per_epoch": sched.steps_per_epoch,
                    "steps.warmup": sched.warmup_steps, "optim.warmup_steps": sched.warmup_steps,
@@ -164,18 +172,27 @@ def run(cfg: PretrainJobConfig) -> dict:
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
-    preflight_memory(cfg, ds_conf, model_cfg)
     run_dir = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
-    with Lease(run_dir):  # one job per run name: a second one fails now, naming the owner
+    with Lease(run_dir):  # one job per run name: a second one fails now, before Ray starts, naming the owner
         check_resumable(run_dir, cfg.scaling.workers)
+        mem = preflight_memory(cfg, ds_conf, model_cfg)
+        micro = fill_micro_batch(cfg, ds_conf, model_cfg, mem)
+        if micro != sched.micro_batch:
+            cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, micro_batch=micro))
+            sched, plan, ds_conf, model_cfg = resolve(cfg)
         return _train(cfg, sched, plan, ds_conf, model_cfg, palette, run_dir)
 
 
-def preflight_memory(cfg: PretrainJobConfig, ds_conf: dict, model_cfg: dict) -> None:
+class StorageUnwritable(UserError):
+    """The run's storage failed mid-run (a full or read-only volume, a bucket's lost permission)."""
+
+
+def preflight_memory(cfg: PretrainJobConfig, ds_conf: dict, model_cfg: dict) -> float | None:
     """Refuse, before any data loads or run is recorded, a configuration that ``igpt plan`` says will not fit in a
-    worker's memory (XL on a CPU worker would otherwise read data for minutes and then die of it)."""
+    worker's memory (XL on a CPU worker would otherwise read data for minutes and then die of it). Returns that
+    memory in GiB (None with --scaling.ignore_plan)."""
     if cfg.scaling.ignore_plan:
-        return
+        return None
     if cfg.scaling.worker_mem_gib is not None:
         mem, where = cfg.scaling.worker_mem_gib, "--scaling.worker_mem_gib"
     else:
@@ -186,9 +203,23 @@ def preflight_memory(cfg: PretrainJobConfig, ds_conf: dict, model_cfg: dict) -> 
             raise UserError(f"cannot check this run's memory plan: {e}; give --scaling.worker_mem_gib (GiB per "
                             "worker) or --scaling.ignore_plan") from None
     model = replace(cfg.model, activation_checkpointing=model_cfg["activation_checkpointing"])
-    why = memplan.refusal(memplan.of_run(model, ds_conf, cfg.scaling.workers, mem), where)
+    p = memplan.of_run(model, ds_conf, cfg.scaling.workers, mem)
+    if cfg.scaling.use_gpu and cfg.deepspeed.micro_batch is None:  # judged at the micro batch it will get
+        p = replace(p, micro_batch=memplan.best_micro_batch(p) or 1)
+    why = memplan.refusal(p, where)
     if why:
         raise UserError(why)
+    return mem
+
+
+def fill_micro_batch(cfg: PretrainJobConfig, ds_conf: dict, model_cfg: dict, mem: float | None) -> int:
+    """The micro batch a run trains with: the one given (--deepspeed.micro_batch); on GPU workers otherwise the
+    largest that ``igpt plan`` fits in the measured memory (larger matmuls, fewer accumulation passes: the GPU
+    kept busy); else the recipe's (a CPU run's is sized for its speed, not its memory)."""
+    if cfg.deepspeed.micro_batch is not None or not cfg.scaling.use_gpu or mem is None:
+        return ds_conf["train_micro_batch_size_per_gpu"]
+    model = replace(cfg.model, activation_checkpointing=model_cfg["activation_checkpointing"])
+    return memplan.best_micro_batch(memplan.of_run(model, ds_conf, cfg.scaling.workers, mem)) or 1
 
 
 def check_resumable(run_dir: Loc, workers: int) -> None:
@@ -210,7 +241,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
     (run_dir / NONFINITE).unlink()  # a re-submission is a new attempt (e.g. with a lower lr)
     # one MLflow run per named run: a re-submission continues it
     with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "pretrain", cli.to_dict(cfg),
-                     params=resolved_params(cfg, sched), id_file=run_dir / "mlflow_run_id") as run:
+                     params=resolved_params(cfg, sched, ds_conf, model_cfg), id_file=run_dir / "mlflow_run_id") as run:
         if not run.resumed:
             run.client.log_dict(run.run_id, ds_conf, "deepspeed_config.json")
             run.client.log_artifact(run.run_id, cfg.palette_path, "palette")
@@ -231,15 +262,32 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             result = run.wait(_trainer(cfg, spec, {"val": val}).fit)
             if result.error:
                 raise result.error
-        except BaseException:  # the report exists even when the run dies (a stream that ran dry points to it)
+        except BaseException as e:  # the report exists even when the run dies (a stream that ran dry points to it)
             with contextlib.suppress(Exception):  # best effort: never hide the run's own error
                 ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote(), timeout=10))
+            broken = run_dir.unwritable() if end_status(e) == "FAILED" else None
+            if broken:  # the workers' errors are about files they could not write or find: say what went wrong
+                raise StorageUnwritable(
+                    f"the run's storage cannot be written any more ({broken}); the run ended FAILED and its "
+                    f"newest complete checkpoint stays the one to resume from: make {run_dir} writable and "
+                    f"re-submit --name {cfg.name}") from e
             raise
         report = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
         read, skipped = ray.get(log.stats.remote())
         run.client.log_text(run.run_id, report, "errors.tsv")  # the text just written, not read back from storage
         run.client.log_metric(run.run_id, "data/records_read", read)
         run.client.log_metric(run.run_id, "data/records_skipped", skipped)
+        # one number each for the runs table to sort by (the same formulas as `igpt compare`)
+        from igpt.track.compare import train_compute
+
+        tokens, flops = train_compute(cfg.model.param_count(), sched.total_steps, sched.global_batch,
+                                      cfg.model.resolution)
+        final = {"summary/tokens": tokens, "summary/train_flops": flops}
+        val_loss = run.client.get_run(run.run_id).data.metrics.get("val/loss")  # the latest: the final one
+        if val_loss is not None:
+            final["summary/final_val_loss"] = val_loss
+        for k, v in final.items():
+            run.client.log_metric(run.run_id, k, v)
     summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,
                "run_dir": str(run_dir), "total_steps": sched.total_steps, "resumed": run.resumed,
                "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}

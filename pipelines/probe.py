@@ -31,7 +31,7 @@ from igpt.config import TrackingConfig
 from igpt.errors import UserError
 from igpt.eval import features, probe
 from igpt.raysetup import init_ray
-from igpt.track.tracking import JobRun, interruptible
+from igpt.track.tracking import JobRun, interruptible, lineage_tags
 from igpt.track.trial_logger import TrialRunLogger
 
 
@@ -226,9 +226,8 @@ def run(cfg: ProbeJobConfig) -> dict:
         mlflow.log_dict(space_file, "search_space.json")
         mlflow.log_dict(man, "features_manifest.json")
         mlflow.set_tags({"igpt.checkpoint": man["checkpoint"], "igpt.random_init": str(man["random_init"]),
-                         "igpt.objective": man["objective"], "igpt.features_run_id": man["run_id"]})
-        if man.get("pretrain_run_id"):
-            mlflow.set_tag("igpt.pretrain_run_id", man["pretrain_run_id"])
+                         "igpt.objective": man["objective"], "igpt.features_run_id": man["run_id"],
+                         **lineage_tags(man.get("model"), man.get("pretrain_run_id"), run_.client)})
         check_splits(cfg, found)
         best, df = sweep(cfg, space, "layers", uri, experiment, parent)
         warn("trials_tied", probe.tied_trials(df["val_accuracy"]), found)

@@ -46,6 +46,17 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     assert probe.data.tags["igpt.pretrain_run_id"] == pre.info.run_id
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{probe.info.run_id}'")
     assert len(children) >= 4  # layer x C trials (+ raw pixels)
+    # a trial's metrics are its own: none of Tune's bookkeeping (pid, timestamp, done, iteration counters)
+    assert all("val_accuracy" in c.data.metrics and not {"pid", "timestamp", "done", "training_iteration",
+                                                         "time_this_iter_s"} & set(c.data.metrics) for c in children)
+    # what a researcher filters on in the UI, through the same search API: the experiment opens on its runs
+    # (not the GenAI view), and one tag finds every stage's run of a size, or of one pretraining run
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    of_size = client.search_runs([exp.experiment_id], "tags.`igpt.size` = 'debug' AND tags.`igpt.resolution` = '32'")
+    assert {"pretrain", "extract", "probe"} <= {r.data.tags["igpt.job"] for r in of_size}
+    assert all(r.data.tags["igpt.objective"] == "ar" for r in of_size)
+    lineage = client.search_runs([exp.experiment_id], f"tags.`igpt.pretrain_run` = '{pre.info.run_name}'")
+    assert {"extract", "probe"} <= {r.data.tags["igpt.job"] for r in lineage}
     table = (out / "t1" / "compare" / "table.csv").read_text()
     assert "debug" in table and len(table.strip().splitlines()) == 2  # header + this pipeline's one run
     assert re.search(r"stage timings: palette \d+ s, pretrain/debug \d+ s, .*compare \d+ s", proc.stdout), \

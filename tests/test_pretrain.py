@@ -15,7 +15,7 @@ from igpt.train.checkpoints import MARKER, newest_complete, read_marker
 from pipelines import pretrain
 from pipelines.pretrain import PretrainJobConfig
 
-from .conftest import SAMPLE, SHARED_CIFAR
+from .conftest import ROOT, SAMPLE, SHARED_CIFAR
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def palette_path(tmp_path_factory, cifar_images):
     return path
 
 
-def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobConfig:
+def job_argv(tmp_path, palette_path, name, stage, max_steps, **extra) -> list[str]:
     shared = (SHARED_CIFAR / "train-00000-of-00005.parquet").exists()
     # 1,000 training images either way (the package's sample has 1,000): 62 steps per epoch
     train = ["--train.path", str(SHARED_CIFAR), "--train.max_images", "1000"] if shared else \
@@ -41,7 +41,11 @@ def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobC
             "--completions", "2"]
     for k, v in extra.items():
         argv += [f"--{k}", str(v)]
-    return cli.parse(PretrainJobConfig, argv)
+    return argv
+
+
+def job(tmp_path, palette_path, name, stage, max_steps, **extra) -> PretrainJobConfig:
+    return cli.parse(PretrainJobConfig, job_argv(tmp_path, palette_path, name, stage, max_steps, **extra))
 
 
 def history(summary, key):
@@ -64,6 +68,17 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     for key in ("train/bits_per_dim", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"):
         assert key in run.data.metrics, key
     assert run.data.params["deepspeed.zero_stage"] == str(stage) and "CPU" in run.data.tags["mfu_peak"]
+    # resolved values, not the flags' "None": what DeepSpeed's config says ran
+    assert (run.data.params["deepspeed.precision"], run.data.params["deepspeed.micro_batch"]) == ("fp32", "8")
+    assert run.data.params["deepspeed.grad_accum"] == "1" and run.data.params["optim.global_batch"] == "16"
+    assert not [k for k, v in run.data.params.items() if v == "None" and k.startswith(("deepspeed.", "optim.",
+                                                                                         "model.", "steps"))]
+    assert run.data.tags["igpt.size"] == "debug" and run.data.tags["igpt.resolution"] == "32"
+    # summary metrics the runs table sorts by
+    assert run.data.metrics["summary/final_val_loss"] == run.data.metrics["val/loss"]
+    assert run.data.metrics["summary/tokens"] == 12 * 16 * 32 * 32
+    assert run.data.metrics["summary/train_flops"] == pytest.approx(6 * int(run.data.params["model.params"]) *
+                                                                    12 * 16 * 32 * 32, rel=1e-6)
     arts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"config.json", "deepspeed_config.json", "palette", "completions"} <= arts
     pics = [a.path for a in client.list_artifacts(summary["run_id"], "completions")]
@@ -131,6 +146,84 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_message(tmp_path, palette_p
     assert run.data.metrics["train/nonfinite_loss"] == 1.0
     assert (run_dir / "nonfinite_loss").read_text() == "loss nan at step 3\n"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+
+
+def test_two_jobs_submitted_with_one_name_one_trains_and_the_other_is_refused_at_once(tmp_path, palette_path,
+                                                                                     ray_local):
+    """A double submit: two pretraining drivers started together with one --name, both joining this Ray cluster.
+    One trains; the other exits 2 within seconds, before Ray starts, naming the live owner. MLflow has one run, each
+    step logged once."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    argv = job_argv(tmp_path, palette_path, "twice", 2, max_steps=4, **{"scaling.workers": 1, "completions": 0,
+                                                                          "val_images": 8})
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "DS_ACCELERATOR": "cpu"}
+    t0 = time.time()
+    logs = [(tmp_path / f"out{i}.log", tmp_path / f"err{i}.log") for i in range(2)]
+    procs = []
+    for o, e in logs:
+        with open(o, "w") as out, open(e, "w") as err:  # the child keeps its own copies of the descriptors
+            procs.append(subprocess.Popen([sys.executable, "-m", "pipelines.pretrain", *argv], cwd=ROOT, env=env,
+                                          stdout=out, stderr=err))
+    ends = {}
+    while len(ends) < 2:
+        for i, p in enumerate(procs):
+            if i not in ends and p.poll() is not None:
+                ends[i] = (time.time() - t0, p.returncode, logs[i][0].read_text(), logs[i][1].read_text())
+        if time.time() - t0 > 400:
+            for p in procs:
+                p.kill()
+            raise AssertionError("\n".join(e.read_text()[-3000:] for _, e in logs))
+        time.sleep(0.2)
+    (lost_at, lost_rc, _, lost_err), (_, won_rc, won_out, won_err) = sorted(ends.values(), key=lambda e: e[1] == 0)
+    assert won_rc == 0, won_err[-3000:]
+    assert lost_rc == 2 and lost_at < 30, (lost_rc, lost_at, lost_err[-3000:])
+    winner = next(p.pid for i, p in enumerate(procs) if ends[i][1] == 0)
+    assert lost_err.strip().splitlines()[-1].startswith(f"error: run {tmp_path / 'runs' / 'twice'} is owned by a "
+                                                        "live job: host "), lost_err[-2000:]
+    assert f"pid {winner}," in lost_err and "Choose another --name" in lost_err
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_name for r in runs] == ["twice"] and runs[0].info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_storage_that_turns_unwritable_ends_the_run_failed_naming_the_path(tmp_path, palette_path, ray_local):
+    """Once the step-4 checkpoint is complete, the run folder is moved away and a file put in its place: every
+    write under it now fails, as on a volume gone read-only (root ignores chmod, so the test cannot use it). The
+    job ends FAILED in MLflow with the path and the way out, not with whatever the workers or the lease's clean-up
+    hit; the moved folder still holds the complete checkpoint to resume from."""
+    import threading
+    import time
+
+    cfg = job(tmp_path, palette_path, "ro", 2, max_steps=6, **{"scaling.workers": 1, "checkpoint.max_failures": 0,
+                                                                  "completions": 0, "val_images": 8})
+    run_dir, moved = tmp_path / "runs" / "ro", tmp_path / "runs" / "ro.moved"
+
+    def break_storage():
+        deadline = time.time() + 300
+        while not (run_dir / "step_00000004" / MARKER).exists() and time.time() < deadline:
+            time.sleep(0.1)
+        run_dir.rename(moved)
+        run_dir.write_text("not a folder any more\n")
+
+    t = threading.Thread(target=break_storage, daemon=True)
+    t.start()
+    with pytest.raises(pretrain.StorageUnwritable, match=rf"cannot be written any more \(cannot write {run_dir}/"
+                                                        rf".*make {run_dir} writable and re-submit --name ro"):
+        pretrain.run(cfg)
+    t.join(1)
+    client = MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
+    run = client.get_run((moved / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FAILED" and run.data.tags["igpt.error"].startswith("StorageUnwritable: ")
+    assert str(run_dir) in run.data.tags["igpt.error"]
+    # the reason where the UI shows it: the run's description, with the traceback's tail
+    assert run.data.tags["mlflow.note.content"].startswith("**FAILED**: StorageUnwritable: ")
+    assert "Traceback" in run.data.tags["igpt.traceback"] and "StorageUnwritable" in run.data.tags["igpt.traceback"]
+    assert newest_complete(moved, report=False).name == "step_00000004"
 
 
 @pytest.mark.slow  # ~2.5 min: a driver started, killed, and the job submitted again

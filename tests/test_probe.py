@@ -141,6 +141,7 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     layer_children = [c for c in children if c.data.tags.get("igpt.sweep") == "layers"]
     assert len(layer_children) == 6 and len(children) == 8  # 6 layer x C trials + 2 raw-pixel trials
     assert all(c.info.status == "FINISHED" and "val_accuracy" in c.data.metrics for c in children)
+    assert not any({"pid", "timestamp", "done", "time_total_s"} & set(c.data.metrics) for c in children)
     assert {c.data.params["layer"] for c in layer_children} == {"0", "1", "2"}
 
     # the random-init twin, probed the same way, for the record beside it

@@ -127,17 +127,38 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | 
     with _store_lock(tracking_uri):
         exp = mlflow.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get("mlflow.experimentKind") is None:  # made before igpt set it, or by hand
+                for k, v in EXPERIMENT_KIND.items():
+                    mlflow.MlflowClient(tracking_uri).set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
         # a tracking server keeps artifacts where it was told to (proxied over HTTP); a local store beside its files
         remote = tracking_uri.startswith(("http://", "https://", "databricks"))
         location = Path(artifact_root).resolve().as_uri() if artifact_root is not None and not remote else None
         try:
-            return mlflow.create_experiment(name, artifact_location=location)
+            return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
         except MlflowException:  # another job created it between our look-up and our create
             exp = mlflow.get_experiment_by_name(name)
             if exp is None:
                 raise
             return exp.experiment_id
+
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on runs, not GenAI traces
+
+
+def lineage_tags(model: dict | None, pretrain_run_id: str | None = None, client=None) -> dict:
+    """The tags that let one ``tags.`` filter find every run of a model in any stage: its size, objective and
+    resolution, and the pretraining run it came from (id and, through ``client``, the submitter's name)."""
+    tags = {f"igpt.{k}": str(model[k]) for k in ("size", "objective", "resolution")
+            if model and model.get(k) is not None}
+    if pretrain_run_id:
+        tags["igpt.pretrain_run_id"] = pretrain_run_id
+        if client is not None:
+            import contextlib
+
+            with contextlib.suppress(Exception):  # a store that no longer has it: the id is still there
+                tags["igpt.pretrain_run"] = client.get_run(pretrain_run_id).info.run_name
+    return tags
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -189,7 +210,7 @@ class JobRun:
             run_id = id_file.read_text().strip()
             client.update_run(run_id, status="RUNNING")
         else:
-            all_tags = {"igpt.job": job, **(tags or {})}
+            all_tags = {"igpt.job": job, **lineage_tags((config or {}).get("model")), **(tags or {})}
             if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
                 all_tags["mlflow.parentRunId"] = tracking.parent_run_id
             run_id = client.create_run(exp_id, run_name=tracking.run_name or name, tags=all_tags).info.run_id
@@ -216,8 +237,14 @@ class JobRun:
         return False
 
     def end(self, status: str, exc: BaseException | None = None) -> None:
-        if status == "FAILED" and exc is not None:
-            self.client.set_tag(self.run_id, "igpt.error", f"{type(exc).__name__}: {exc}"[:5000])
+        if status == "FAILED" and exc is not None:  # the reason where the UI shows it: a tag and the description
+            import traceback
+
+            error = f"{type(exc).__name__}: {exc}"
+            tail = "".join(traceback.format_exception(exc))[-4000:]
+            self.client.set_tag(self.run_id, "igpt.error", error[:5000])
+            self.client.set_tag(self.run_id, "igpt.traceback", tail)
+            self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
         self._end_children(self.run_id, "FINISHED" if status == "FINISHED" else status)
         if self.fluent:
             import mlflow

@@ -11,8 +11,13 @@ children, so every trial run is ended by one or the other.
 from __future__ import annotations
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.result import AUTO_RESULT_KEYS, DONE, TIMESTEPS_TOTAL, TRAINING_ITERATION, TRIAL_ID
 
 from igpt.track.tracking import STOP_REQUESTED
+
+# Tune's bookkeeping in every result (pid, timestamp, done, iteration counters, ...): not the trial's metrics, and
+# in MLflow's table they bury the ones that are
+BOOKKEEPING = frozenset(AUTO_RESULT_KEYS) | {DONE, TRIAL_ID, "experiment_tag", "should_checkpoint"}
 
 
 class TrialRunLogger(MLflowLoggerCallback):
@@ -25,7 +30,10 @@ class TrialRunLogger(MLflowLoggerCallback):
 
     def log_trial_result(self, iteration, trial, result):
         if trial in self._trial_runs and not STOP_REQUESTED.is_set():
-            super().log_trial_result(iteration, trial, result)
+            # Ray's log_trial_result, less the bookkeeping (its step is still the training iteration)
+            kept = {k: v for k, v in result.items() if k not in BOOKKEEPING and not k.startswith("config/")}
+            self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=kept,
+                                         step=result.get(TIMESTEPS_TOTAL) or result[TRAINING_ITERATION])
 
     def log_trial_end(self, trial, failed=False):
         if trial in self._trial_runs and not STOP_REQUESTED.is_set():  # a stopped trial's run stays KILLED

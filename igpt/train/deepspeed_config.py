@@ -25,6 +25,11 @@ def load_preset(name: str) -> dict:
     return data
 
 
+def precision_of(conf: dict) -> str:
+    """bf16 | fp16 | fp32: the precision a built DeepSpeed config trains in."""
+    return "bf16" if conf.get("bf16", {}).get("enabled") else "fp16" if conf.get("fp16", {}).get("enabled") else "fp32"
+
+
 def build(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, on_gpu: bool) -> tuple[dict, dict]:
     """(DeepSpeed config dict, model settings from the preset)."""
     preset = load_preset(ds.preset)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -66,6 +67,7 @@ class Lease:
         self.ttl, self.every = ttl, every
         self.me = _me()
         self.took_over: dict | None = None
+        self.failure: str | None = None  # the heartbeat's last write error, while the storage fails
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,17 +123,28 @@ class Lease:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
-            owner = self._read()
-            if owner and owner.get("token") != self.me["token"]:
-                return  # taken over (we were presumed dead): never write over the new owner
-            self.loc.write_text(json.dumps({**self.me, "heartbeat": time.time()}))  # whole, never half
+            try:
+                owner = self._read()
+                if owner and owner.get("token") != self.me["token"]:
+                    return  # taken over (we were presumed dead): never write over the new owner
+                self.loc.write_text(json.dumps({**self.me, "heartbeat": time.time()}))  # whole, never half
+                self.failure = None
+            except OSError as e:  # the storage failed: keep trying (it may come back); the job reads .failure
+                self.failure = f"cannot write {self.loc}: {type(e).__name__}: {e}"
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lease. Never raises for the storage: this runs while a job's own
+        error propagates (storage that turned unwritable would otherwise replace it with the lease's error);
+        a lease left behind goes stale and the next job takes it over."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self._read().get("token") == self.me["token"]:
-            self.loc.unlink()
+        try:
+            if self._read().get("token") == self.me["token"]:
+                self.loc.unlink()
+        except OSError as e:
+            print(f"igpt: could not remove the run's lease {self.loc} ({type(e).__name__}: {e}); the next job "
+                  "with this name takes it over once it is stale", file=sys.stderr)
 
     def __enter__(self) -> Lease:
         return self.acquire()

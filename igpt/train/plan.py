@@ -158,9 +158,10 @@ def of_run(model: ModelConfig, ds_conf: dict, workers: int, mem_gib: float) -> P
     def offloaded(key: str) -> bool:
         return zero.get(key, {}).get("device", "none") not in ("none", None)
 
-    precision = "bf16" if ds_conf.get("bf16", {}).get("enabled") else \
-        "fp16" if ds_conf.get("fp16", {}).get("enabled") else "fp32"
-    return PlanInput(model, gpus=workers, gpu_mem_gib=mem_gib, zero_stage=zero.get("stage", 0), precision=precision,
+    from igpt.train.deepspeed_config import precision_of
+
+    return PlanInput(model, gpus=workers, gpu_mem_gib=mem_gib, zero_stage=zero.get("stage", 0),
+                     precision=precision_of(ds_conf),
                      offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
                      micro_batch=ds_conf["train_micro_batch_size_per_gpu"],
                      activation_checkpointing=model.activation_checkpointing, global_batch=ds_conf["train_batch_size"])
