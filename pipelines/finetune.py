@@ -187,7 +187,7 @@ def _plan_splits(cfg: FinetuneJobConfig, part: str) -> tuple[dict, dict, int, in
     return specs, plans, count, steps_per_epoch
 
 
-def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs: int):
+def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs: int, report=None):
     """The training stream (every epoch its own augmentations and order) and the evaluation splits,
     materialized once; the names of those evaluated; the error log."""
     import ray
@@ -196,7 +196,7 @@ def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs
     from igpt.data.palette import Palette
 
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
-    log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
+    log = ingest.error_log(cfg.limits, report)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
 
     def spec(epoch: int, augment: bool) -> ingest.TransformSpec:
@@ -221,10 +221,13 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     """One fine-tuning run through Ray Train: ``part="rest"`` (a trial: early stopping on the held-out share, at most
     ``epochs``) or ``"all"`` (the refit: ``epochs``, then test once), in its own MLflow run (under ``parent_run_id``).
     Returns the workers' result (``best_val_accuracy``, ``best_epoch``, ...) with ``run_id`` and ``classifier``."""
+    import contextlib
+
     import ray
 
+    from igpt.data import ingest
     from igpt.raysetup import init_ray
-    from igpt.track.tracking import JobRun
+    from igpt.track.tracking import JobRun, lineage_tags
     from igpt.train import deepspeed_config
     from igpt.train.finetune_loop import FinetuneSpec
     from igpt.train.trainer import RunSpec
@@ -239,7 +242,8 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     model_cfg["activation_checkpointing"] |= bool(model_over.get("activation_checkpointing"))  # XL's preset
     init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
     specs, plans, count, steps_per_epoch = _plan_splits(cfg, part)
-    datasets, evals, log = _datasets(cfg, specs, plans, model_cfg["resolution"], epochs)
+    report = Loc(cfg.storage_path) / cfg.name / run / "errors.tsv"  # beside the trial's checkpoints
+    datasets, evals, log = _datasets(cfg, specs, plans, model_cfg["resolution"], epochs, report)
     # no recipe for fine-tuning (the paper gives none): a tenth of an epoch unless set
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(0.1 * steps_per_epoch)
     warmup = min(epochs * steps_per_epoch, warmup)
@@ -250,7 +254,8 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     tracking = replace(cfg.tracking, run_name=f"{cfg.name}/{run}", parent_run_id=parent_run_id)
     with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{run}",
                      f"finetune_{'trial' if part == 'rest' else 'refit'}", None, params=params,
-                     tags={"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint))}) as job:
+                     tags={"igpt.checkpoint": str(checkpoints.resolve(cfg.checkpoint)),
+                           **lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint))}) as job:
         job.client.log_dict(job.run_id, ds_conf, "deepspeed_config.json")
         spec = FinetuneSpec(
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed, warmup_steps=warmup,
@@ -261,9 +266,14 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
             clf_weight=clf_weight, epochs=epochs, patience=cfg.patience if part == "rest" else None,
             steps_per_epoch=steps_per_epoch, evals=tuple(evals))
         trainer = _trainer(cfg, spec, f"{cfg.name}/{run}", datasets)
-        result = job.wait(trainer.fit)
-        if result.error:
-            raise result.error
+        try:
+            result = job.wait(trainer.fit)
+            if result.error:
+                raise result.error
+        finally:  # the skipped records' keys and reasons, whether the trial finished or died
+            with contextlib.suppress(Exception):  # best effort: never hide the trial's own error
+                text = ingest.write_error_report(report, ray.get(log.all_errors.remote(), timeout=10))
+                job.client.log_text(job.run_id, text, "errors.tsv")
         out = dict(result.metrics)
         read, skipped = ray.get(log.stats.remote())
         names = {"best_val_accuracy": "best/val_accuracy", "best_epoch": "best/epoch", "epochs": "epochs",

@@ -92,13 +92,13 @@ class PretrainJobConfig:
             raise ValueError(f"schedule_fraction must be in (0, 1], got {self.schedule_fraction}")
 
 
-def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int):
+def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int, report=None):
     """The training stream (``epochs`` passes, each epoch its own augmentations, its own order of read pieces and
     of records; each worker builds its own share, igpt/data/stream.py) and the validation split, materialized
     once."""
     val_plan = sources.check(cfg.val)
     lut = ray.put(palette.lut)
-    log = ingest.error_log(cfg.limits)  # the budget is enforced in the stream: no driver loop reads it
+    log = ingest.error_log(cfg.limits, report)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
     spec = ingest.TransformSpec(t.recipe, cfg.model.resolution, t.augment, t.seed, 0, t.draft,
                                 cfg.limits.max_pixels)
@@ -247,7 +247,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             run.client.log_artifact(run.run_id, cfg.palette_path, "palette")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
-        train, val, log = datasets(cfg, palette, plan, sched.epochs)
+        train, val, log = datasets(cfg, palette, plan, sched.epochs, report=run_dir / "errors.tsv")
         spec = PretrainSpec(
             stream=train,
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed,

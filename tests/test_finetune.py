@@ -208,6 +208,11 @@ def test_a_trial_learns_and_keeps_the_best_epoch_evaluated_on_every_held_out_ima
     acc = metric(client, out["run_id"], "val/accuracy")
     assert out["best_val_accuracy"] == max(acc) and out["best_epoch"] == acc.index(max(acc)) + 1
     assert run.data.metrics["best/val_accuracy"] == max(acc)
+    # the skipped-records report beside the trial's checkpoints and in its run (none skipped here), and the
+    # model's lineage as tags
+    assert (Path(trial_cfg.storage_path) / trial_cfg.name / "learn" / "errors.tsv").read_text() == "key\treason\n"
+    assert "errors.tsv" in {a.path for a in client.list_artifacts(out["run_id"])}
+    assert run.data.tags["igpt.size"] == "debug" and run.data.tags["igpt.objective"] in ("ar", "bert")
     # the kept weights are the best epoch's, and the workers' accuracy is theirs on the held-out images
     kept = torch.load(Path(out["classifier"]) / "classifier.pt", weights_only=True)
     assert kept["epoch"] == out["best_epoch"] and kept["val_accuracy"] == out["best_val_accuracy"]

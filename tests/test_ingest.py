@@ -128,7 +128,7 @@ def test_an_image_over_the_pixel_limit_is_skipped_and_listed_before_decoding(tmp
 def test_error_rate_over_the_limit_stops_the_run(tmp_path, palette_file):
     bad_shard(tmp_path / "train-00000.parquet")
     cfg = quantize_cfg(palette_file[0], tmp_path / "train-00000.parquet", tmp_path / "out", max_error_rate=0.01)
-    with pytest.raises(ingest.ErrorRateExceeded, match="over the limit"):
+    with pytest.raises(ingest.ErrorRateExceeded, match=r"over the limit.*keys and reasons: .*train\.errors\.tsv"):
         quantize.run(cfg)
     out = tmp_path / "out" / "tok"
     assert not (out / "train").exists()  # no half-written split
@@ -202,8 +202,9 @@ def test_a_stream_with_an_error_budget_stops_inside_ray_data_once_it_is_spent(tm
     lut = ray.put(Palette.load(palette_file[0]).lut)
     spec = DatasetSpec(str(tmp_path), "parquet", "train")
     t = ingest.TransformSpec("none", 32, False)
-    log = ingest.ErrorLog.remote(IngestLimits(max_error_rate=0.01, min_records=10))
-    with pytest.raises(Exception, match=r"records \([\d.]+%\) could not be read, over the limit of 1.00%"):
+    log = ingest.ErrorLog.remote(IngestLimits(max_error_rate=0.01, min_records=10), "s3://b/run/errors.tsv")
+    with pytest.raises(Exception, match=r"records \([\d.]+%\) could not be read, over the limit of 1.00% \(--limits"
+                                        r"\.max_error_rate\); keys and reasons: s3://b/run/errors\.tsv"):
         ingest.tokenize(sources.read(spec), lut, t, log).take_all()
     # the budget is judged as records come in: at worst the 3 bad ones arrive in the first row group of 16
     for limits in (IngestLimits(max_error_rate=0.25, min_records=10), None):

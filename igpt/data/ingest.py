@@ -31,10 +31,10 @@ class ErrorLog:
     jobs whose stream is consumed inside Ray Train workers, where no driver loop checks), the stream itself stops
     once the skipped share passes the budget: the batch that crosses it raises :class:`ErrorRateExceeded`."""
 
-    def __init__(self, limits=None):
+    def __init__(self, limits=None, report: str | None = None):
         self.read = 0
         self.errors: list[tuple[str, str]] = []
-        self.limits = limits
+        self.limits, self.report = limits, report
 
     def add(self, n_read: int, errors: list[tuple[str, str]]) -> str | None:
         """Count a batch; the budget's verdict (a message when it is exceeded, else None)."""
@@ -43,7 +43,8 @@ class ErrorLog:
         if self.limits is None:
             return None
         try:
-            check_error_rate(self.read, len(self.errors), self.limits.max_error_rate, self.limits.min_records)
+            check_error_rate(self.read, len(self.errors), self.limits.max_error_rate, self.limits.min_records,
+                             report=self.report)
         except ErrorRateExceeded as e:
             return str(e)
         return None
@@ -58,14 +59,14 @@ class ErrorLog:
 _LUT_CACHE: dict[str, np.ndarray] = {}
 
 
-def error_log(limits=None):
+def error_log(limits=None, report=None):
     """A new :class:`ErrorLog`, on this (the driver's) node: on a cluster it must outlive any worker node, since
     every read task and training worker reports to it, and a lost node would take the counts and the budget
-    with it."""
+    with it. ``report``: where the job writes the error report, named in the budget's message."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ErrorLog.options(scheduling_strategy=here).remote(limits)
+    return ErrorLog.options(scheduling_strategy=here).remote(limits, None if report is None else str(report))
 
 
 def _lut(ref_box: list) -> np.ndarray:
@@ -222,12 +223,14 @@ class ErrorRateExceeded(RuntimeError):
     pass
 
 
-def check_error_rate(read: int, skipped: int, max_rate: float, min_records: int, final: bool = False) -> None:
-    """Stop a run whose skipped fraction passes ``max_rate`` (judged once ``min_records`` are read, and at the end)."""
+def check_error_rate(read: int, skipped: int, max_rate: float, min_records: int, final: bool = False,
+                     report: str | None = None) -> None:
+    """Stop a run whose skipped fraction passes ``max_rate`` (judged once ``min_records`` are read, and at the end);
+    the message names ``report``, the file listing the skipped keys and reasons."""
     if read and (final or read >= min_records) and skipped / read > max_rate:
         raise ErrorRateExceeded(
             f"{skipped} of {read} records ({100 * skipped / read:.2f}%) could not be read, over the limit of "
-            f"{100 * max_rate:.2f}% (max_error_rate); see the error report for keys and reasons")
+            f"{100 * max_rate:.2f}% (--limits.max_error_rate); keys and reasons: {report or 'the error report'}")
 
 
 class error_report:
@@ -244,7 +247,8 @@ class error_report:
 
     def check(self, final: bool = False) -> None:
         self.read, self.skipped = ray.get(self.log.stats.remote())
-        check_error_rate(self.read, self.skipped, self.limits.max_error_rate, self.limits.min_records, final)
+        check_error_rate(self.read, self.skipped, self.limits.max_error_rate, self.limits.min_records, final,
+                         report=str(self.path))
 
     def __exit__(self, exc_type, exc, tb):
         import mlflow
