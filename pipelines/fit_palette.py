@@ -5,8 +5,10 @@
 
 Each record is decoded and brought to the input resolution with the *eval* transform, and the same number of
 pixels is drawn from each (seeded by its key), so the sample spreads evenly over the dataset. Outputs, in
-``<output_dir>/<name>/`` and as MLflow artifacts: ``palette.npy`` (float32 (K, 3), the HF/official format), its
-lookup table, ``swatch.png``, ``errors.tsv`` (every skipped record with its reason) and ``summary.json``.
+``<output_dir>/<name>/`` and as MLflow artifacts: ``palette.npy`` (float32 (K, 3), the HF/official format),
+``swatch.png``, ``errors.tsv`` (every skipped record with its reason) and ``summary.json``. The palette's lookup
+table (every 24-bit colour's token, 32 MB) is cached beside ``palette.npy`` on disk, named by the palette's hash,
+and not logged: it is a function of the palette, rebuilt from it in a few seconds wherever it is missing.
 """
 
 from __future__ import annotations
