@@ -57,6 +57,10 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     assert all(r.data.tags["igpt.objective"] == "ar" for r in of_size)
     lineage = client.search_runs([exp.experiment_id], f"tags.`igpt.pretrain_run` = '{pre.info.run_name}'")
     assert {"extract", "probe"} <= {r.data.tags["igpt.job"] for r in lineage}
+    # run names that say the stage, and MLflow's Source and Created-by columns filled
+    assert {r.data.tags["igpt.job"]: r.info.run_name for r in lineage if "mlflow.parentRunId" not in r.data.tags} \
+        == {"extract": "debug/extract", "probe": "debug/probe"} and pre.info.run_name == "debug"
+    assert pre.data.tags["mlflow.user"] and pre.data.tags["mlflow.source.name"].endswith("main.py")
     table = (out / "t1" / "compare" / "table.csv").read_text()
     assert "debug" in table and len(table.strip().splitlines()) == 2  # header + this pipeline's one run
     assert re.search(r"stage timings: palette \d+ s, pretrain/debug \d+ s, .*compare \d+ s", proc.stdout), \

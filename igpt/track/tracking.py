@@ -213,7 +213,12 @@ class JobRun:
             all_tags = {"igpt.job": job, **lineage_tags((config or {}).get("model")), **(tags or {})}
             if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
                 all_tags["mlflow.parentRunId"] = tracking.parent_run_id
-            run_id = client.create_run(exp_id, run_name=tracking.run_name or name, tags=all_tags).info.run_id
+            from mlflow.tracking.context.registry import resolve_tags
+
+            # MLflow's own context tags (user, source script, git commit), as its fluent API adds them: the UI's
+            # Source and Created-by columns
+            run_id = client.create_run(exp_id, run_name=tracking.run_name or name,
+                                       tags=resolve_tags(all_tags)).info.run_id
             if id_file is not None:
                 id_file.write_text(run_id)
             items = list({**(flatten(config) if config else {}), **(params or {})}.items())
