@@ -37,7 +37,7 @@ from igpt.data.stream import TrainStream
 from igpt.errors import Conflict, UserError
 from igpt.raysetup import init_ray, worker_memory_gib
 from igpt.storage import Loc
-from igpt.track.tracking import JobRun, end_status, flatten
+from igpt.track.tracking import JobRun, end_status, flatten, log_splits
 from igpt.train import deepspeed_config, schedule
 from igpt.train import plan as memplan
 from igpt.train.checkpoints import newest_complete, read_marker
@@ -92,11 +92,11 @@ class PretrainJobConfig:
             raise ValueError(f"schedule_fraction must be in (0, 1], got {self.schedule_fraction}")
 
 
-def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, epochs: int, report=None):
+def datasets(cfg: PretrainJobConfig, palette: Palette, plan: sources.Plan, val_plan: sources.Plan, epochs: int,
+             report=None):
     """The training stream (``epochs`` passes, each epoch its own augmentations, its own order of read pieces and
     of records; each worker builds its own share, igpt/data/stream.py) and the validation split, materialized
     once."""
-    val_plan = sources.check(cfg.val)
     lut = ray.put(palette.lut)
     log = ingest.error_log(cfg.limits, report)  # the budget is enforced in the stream: no driver loop reads it
     t = cfg.transform
@@ -247,7 +247,10 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             run.client.log_artifact(run.run_id, cfg.palette_path, "palette")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
-        train, val, log = datasets(cfg, palette, plan, sched.epochs, report=run_dir / "errors.tsv")
+        val_plan = sources.check(cfg.val)
+        if not run.resumed:
+            log_splits(run.client, run.run_id, {"train": (cfg.train, plan.count), "val": (cfg.val, val_plan.count)})
+        train, val, log = datasets(cfg, palette, plan, val_plan, sched.epochs, report=run_dir / "errors.tsv")
         spec = PretrainSpec(
             stream=train,
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed,

@@ -74,6 +74,11 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     assert not [k for k, v in run.data.params.items() if v == "None" and k.startswith(("deepspeed.", "optim.",
                                                                                          "model.", "steps"))]
     assert run.data.tags["igpt.size"] == "debug" and run.data.tags["igpt.resolution"] == "32"
+    # the splits as MLflow datasets: source, digest of the selection, record count
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "validation"}
+    assert json.loads(inputs["training"].profile)["num_rows"] == 1000 and len(inputs["training"].digest) == 10
+    assert json.loads(inputs["training"].source)["uri"] in (str(SHARED_CIFAR), str(SAMPLE))
     # summary metrics the runs table sorts by
     assert run.data.metrics["summary/final_val_loss"] == run.data.metrics["val/loss"]
     assert run.data.metrics["summary/tokens"] == 12 * 16 * 32 * 32

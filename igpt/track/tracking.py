@@ -161,6 +161,42 @@ def lineage_tags(model: dict | None, pretrain_run_id: str | None = None, client=
     return tags
 
 
+CONTEXTS = {"train": "training", "val": "validation", "test": "testing"}
+
+
+def log_splits(client, run_id: str, splits: dict) -> None:
+    """Each split a run read as an MLflow dataset input (the UI's Datasets column): ``{"train": (spec, records)}``
+    with its source (the dataset's path or URI), a digest of what selects its records (path, format, split,
+    key_prefix, max_images, holdout, part: the same selection, the same digest) and its record count."""
+    import hashlib
+    import json
+    from dataclasses import asdict
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    class Split(MetaDataset):
+        def __init__(self, source, name, digest, records):
+            self.records = records
+            super().__init__(source, name=name, digest=digest)
+
+        @property
+        def profile(self):
+            return {"num_rows": self.records}
+
+        def to_dict(self) -> dict:  # MetaDataset's leaves the profile out; the entity takes it from here
+            return {**super().to_dict(), "profile": json.dumps(self.profile)}
+
+    inputs = []
+    for role, (spec, records) in splits.items():
+        chosen = json.dumps(asdict(spec), sort_keys=True)
+        ds = Split(resolve_dataset_source(spec.path), f"{role}: {spec.split}" + (f"/{spec.part}" if spec.part !=
+                   "all" else ""), hashlib.sha256(chosen.encode()).hexdigest()[:10], int(records))
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", CONTEXTS[role])]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """Nested config dict -> {"a.b.c": value}, the form MLflow params take."""
     out = {}

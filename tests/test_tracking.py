@@ -1,0 +1,42 @@
+"""The MLflow records every job shares (igpt.track.tracking), on a real local store."""
+
+import json
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from igpt.config import TrackingConfig
+from igpt.data.sources import DatasetSpec
+from igpt.track.tracking import JobRun, lineage_tags, log_splits
+
+
+def test_a_failed_run_carries_its_reason_and_a_run_its_lineage_and_splits(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = {"size": "S", "objective": "bert", "resolution": 48, "n_layer": 24}
+    run = JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "r1", "pretrain", {"model": model})
+    with pytest.raises(ValueError, match="boom"), run:
+        train = DatasetSpec("s3://bucket/imagenet", "imagefolder", "train", holdout=0.01, part="rest")
+        log_splits(run.client, run.run_id, {"train": (train, 1_268_355),
+                                            "val": (DatasetSpec(str(tmp_path), split="test"), 10_000)})
+        raise ValueError("boom: the loader hit a wall")
+    client = MlflowClient(uri)
+    r = client.get_run(run.run_id)
+    assert r.info.status == "FAILED" and r.data.tags["igpt.error"] == "ValueError: boom: the loader hit a wall"
+    assert r.data.tags["mlflow.note.content"].startswith("**FAILED**: ValueError: boom")
+    assert "Traceback (most recent call last)" in r.data.tags["igpt.traceback"]
+    # the model's lineage as tags, from the config; MLflow's own context tags (Created-by, Source)
+    assert (r.data.tags["igpt.size"], r.data.tags["igpt.objective"], r.data.tags["igpt.resolution"]) == \
+        ("S", "bert", "48")
+    assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"]
+    exp = client.get_experiment(r.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the splits as dataset inputs: source, a digest of the selection, the record count, the context
+    got = {d.tags[0].value: d.dataset for d in r.inputs.dataset_inputs}
+    assert got["training"].name == "train: train/rest" and json.loads(got["training"].profile) == \
+        {"num_rows": 1_268_355}
+    assert json.loads(got["training"].source)["uri"] == "s3://bucket/imagenet"
+    assert got["training"].source_type == "s3" and got["validation"].source_type == "local"
+    assert got["training"].digest != got["validation"].digest
+    # one tag finds the runs of one pretraining run; the name comes from the store
+    assert lineage_tags(None, r.info.run_id, client) == {"igpt.pretrain_run_id": r.info.run_id,
+                                                         "igpt.pretrain_run": "r1"}
