@@ -79,6 +79,8 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     assert set(inputs) == {"training", "validation"}
     assert json.loads(inputs["training"].profile)["num_rows"] == 1000 and len(inputs["training"].digest) == 10
     assert json.loads(inputs["training"].source)["uri"] in (str(SHARED_CIFAR), str(SAMPLE))
+    # MLflow's system metrics, sampled on rank 0's node while it trained
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     # summary metrics the runs table sorts by
     assert run.data.metrics["summary/final_val_loss"] == run.data.metrics["val/loss"]
     assert run.data.metrics["summary/tokens"] == 12 * 16 * 32 * 32

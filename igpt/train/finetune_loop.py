@@ -137,7 +137,11 @@ class FinetuneSpec:
 
 def finetune_loop(config: dict) -> None:
     """One fine-tuning run on one worker; ``config["spec"]`` is the driver's :class:`FinetuneSpec`."""
-    Finetuning(config["spec"]).run()
+    job = Finetuning(config["spec"])
+    try:
+        job.run()
+    finally:
+        job.t.close()
 
 
 class Finetuning:

@@ -65,7 +65,11 @@ def device_peak_flops(use_gpu: bool) -> tuple[float, str]:
 def train_loop(config: dict) -> None:
     """One pretraining run on one worker: ``config`` holds the driver's :class:`PretrainSpec` (``spec``) and the
     test faults (``faults``, igpt.train.faults)."""
-    Pretraining(config["spec"], Faults(**config["faults"])).run()
+    job = Pretraining(config["spec"], Faults(**config["faults"]))
+    try:
+        job.run()
+    finally:
+        job.t.close()
 
 
 @dataclass(frozen=True)

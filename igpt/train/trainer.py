@@ -89,6 +89,18 @@ class Trainer:
         self.accum = self.engine.gradient_accumulation_steps()
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.client = MlflowClient(spec.tracking_uri) if self.rank == 0 else None
+        self.system = None
+        if self.rank == 0:  # MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of rank 0's node
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system = SystemMetricsMonitor(spec.run_id, resume_logging=True, tracking_uri=spec.tracking_uri)
+            self.system.start()
+
+    def close(self) -> None:
+        """Stop the system-metrics monitor, flushing what it sampled."""
+        if self.system is not None:
+            self.system.finish()
+            self.system = None
 
     @property
     def module(self) -> nn.Module:
