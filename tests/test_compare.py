@@ -157,6 +157,9 @@ def test_table_files_plots_and_run(store, capsys):
     run = client.get_run(out["run_id"])
     assert run.data.tags["igpt.job"] == "compare" and run.info.run_name == "all" and run.info.status == "FINISHED"
     assert run.info.experiment_id == store["exp"] and run.data.metrics["compare/runs"] == 2
+    # it links the runs it compared: their ids, and the UI's run pages in its description
+    assert run.data.tags["igpt.compared_run_ids"].split(",") == [r.run_id for r in out["rows"]]
+    assert f"(#/experiments/{store['exp']}/runs/{ids['debug']})" in run.data.tags["mlflow.note.content"]
     assert sorted(a.path for a in client.list_artifacts(out["run_id"])) == ["config.json", "plots", "table.csv",
                                                                            "table.md"]
     assert sorted(a.path for a in client.list_artifacts(out["run_id"], "plots")) == \

@@ -467,6 +467,10 @@ def run(cfg) -> dict:
     with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare",
                      cli.to_dict(cfg), fluent=True) as mrun:
         mlflow.set_tag("igpt.track.compare.filter", cmp.filter_string[:5000])
+        # the runs it compared: ids in a tag, links (the UI's run pages) in the run's description
+        mlflow.set_tag("igpt.compared_run_ids", ",".join(r.run_id for r in cmp.rows)[:5000])
+        mlflow.set_tag("mlflow.note.content", "Compared runs:\n\n" + "\n".join(
+            f"- [{r.name}](#/experiments/{exp_id}/runs/{r.run_id}) ({r.status})" for r in cmp.rows))
         mlflow.log_metric("compare/runs", len(cmp.rows))
         mlflow.log_artifact(str(out / "table.csv"))
         mlflow.log_artifact(str(out / "table.md"))
