@@ -266,9 +266,11 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             if result.error:
                 raise result.error
         except BaseException as e:  # the report exists even when the run dies (a stream that ran dry points to it)
+            if end_status(e) != "FAILED":  # stopped: SIGKILL follows within seconds, for ending the MLflow run
+                raise
             with contextlib.suppress(Exception):  # best effort: never hide the run's own error
                 ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote(), timeout=10))
-            broken = run_dir.unwritable() if end_status(e) == "FAILED" else None
+            broken = run_dir.unwritable()
             if broken:  # the workers' errors are about files they could not write or find: say what went wrong
                 raise StorageUnwritable(
                     f"the run's storage cannot be written any more ({broken}); the run ended FAILED and its "

@@ -286,13 +286,15 @@ class JobRun:
             self.client.set_tag(self.run_id, "igpt.error", error[:5000])
             self.client.set_tag(self.run_id, "igpt.traceback", tail)
             self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
-        self._end_children(self.run_id, "FINISHED" if status == "FINISHED" else status)
+        # this run first: on `ray job stop` the SIGKILL follows the SIGTERM within seconds, and the job's own run is
+        # the record that must not stay RUNNING; then the runs under it (a search and a call per run)
         if self.fluent:
             import mlflow
 
             mlflow.end_run(status)
         else:
             self.client.set_terminated(self.run_id, status)
+        self._end_children(self.run_id, "FINISHED" if status == "FINISHED" else status)
 
     def _end_children(self, run_id: str, status: str) -> None:
         """Runs under ``run_id`` still RUNNING, at any depth, end KILLED (or with the parent's failure): their
@@ -300,6 +302,6 @@ class JobRun:
         child_status = "KILLED" if status == "FINISHED" else status
         for child in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
                                              max_results=1000):
-            self._end_children(child.info.run_id, status)
             if child.info.status == "RUNNING":
                 self.client.set_terminated(child.info.run_id, child_status)
+            self._end_children(child.info.run_id, status)
