@@ -129,7 +129,7 @@ class Lease:
                     return  # taken over (we were presumed dead): never write over the new owner
                 self.loc.write_text(json.dumps({**self.me, "heartbeat": time.time()}))  # whole, never half
                 self.failure = None
-            except OSError as e:  # the storage failed: keep trying (it may come back); the job reads .failure
+            except OSError as e:  # the storage failed: keep beating (it may come back); the last error stays here
                 self.failure = f"cannot write {self.loc}: {type(e).__name__}: {e}"
 
     def release(self) -> None:
