@@ -40,3 +40,21 @@ def test_a_failed_run_carries_its_reason_and_a_run_its_lineage_and_splits(tmp_pa
     # one tag finds the runs of one pretraining run; the name comes from the store
     assert lineage_tags(None, r.info.run_id, client) == {"igpt.pretrain_run_id": r.info.run_id,
                                                          "igpt.pretrain_run": "r1"}
+
+
+def test_a_stopped_job_ends_every_running_run_under_it_at_any_depth_and_no_other(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "sweep", "sweep_lr", None)
+    client, exp = run.client, run.experiment_id
+
+    def child(parent, name):
+        return client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent}).info.run_id
+
+    trial, done = child(run.run_id, "trial"), child(run.run_id, "done")
+    grandchild = child(done, "pretrain-under-a-finished-trial")
+    client.set_terminated(done, "FINISHED")
+    other = client.create_run(exp, run_name="another job's").info.run_id
+    run.end("KILLED")
+    status = {rid: client.get_run(rid).info.status for rid in (run.run_id, trial, done, grandchild, other)}
+    assert status == {run.run_id: "KILLED", trial: "KILLED", done: "FINISHED", grandchild: "KILLED",
+                      other: "RUNNING"}

@@ -298,10 +298,29 @@ class JobRun:
 
     def _end_children(self, run_id: str, status: str) -> None:
         """Runs under ``run_id`` still RUNNING, at any depth, end KILLED (or with the parent's failure): their
-        process is gone with the job's. A parent that finished leaves none running unless one was abandoned."""
+        process is gone with the job's. A parent that finished leaves none running unless one was abandoned.
+
+        One search for the experiment's RUNNING runs, then a call per run under this one: on ``ray job stop`` this
+        races the SIGKILL that follows within 3 s, where a search per child (18 probe trials) lost under load."""
         child_status = "KILLED" if status == "FINISHED" else status
-        for child in self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'",
-                                             max_results=1000):
-            if child.info.status == "RUNNING":
-                self.client.set_terminated(child.info.run_id, child_status)
-            self._end_children(child.info.run_id, status)
+        running = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in self.client.search_runs(
+            [self.experiment_id], "attributes.status = 'RUNNING'", max_results=10000)}
+        parents: dict[str, str | None] = {}
+
+        def parent(rid: str) -> str | None:  # a finished run between two running ones is looked up once
+            if rid in running:
+                return running[rid]
+            if rid not in parents:
+                try:
+                    parents[rid] = self.client.get_run(rid).data.tags.get("mlflow.parentRunId")
+                except Exception:
+                    parents[rid] = None
+            return parents[rid]
+
+        for rid in running:
+            seen, up = {rid}, parent(rid)
+            while up and up not in seen and up != run_id:
+                seen.add(up)
+                up = parent(up)
+            if up == run_id and rid != run_id:
+                self.client.set_terminated(rid, child_status)
