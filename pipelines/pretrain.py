@@ -146,11 +146,10 @@ def resolved_params(cfg: PretrainJobConfig, sched: Schedule, ds_conf: dict, mode
     """The run's params for MLflow: the config with every recipe and preset default replaced by the value that
     ran (no "None" where DeepSpeed's config says 2); the full config stays the config.json artifact."""
     params = flatten(cli.to_dict(cfg))
-    zero = ds_conf.get("zero_optimization", {})
-    params.update({"deepspeed.zero_stage": zero.get("stage", 0),
+    optimizer, offload_params = deepspeed_config.offloads(ds_conf)
+    params.update({"deepspeed.zero_stage": ds_conf["zero_optimization"].get("stage", 0),
                    "deepspeed.precision": deepspeed_config.precision_of(ds_conf),
-                   "deepspeed.offload_optimizer": "offload_optimizer" in zero,
-                   "deepspeed.offload_params": "offload_param" in zero,
+                   "deepspeed.offload_optimizer": optimizer, "deepspeed.offload_params": offload_params,
                    "deepspeed.grad_accum": ds_conf["gradient_accumulation_steps"],
                    "model.activation_checkpointing": model_cfg["activation_checkpointing"],
                    "steps.schedule_fraction": cfg.schedule_fraction})

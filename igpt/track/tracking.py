@@ -287,7 +287,7 @@ class JobRun:
             self.client.set_tag(self.run_id, "igpt.traceback", tail)
             self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
         # this run first: on `ray job stop` the SIGKILL follows the SIGTERM within seconds, and the job's own run is
-        # the record that must not stay RUNNING; then the runs under it (a search and a call per run)
+        # the record that must not stay RUNNING; then the runs under it (one search, then a call per run)
         if self.fluent:
             import mlflow
 

@@ -30,6 +30,13 @@ def precision_of(conf: dict) -> str:
     return "bf16" if conf.get("bf16", {}).get("enabled") else "fp16" if conf.get("fp16", {}).get("enabled") else "fp32"
 
 
+def offloads(conf: dict) -> tuple[bool, bool]:
+    """(optimizer offloaded, parameters offloaded) in a built DeepSpeed config: the keys' presence, as build reads
+    it when it picks the optimizer."""
+    zero = conf.get("zero_optimization", {})
+    return "offload_optimizer" in zero, "offload_param" in zero
+
+
 def build(ds: DeepSpeedConfig, optim: OptimConfig, world_size: int, on_gpu: bool) -> tuple[dict, dict]:
     """(DeepSpeed config dict, model settings from the preset)."""
     preset = load_preset(ds.preset)

@@ -153,16 +153,11 @@ def table(rows: list[tuple[str, PlanInput]]) -> str:
 
 def of_run(model: ModelConfig, ds_conf: dict, workers: int, mem_gib: float) -> PlanInput:
     """The plan input of a resolved run: its DeepSpeed config (stage, precision, offload, batch) and model."""
-    zero = ds_conf.get("zero_optimization", {})
+    from igpt.train.deepspeed_config import offloads, precision_of
 
-    def offloaded(key: str) -> bool:
-        return zero.get(key, {}).get("device", "none") not in ("none", None)
-
-    from igpt.train.deepspeed_config import precision_of
-
-    return PlanInput(model, gpus=workers, gpu_mem_gib=mem_gib, zero_stage=zero.get("stage", 0),
-                     precision=precision_of(ds_conf),
-                     offload_optimizer=offloaded("offload_optimizer"), offload_params=offloaded("offload_param"),
+    optimizer, params = offloads(ds_conf)
+    return PlanInput(model, gpus=workers, gpu_mem_gib=mem_gib, zero_stage=ds_conf["zero_optimization"].get("stage", 0),
+                     precision=precision_of(ds_conf), offload_optimizer=optimizer, offload_params=params,
                      micro_batch=ds_conf["train_micro_batch_size_per_gpu"],
                      activation_checkpointing=model.activation_checkpointing, global_batch=ds_conf["train_batch_size"])
 
