@@ -48,7 +48,8 @@ class StoreConfig:
 class TrackingConfig(StoreConfig):
     """A job's run: the store and experiment, the run's name and the run it is nested under."""
 
-    run_name: str | None = _help("MLflow run name; default: the job's name", default=None)
+    run_name: str | None = _help("MLflow run name; default: a pretraining run's is the job's --name, any other "
+                                 "stage's <name>/<stage> (e.g. s-cifar/probe)", default=None)
     parent_run_id: str | None = _help("MLflow run id this job's run is nested under (tag mlflow.parentRunId); "
                                       "set by sweeps for their trials", default=None)
 

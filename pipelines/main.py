@@ -126,15 +126,14 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
                                       micro_batch=cfg.optim.global_batch // cfg.workers),
             scaling=ScalingConfig(workers=cfg.workers), steps=cfg.steps,
             checkpoint=CheckpointConfig(every_steps=cfg.steps), completions=4, tracking=track)
-        # the pretraining run is named by its size; the runs made from it say their stage (one name for three
-        # runs left the UI's table ambiguous)
+        # the pretraining run is named by its size; the runs made from it say their stage (igpt.track.tracking's
+        # default_run_name): debug, debug/extract, debug/probe
         out[f"extract/{size}"] = ExtractJobConfig(
             name=size, output_dir=str(root / "features"), checkpoint=str(root / "train" / size), train=train,
-            test=test, holdout=cfg.holdout, transform=eval_transform,
-            tracking=replace(track, run_name=f"{size}/extract"))
+            test=test, holdout=cfg.holdout, transform=eval_transform, tracking=track)
         out[f"probe/{size}"] = ProbeJobConfig(
             name=size, output_dir=str(root / "probe"), features=str(root / "features" / size),
-            space=cfg.probe_space, seed=cfg.seed, tracking=replace(track, run_name=f"{size}/probe"))
+            space=cfg.probe_space, seed=cfg.seed, tracking=track)
     out["compare"] = CompareJobConfig(name="compare", output_dir=str(root), tag=f"igpt.main={cfg.name}",
                                       tracking=track)
     return out

@@ -155,7 +155,8 @@ def test_table_files_plots_and_run(store, capsys):
         png = folder / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     run = client.get_run(out["run_id"])
-    assert run.data.tags["igpt.job"] == "compare" and run.info.run_name == "all" and run.info.status == "FINISHED"
+    assert run.data.tags["igpt.job"] == "compare" and run.info.status == "FINISHED"
+    assert run.info.run_name == "all/compare"  # a stage says its stage (igpt.track.tracking.default_run_name)
     assert run.info.experiment_id == store["exp"] and run.data.metrics["compare/runs"] == 2
     # it links the runs it compared: their ids, and the UI's run pages in its description
     assert run.data.tags["igpt.compared_run_ids"].split(",") == [r.run_id for r in out["rows"]]

@@ -263,7 +263,7 @@ def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, 
     client = MlflowClient(servers["tracking"])
     deadline = time.time() + 600
     while True:  # until the stage is inside its fit: a run under it exists and is running
-        parent = _run_of(servers, name)
+        parent = _run_of(servers, f"{name}/{job}")  # a stage's run says its stage (default_run_name)
         under = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'") \
             if parent is not None else []
         if any(r.info.status == "RUNNING" for r in under):
@@ -279,7 +279,7 @@ def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, 
         assert time.time() < deadline
         time.sleep(1)
     assert job_status(servers, job_id) == "STOPPED"
-    assert _run_of(servers, name).info.status == "KILLED"
+    assert _run_of(servers, f"{name}/{job}").info.status == "KILLED"
     tree, frontier = [], [parent.info.run_id]
     while frontier:  # every run under it, at any depth
         found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{frontier.pop()}'")

@@ -1,6 +1,7 @@
 """The MLflow records every job shares (igpt.track.tracking), on a real local store."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -58,3 +59,20 @@ def test_a_stopped_job_ends_every_running_run_under_it_at_any_depth_and_no_other
     status = {rid: client.get_run(rid).info.status for rid in (run.run_id, trial, done, grandchild, other)}
     assert status == {run.run_id: "KILLED", trial: "KILLED", done: "FINISHED", grandchild: "KILLED",
                       other: "RUNNING"}
+
+
+def test_runs_of_one_model_say_their_stage_unless_named(tmp_path):
+    """Extract, probe and fine-tuning runs submitted with the pretraining run's --name no longer share its name."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = TrackingConfig(tracking_uri=uri)
+
+    def name(job, given="s-cifar", **kw):
+        run = JobRun.open(replace(track, **kw), tmp_path, given, job, None)
+        run.end("FINISHED")
+        return run.client.get_run(run.run_id).info.run_name
+
+    assert [name(j) for j in ("pretrain", "extract", "probe", "finetune", "fit_palette")] == \
+        ["s-cifar", "s-cifar/extract", "s-cifar/probe", "s-cifar/finetune", "s-cifar/palette"]
+    assert name("probe", run_name="mine") == "mine"  # the submitter's --tracking.run_name wins
+    assert name("compare", given="compare") == "compare" and name("probe", given="x/probe") == "x/probe"
+    assert name("extract", parent_run_id=JobRun.open(track, tmp_path, "p", "pretrain", None).run_id) == "s-cifar"

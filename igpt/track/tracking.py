@@ -208,6 +208,21 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+STAGE_LABELS = {"fit_palette": "palette", "quantize": "quantize", "extract": "extract", "probe": "probe",
+                "finetune": "finetune", "sweep_lr": "sweep_lr", "compare": "compare"}
+
+
+def default_run_name(name: str, job: str, tags: dict) -> str:
+    """A run's name when the submitter gives none (``--tracking.run_name``): a pretraining run is the job's name,
+    the model every later stage refers to; any other top-level run says its stage, ``<name>/<stage>``
+    (``s-cifar/extract``, ``s-cifar/probe``), so the runs of one model do not share a name in the runs table; a
+    name that already ends with its stage, and a run nested under another (a trial), keep the name given."""
+    label = STAGE_LABELS.get(job)
+    if label is None or "mlflow.parentRunId" in tags or name == label or name.endswith(f"/{label}"):
+        return name
+    return f"{name}/{label}"
+
+
 class JobRun:
     """The one lifecycle of a job's MLflow run; every driver uses it as ``with JobRun.open(...) as run:``.
 
@@ -253,7 +268,7 @@ class JobRun:
 
             # MLflow's own context tags (user, source script, git commit), as its fluent API adds them: the UI's
             # Source and Created-by columns
-            run_id = client.create_run(exp_id, run_name=tracking.run_name or name,
+            run_id = client.create_run(exp_id, run_name=tracking.run_name or default_run_name(name, job, all_tags),
                                        tags=resolve_tags(all_tags)).info.run_id
             if id_file is not None:
                 id_file.write_text(run_id)
