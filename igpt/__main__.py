@@ -7,6 +7,7 @@ import argparse
 import numpy as np
 
 from igpt.config import MODEL_SIZES, PAPER_PARAMS_M, ModelConfig
+from igpt.data.sources import FORMATS
 from igpt.errors import UserError
 
 
@@ -54,10 +55,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely colours; 0: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", default=None,
-                   help="Parquet file, or folder of <split>-*.parquet, with key/image columns: images whose top "
-                        "half is completed (picked evenly through the file)")
-    p.add_argument("--images_split", default="test", help="split of an --images folder")
-    p.add_argument("--key_prefix", default="", help="only --images rows whose key starts with this (e.g. test/)")
+                   help="a dataset (file, folder or URI, any --images_format) whose images get their top half "
+                        "completed: --n of them, picked evenly through the split")
+    p.add_argument("--images_format", choices=FORMATS, default="parquet",
+                   help="layout of --images, as the jobs' --data.format (parquet: key/image columns)")
+    p.add_argument("--images_split", default="test", help="split of --images (a parquet/webdataset file: itself)")
+    p.add_argument("--key_prefix", default="", help="parquet: only rows whose key starts with this (e.g. test/)")
+    p.add_argument("--labels_file", default="", help="imagefolder: a flat split's labels (as the jobs' labels_file)")
     p.add_argument("--recipe", choices=["imagenet", "cifar", "none"], default="imagenet",
                    help="eval transform of --images to the model's resolution (imagenet: centre crop, box filter)")
     p.add_argument("--no_cache", action="store_true", help="decode without the KV cache (slow; for checking)")
@@ -109,42 +113,29 @@ def _hf(name: str, *args) -> str:
     return getattr(hf, name)(*args)
 
 
-def read_images(path: str, n: int, resolution: int, split: str = "test", key_prefix: str = "",
-                recipe: str = "imagenet") -> np.ndarray:
-    """Up to ``n`` images from a Parquet file or folder (``key``/``image`` columns, as igpt.data.sources reads them),
-    picked evenly through the rows, each through the eval transform to uint8 (IR, IR, 3). Records that do not
-    decode are skipped with a note on stderr."""
+def read_images(spec, n: int, resolution: int, recipe: str = "imagenet") -> np.ndarray:
+    """Up to ``n`` images of a dataset spec (any format igpt.data.sources reads), picked evenly through the split,
+    each through the eval transform to uint8 (IR, IR, 3). Records that do not decode are skipped with a note on
+    stderr."""
     import sys
 
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     from igpt.data.images import BadImage
-    from igpt.data.sources import DatasetSpec, check
-    from igpt.data.transforms import apply
+    from igpt.data.ingest import TransformSpec, record_pixels
+    from igpt.data.sources import pick
 
-    spec = DatasetSpec(path=path, format="parquet", split=split, key_prefix=key_prefix)
-    plan = check(spec)  # clear errors for a wrong path, no split files, missing columns
-    where = []  # (file, row) of every eligible record, from the key column alone
-    for f in plan.files:
-        keys = pq.read_table(f, columns=[spec.key_column], filesystem=plan.fs)[spec.key_column]
-        rows = range(len(keys)) if not key_prefix else \
-            np.flatnonzero(pc.starts_with(keys, key_prefix).to_numpy(zero_copy_only=False))
-        where += [(f, int(r)) for r in rows]
-    if not where:
-        raise UserError(f"no images in {path} (split {split!r}, key prefix {key_prefix!r})")
-    picks = [where[i] for i in np.unique(np.linspace(0, len(where) - 1, min(n, len(where))).round().astype(int))]
-    out = []
-    for f in dict.fromkeys(f for f, _ in picks):
-        t = pq.read_table(f, columns=[spec.key_column, spec.image_column], filesystem=plan.fs)
-        for _, r in (p for p in picks if p[0] == f):
-            key, data = t[spec.key_column][r].as_py(), t[spec.image_column][r].as_py()
-            try:
-                out.append(apply(data or b"", recipe, resolution, train=False))
-            except BadImage as e:
-                print(f"skipped {key}: {e}", file=sys.stderr)
+    rows = pick(spec, n).to_pylist()
+    if not rows:
+        raise UserError(f"no images in {spec.path} (split {spec.split!r}, key prefix {spec.key_prefix!r})")
+    t, out = TransformSpec(recipe, resolution, train=False), []
+    for r in rows:
+        try:
+            if r["error"]:
+                raise BadImage(r["error"])
+            out.append(record_pixels(r["image"] or b"", r["raw_size"], r["key"], t))
+        except BadImage as e:
+            print(f"skipped {r['key']}: {e}", file=sys.stderr)
     if not out:
-        raise UserError(f"none of the {len(picks)} images picked from {path} could be decoded")
+        raise UserError(f"none of the {len(rows)} images picked from {spec.path} could be decoded")
     return np.stack(out)
 
 
@@ -163,7 +154,11 @@ def sample_command(args) -> str:
     res = model.cfg.resolution
     images = None
     if args.images:
-        px = read_images(args.images, args.n, res, args.images_split, args.key_prefix, args.recipe)
+        from igpt.data.sources import DatasetSpec
+
+        spec = DatasetSpec(path=args.images, format=args.images_format, split=args.images_split,
+                           key_prefix=args.key_prefix, labels_file=args.labels_file)
+        px = read_images(spec, args.n, res, args.recipe)
         images = torch.as_tensor(palette.quantize(px).reshape(len(px), res * res).astype(np.int64))
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
@@ -189,7 +184,8 @@ def sample_command(args) -> str:
             root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
             exp = ensure_experiment(uri, args.experiment, root)
             run_id = client.create_run(exp, run_name="sample", tags={"igpt.job": "sample"}).info.run_id
-            for k in ("checkpoint", "n", "completions", "temperature", "top_k", "seed", "images", "recipe"):
+            for k in ("checkpoint", "n", "completions", "temperature", "top_k", "seed", "images", "images_format",
+                      "images_split", "recipe"):
                 client.log_param(run_id, k, getattr(args, k))
             client.log_metric(run_id, "sample/seconds", seconds)
         # an existing run (the checkpoint's own pretraining run, say) only gains the artifact: its params stay

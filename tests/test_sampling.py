@@ -201,3 +201,38 @@ def test_sample_command_writes_the_png_and_logs_it_to_mlflow(tmp_path, capsys):
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples.png"]
     run = client.get_run(run_id)
     assert run.data.params["top_k"] == "0" and run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("fmt", ["imagefolder", "webdataset", "cifar10", "stl10"])
+def test_sample_reads_images_of_any_dataset_format(tmp_path, capsys, fmt):
+    """``--images`` takes every layout the jobs read; the images picked are the dataset's own, decoded as the
+    jobs decode them."""
+    from PIL import Image
+
+    from igpt import cli
+    from igpt.__main__ import main, read_images
+    from igpt.data.sources import DatasetSpec
+    from igpt.data.transforms import apply
+    from igpt.train import checkpoints
+    from tests import fixtures
+
+    root = tmp_path / fmt
+    truth = getattr(fixtures, fmt if fmt != "cifar10" else "cifar")(root)
+    split = {"imagefolder": "val", "webdataset": "train", "cifar10": "test", "stl10": "train"}[fmt]
+    labels = str(root / "LOC_val_solution.csv") if fmt == "imagefolder" else ""
+    spec = DatasetSpec(str(root), fmt, split, labels_file=labels)
+    # webdataset: the third pick is the shard member without an image (fixtures), skipped with a note
+    px = read_images(spec, 3 if fmt == "webdataset" else 2, RES, "none")
+    known = [apply(img, "none", RES, train=False) for img, _ in truth.values()]
+    found = [next((i for i, k in enumerate(known) if np.array_equal(p, k)), None) for p in px]
+    assert px.shape == (2, RES, RES, 3) and None not in found and found[0] != found[1], found
+    m, pal = small(), random_palette()
+    weights = checkpoints.write_weights(tmp_path, m.state_dict(), cli.to_dict(m.cfg), pal.centres, step=3)
+    out = tmp_path / "s.png"
+    n = 3 if fmt == "webdataset" else 2
+    main(["sample", "--checkpoint", str(weights), "--n", str(n), "--completions", "1", "--images", str(root),
+          "--images_format", fmt, "--images_split", split, "--labels_file", labels, "--recipe", "none",
+          "--out", str(out)])
+    assert "2 images x 1 completions" in capsys.readouterr().out
+    rows = 2 + -(-n // 2)  # 2 images, then the n samples in rows as wide as an image's row (original + 1)
+    assert np.asarray(Image.open(out)).shape == (4 * (rows * (RES + 2) + 2), 4 * (2 * (RES + 2) + 2), 3)

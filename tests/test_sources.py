@@ -194,6 +194,24 @@ def test_plan_count_is_what_the_reader_yields(tmp_path, monkeypatch, case, ray_l
     assert parts["rest"] | parts["holdout"] == {k for _, k, _ in ordered_keys(spec)[:cut]}  # the first, in file order
 
 
+@pytest.mark.parametrize("case", ["parquet", "imagefolder", "imagefolder-flat", "webdataset", "cifar10",
+                                  "cifar10-archive", "cifar100-archive", "stl10"])
+def test_pick_spreads_a_few_records_of_any_format_over_the_split_without_ray(tmp_path, monkeypatch, case):
+    spec = format_cases(tmp_path, monkeypatch)[case]
+    plan = sources.check(spec)
+    every = sources.pick(spec, 10**6).to_pylist()  # more than there are: every record, in file order
+    keys = [r["key"] for r in every]
+    assert len(keys) == len(set(keys)) == plan.count
+    few = [r["key"] for r in sources.pick(spec, 3).to_pylist()]  # the first, the last, and one between
+    assert len(few) == min(3, plan.count) and few[0] == keys[0] and few[-1] == keys[-1]
+    assert few == sorted(few, key=keys.index)
+    held = replace(spec, holdout=0.4, part="holdout")
+    got = [r["key"] for r in sources.pick(held, 10**6).to_pylist()]
+    assert got == [k for k, h in zip(keys, sources.held_out(keys, 0.4), strict=True) if h]
+    assert got or plan.count < 5  # (the flat val folder has two images, both outside the 40%)
+    assert set(r["key"] for r in sources.pick(held, 2).to_pylist()) <= set(got)
+
+
 @pytest.mark.parametrize("root_blocks", [True, False], ids=["block-per-unit", "split-as-read"])
 def test_epochs_stream_in_one_dataset_each_in_its_unit_order(monkeypatch, root_blocks, ray_local):
     if not root_blocks:

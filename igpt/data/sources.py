@@ -381,6 +381,38 @@ def _plan_stl10(spec, fs, root, info) -> tuple[Plan, Keys]:
     return Plan(spec, fs, files, units=units), lambda u: [_stl_key(spec.split, i) for i in range(u.pos, u.pos + u.take)]
 
 
+# ------------------------------------------------------------------------------------------------- picking
+def pick(spec: DatasetSpec, n: int) -> pa.Table:
+    """Up to ``n`` records spread evenly through a split of any format, read here without Ray (a few images to
+    look at: ``igpt sample --images``), with the columns of :func:`_rows_table`.
+
+    The picks are evenly spaced over the records the read units hold in file order (after key_prefix and
+    max_images). With a holdout ``part``, a pick outside the part moves to the next record of its unit inside it,
+    or is dropped. Only the units picked from are read; of an image folder, only the files picked."""
+    plan = check(spec)
+    starts = np.cumsum([0] + [u.take for u in plan.units])
+    want = np.unique(np.linspace(0, starts[-1] - 1, max(0, min(n, int(starts[-1])))).round().astype(np.int64))
+    tables = []
+    for ui in np.unique(np.searchsorted(starts, want, side="right") - 1):
+        u, offsets = plan.units[ui], want[(want >= starts[ui]) & (want < starts[ui + 1])] - starts[ui]
+        if spec.format == "imagefolder":  # keys without reading: read only the files picked
+            index = {c: i for i, c in enumerate(plan.classes)}
+            keys = [_folder_record(p, spec.split, index, plan.labels)[0] for p in plan.files[u.pos:u.pos + u.take]]
+        else:
+            table = _READERS[spec.format](plan, u)
+            keys = table["key"].to_pylist()
+        inside, chosen = in_part(keys, spec), []
+        for o in offsets:
+            j = next((j for j in range(int(o), len(keys)) if inside[j] and j not in chosen), None)
+            if j is not None:
+                chosen.append(j)
+        if spec.format == "imagefolder":
+            tables += [_read_imagefolder(plan, Unit("", u.pos + j, 1)) for j in chosen]
+        elif chosen:
+            tables.append(table.take(pa.array(chosen, pa.int64())))
+    return pa.concat_tables(tables) if tables else _rows_table([], [], [], [], [])
+
+
 # ------------------------------------------------------------------------------------------------- reading
 # Up to this many read units (all epochs together), each gets a root block of its own: one ray.put each when
 # execution starts (~2 ms on 2 cores). Beyond, a single root block is split as the reads go (_one_row_blocks), so
