@@ -55,6 +55,24 @@ class TrackingConfig(StoreConfig):
 
 
 @dataclass
+class ModelTrackingConfig(TrackingConfig):
+    """The run of a job that makes a model (pretraining, the probe): also where that model goes in MLflow."""
+
+    log_model: bool = _help("log the job's model as an MLflow model (pretraining: the final weights, PyTorch "
+                            "flavour, loaded into the driver's memory to log: 4 bytes per parameter, 27 GB for XL, "
+                            "so turn it off where the driver's node cannot hold them; probe: the refit classifier, "
+                            "scikit-learn flavour)", default=True)
+    register: str | None = _help("also register the logged model in the Model Registry under this name (a new "
+                                 "version per run); needs log_model", default=None)
+
+    def __post_init__(self) -> None:
+        if self.register is not None and not self.log_model:
+            raise ValueError("tracking.register needs tracking.log_model (a model must be logged to register it)")
+        if self.register is not None and not self.register.strip():
+            raise ValueError("tracking.register: give a model name, or leave it unset")
+
+
+@dataclass
 class TransformConfig:
     recipe: Literal["imagenet", "cifar", "none"] = _help(
         "imagenet: shorter side U[256,384] + random 224 crop (train) / centre crop (eval), box-filtered to IR; "

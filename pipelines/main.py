@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ from igpt.config import (
     DEFAULT_DATA,
     CheckpointConfig,
     DeepSpeedConfig,
+    ModelTrackingConfig,
     OptimConfig,
     PaletteConfig,
     ScalingConfig,
@@ -110,6 +111,7 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
     root = Path(cli.absolute_path(cfg.output_dir)) / cfg.name
     track = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(root),
                            experiment=cfg.tracking.experiment)
+    models = ModelTrackingConfig(**asdict(track))  # pretraining and the probe log their models
     d = cfg.data
     train = DatasetSpec(path=d.path, key_prefix=d.train_prefix, max_images=d.max_images)
     test = DatasetSpec(path=d.path, key_prefix=d.test_prefix, split="test")
@@ -125,7 +127,7 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
             deepspeed=DeepSpeedConfig(preset="cpu", zero_stage=2, precision="fp32",
                                       micro_batch=cfg.optim.global_batch // cfg.workers),
             scaling=ScalingConfig(workers=cfg.workers), steps=cfg.steps,
-            checkpoint=CheckpointConfig(every_steps=cfg.steps), completions=4, tracking=track)
+            checkpoint=CheckpointConfig(every_steps=cfg.steps), completions=4, tracking=models)
         # the pretraining run is named by its size; the runs made from it say their stage (igpt.track.tracking's
         # default_run_name): debug, debug/extract, debug/probe
         out[f"extract/{size}"] = ExtractJobConfig(
@@ -133,7 +135,7 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
             test=test, holdout=cfg.holdout, transform=eval_transform, tracking=track)
         out[f"probe/{size}"] = ProbeJobConfig(
             name=size, output_dir=str(root / "probe"), features=str(root / "features" / size),
-            space=cfg.probe_space, seed=cfg.seed, tracking=track)
+            space=cfg.probe_space, seed=cfg.seed, tracking=models)
     out["compare"] = CompareJobConfig(name="compare", output_dir=str(root), tag=f"igpt.main={cfg.name}",
                                       tracking=track)
     return out

@@ -25,9 +25,9 @@ from igpt.config import (
     DeepSpeedConfig,
     IngestLimits,
     ModelConfig,
+    ModelTrackingConfig,
     OptimConfig,
     ScalingConfig,
-    TrackingConfig,
     TransformConfig,
 )
 from igpt.data import ingest, sources
@@ -38,7 +38,7 @@ from igpt.errors import Conflict, UserError
 from igpt.raysetup import init_ray, worker_memory_gib
 from igpt.storage import Loc
 from igpt.track.tracking import JobRun, end_status, flatten, log_splits
-from igpt.train import deepspeed_config, schedule
+from igpt.train import checkpoints, deepspeed_config, schedule
 from igpt.train import plan as memplan
 from igpt.train.checkpoints import newest_complete, read_marker
 from igpt.train.faults import Faults
@@ -82,7 +82,7 @@ class PretrainJobConfig:
                            "device; >= 1", default=1)
     limits: IngestLimits = field(default_factory=IngestLimits)
     """the error budget of the training and evaluation streams (checked inside the stream)"""
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: ModelTrackingConfig = field(default_factory=ModelTrackingConfig)
 
     def __post_init__(self) -> None:
         if (self.steps is not None and self.steps < 1) or self.eval_every < 0 or self.val_images < 0 or \
@@ -276,7 +276,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
                     f"newest complete checkpoint stays the one to resume from: make {run_dir} writable and "
                     f"re-submit --name {cfg.name}") from e
             raise
-        report = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
+        report, model_uri = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote())), None
         read, skipped = ray.get(log.stats.remote())
         run.client.log_text(run.run_id, report, "errors.tsv")  # the text just written, not read back from storage
         run.client.log_metric(run.run_id, "data/records_read", read)
@@ -292,9 +292,13 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             final["summary/final_val_loss"] = val_loss
         for k, v in final.items():
             run.client.log_metric(run.run_id, k, v)
+        if cfg.tracking.log_model:  # the final step always saves: the newest complete checkpoint is the end
+            from igpt.track.models import log_pretrained
+
+            model_uri = log_pretrained(run, checkpoints.resolve(run_dir), cfg.tracking.register).model_uri
     summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,
                "run_dir": str(run_dir), "total_steps": sched.total_steps, "resumed": run.resumed,
-               "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
+               "checkpoint": str(result.checkpoint.path) if result.checkpoint else None, "model_uri": model_uri}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"trained {sched.total_steps} steps; MLflow run {run.run_id} at {run.uri}; checkpoints in {run_dir}")
     return summary

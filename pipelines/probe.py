@@ -27,7 +27,7 @@ import numpy as np
 
 from igpt import cli, tune_space
 from igpt.cli import field_help as _help
-from igpt.config import TrackingConfig
+from igpt.config import ModelTrackingConfig
 from igpt.errors import UserError
 from igpt.eval import features, probe
 from igpt.raysetup import init_ray
@@ -57,7 +57,7 @@ class ProbeJobConfig:
     low_data_seeds: int = _help("low-data: seeds (subsets) per label count", default=3)
     cpus_per_trial: float = _help("CPUs per Tune trial", default=1.0)
     seed: int = _help("seed of the SGD protocol and the low-data subsets", default=0)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: ModelTrackingConfig = field(default_factory=ModelTrackingConfig)
 
     def __post_init__(self) -> None:
         if self.max_iter < 1 or self.epochs < 1 or self.batch_size < 1 or self.low_data_seeds < 1:
@@ -112,14 +112,14 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
     return {k: best.config[k] for k in space}, grid.get_dataframe()
 
 
-def refit_and_test(cfg: ProbeJobConfig, params: dict) -> dict:
-    """The best setting fit on train+val, evaluated once on test."""
+def refit_and_test(cfg: ProbeJobConfig, params: dict) -> tuple[dict, probe.LinearProbe, np.ndarray]:
+    """The best setting fit on train+val, evaluated once on test: (figures, the probe, the test features)."""
     layer = params["layer"]
     xs, ys = zip(*(features.load(cfg.features, s, layer)[:2] for s in ("train", "val")), strict=False)
     x, y = np.concatenate(xs), np.concatenate(ys)
     xt, yt, _ = features.load(cfg.features, "test", layer)
     p = fit(cfg, x, y, params)
-    return {"test_accuracy": p.accuracy(xt, yt), "trainval_accuracy": p.accuracy(x, y), "test_images": len(yt)}
+    return {"test_accuracy": p.accuracy(xt, yt), "trainval_accuracy": p.accuracy(x, y), "test_images": len(yt)}, p, xt
 
 
 def low_data_trial(config: dict, cfg_dict: dict, layer, C: float) -> None:
@@ -231,14 +231,21 @@ def run(cfg: ProbeJobConfig) -> dict:
         check_splits(cfg, found)
         best, df = sweep(cfg, space, "layers", uri, experiment, parent)
         warn("trials_tied", probe.tied_trials(df["val_accuracy"]), found)
-        result = {"best": best, **refit_and_test(cfg, best)}
+        figures, refit, xt = refit_and_test(cfg, best)
+        result = {"best": best, **figures}
         log_layer_sweep(out, df, best, n_layer, result)
+        if cfg.tracking.log_model:  # the classifier the test accuracy is of, with the layer it reads
+            from igpt.track.models import log_probe
+
+            result["model_uri"] = log_probe(run_, refit, best["layer"], xt[:5, 0], cfg.tracking.register,
+                                            protocol=cfg.protocol, features=cfg.features,
+                                            features_run_id=man["run_id"]).model_uri
         pixels_val = None
         if cfg.pixels and man.get("pixels"):
             pspace = {**space, "layer": "pixels"}
             pbest, pdf = sweep(cfg, pspace, "pixels", uri, experiment, parent)
             warn("pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
-            pres = refit_and_test(cfg, pbest)
+            pres = refit_and_test(cfg, pbest)[0]
             pixels_val = float(pdf["val_accuracy"].max())
             result["pixels"] = {"best": pbest, "val_accuracy": pixels_val, **pres}
             mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"],

@@ -210,6 +210,8 @@ def pretrain_config(cfg: SweepLRJobConfig, lr: float, parent_run_id: str | None,
     d["storage_path"] = cfg.storage_path
     d["optim"]["lr"] = lr
     d["tracking"].update(run_name=None, parent_run_id=parent_run_id)
+    if not refit:  # a trial's weights are a step of the search, not a result: only the refit's model is logged
+        d["tracking"].update(log_model=False, register=None)
     d["schedule_fraction"] = 1.0 if refit else cfg.trial_fraction
     train = dict(d["train"], holdout=cfg.holdout)
     if refit:

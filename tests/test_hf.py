@@ -1,5 +1,6 @@
 """Our model against Hugging Face transformers' ImageGPT, which nobody here wrote."""
 
+import re
 import sys
 
 import numpy as np
@@ -251,3 +252,42 @@ def test_without_transformers_both_commands_say_how_to_install_it(tmp_path, caps
     src = "--hf" if command == "import-hf" else "--checkpoint"
     msg = error_line(capsys, [command, src, str(tmp_path / "run"), "--out", str(tmp_path / "out")])
     assert "pip install -e '.[hf]'" in msg
+
+
+def test_an_imported_hf_model_is_extracted_and_probed_like_our_own(tmp_path, capsys, ray_local):
+    """The path of a user holding OpenAI's released checkpoint: save_pretrained folder -> import-hf -> extract
+    every layer's features (Ray Data) -> probe sweep with refit (Ray Tune), on the shipped sample at 8x8."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import extract, probe
+    from tests.conftest import SAMPLE
+
+    src, ckpt = hf_folder(tmp_path / "hf", random_hf(n_layer=2, n_embd=32, n_head=2), random_centres()), \
+        tmp_path / "imported"
+    main(["import-hf", "--hf", str(src), "--out", str(ckpt)])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    extract.main(["--name", "hf-small", "--output_dir", str(tmp_path / "features"), "--checkpoint", str(ckpt),
+                  "--train.path", str(SAMPLE), "--train.key_prefix", "train/",  # (sorted by class: no max_images)
+                  "--test.path", str(SAMPLE), "--test.key_prefix", "test/", "--holdout", "0.2", "--no-pixels",
+                  "--tracking.tracking_uri", uri])
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": "all"},
+                                                                   "C": {"grid_search": [1.0]}}}))
+    probe.main(["--name", "hf-small", "--output_dir", str(tmp_path / "probe"), "--features",
+                str(tmp_path / "features" / "hf-small"), "--space", str(space), "--no-pixels",
+                "--tracking.tracking_uri", uri])
+    printed = capsys.readouterr().out
+    print(printed)  # the note quotes these lines
+    assert "imported " in printed and "2 layers, d_model 32, 8x8, 512 colours, objective ar" in printed
+    assert re.search(r"train: \d{3} images, 0 skipped", printed) and re.search(r"test: 200 images", printed)
+    best = re.search(r"best \{'layer': (\d), 'C': 1.0\} val ([\d.]+) -> test ([\d.]+)", printed)
+    assert best and 0 <= int(best[1]) <= 2 and 0.0 < float(best[3]) <= 1.0, printed
+    result = json.loads((tmp_path / "probe" / "hf-small" / "result.json").read_text())
+    assert result["trials"] == 3 and result["test_images"] == 200
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("igpt").experiment_id], "attributes.status = 'FINISHED'")}
+    assert {"hf-small/extract", "hf-small/probe"} <= set(runs)
+    assert runs["hf-small/probe"].data.tags["igpt.checkpoint"].endswith("imported/weights.pt")

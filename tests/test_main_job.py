@@ -61,6 +61,27 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     assert {r.data.tags["igpt.job"]: r.info.run_name for r in lineage if "mlflow.parentRunId" not in r.data.tags} \
         == {"extract": "debug/extract", "probe": "debug/probe"} and pre.info.run_name == "debug"
     assert pre.data.tags["mlflow.user"] and pre.data.tags["mlflow.source.name"].endswith("main.py")
+    # the models in MLflow, loaded back by their flavours: the final weights give the checkpoint's logits, the
+    # probe's classifier gives the test accuracy the job reported, on the features it reads
+    import mlflow
+    import numpy as np
+    import torch
+
+    from igpt.eval import features
+    from igpt.train.checkpoints import load_model
+
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    (pre_model,), (probe_model,) = pre.outputs.model_outputs, probe.outputs.model_outputs
+    weights = mlflow.pytorch.load_model(f"models:/{pre_model.model_id}")
+    ours = load_model(out / "t1" / "train" / "debug")
+    x = ours.ar_inputs(torch.randint(0, 512, (2, 1024), generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        assert torch.equal(weights(x), ours(x)) and ours.head.weight.abs().sum() > 0
+    classifier = mlflow.sklearn.load_model(f"models:/{probe_model.model_id}")
+    layer = int(mlflow.get_logged_model(probe_model.model_id).params["layer"])
+    xt, yt, _ = features.load(str(out / "t1" / "features" / "debug"), "test", layer)
+    assert layer == debug["best_layer"]
+    assert float(np.mean(classifier.predict(xt[:, 0]) == yt)) == debug["probe_test_accuracy"]
     table = (out / "t1" / "compare" / "table.csv").read_text()
     assert "debug" in table and len(table.strip().splitlines()) == 2  # header + this pipeline's one run
     assert re.search(r"stage timings: palette \d+ s, pretrain/debug \d+ s, .*compare \d+ s", proc.stdout), \

@@ -56,6 +56,7 @@ def history(summary, key):
 def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, ray_local, stage):
     # stage 3 also logs every 5 steps: the first step, every 5th, checkpoints (every 4) and the end
     extra = {"log_every": 5} if stage == 3 else {}
+    extra["tracking.register"] = f"igpt-z{stage}"
     summary = pretrain.run(job(tmp_path, palette_path, f"z{stage}", stage, max_steps=12, **extra))
     logged = sorted(history(summary, "train/loss"), key=lambda m: m.step)
     losses = [m.value for m in logged]
@@ -110,6 +111,16 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     model = checkpoints.load_model(run_dir)
     assert torch.equal(model.head.weight, theirs["head.weight"].float()) and model.head.weight.abs().sum() > 0
     np.testing.assert_array_equal(checkpoints.load_palette(run_dir).centres, np.load(palette_path))
+    # the final weights as an MLflow model (PyTorch flavour), registered: version 1 of the name, from this run
+    import mlflow.pytorch
+
+    version = client.get_model_version(f"igpt-z{stage}", "1")
+    assert version.run_id == summary["run_id"] and summary["model_uri"].startswith("models:/")
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    logged = mlflow.pytorch.load_model(f"models:/igpt-z{stage}/1")
+    x = model.ar_inputs(torch.randint(0, 512, (2, 1024)))
+    with torch.no_grad():
+        assert torch.equal(logged(x), model(x))
 
 
 def test_torn_checkpoint_is_skipped_and_resubmission_continues_the_same_run(tmp_path, palette_path, ray_local):

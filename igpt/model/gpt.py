@@ -182,7 +182,7 @@ class IGPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        causal: bool = True,
+        causal: bool | None = None,
         content_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
@@ -190,12 +190,17 @@ class IGPT(nn.Module):
         """Logits (B, T, 512) for raw input ids (B, T) in [0, 513); ``content_mask`` (B, T) bool zeroes the
         content embedding of those positions. Use :meth:`ar_inputs` / :meth:`loss` for the objectives.
 
+        ``causal`` defaults to the model's objective (AR: a causal mask; BERT: none): a caller that gives only
+        ``idx`` (MLflow's pyfunc serving a logged model, say) gets the attention the model was trained with.
+
         With ``targets`` (the colour tokens, B, T), the objective's loss instead (:meth:`loss`): the training step
         calls the model this way, so that it goes through DeepSpeed's engine forward (:meth:`objective_inputs`).
 
         With ``cache`` (from :meth:`new_cache`; AR decoding only): ``idx`` holds the *next* input ids, at
         positions ``cache.length ..``; they attend to the cached positions and themselves, their keys and values
         are appended, and the logits are those the full causal forward gives at these positions."""
+        if causal is None:
+            causal = self.cfg.objective == "ar"
         if cache is None:
             logits = self.head(self._blocks(self._embed(idx, content_mask), causal))
             return logits if targets is None else self._objective_loss(logits, targets, content_mask)
