@@ -47,22 +47,40 @@ from pipelines.probe import ProbeJobConfig
 
 @dataclass
 class DataConfig:
-    """One file or folder holding both splits, told apart by key prefix (as the shipped sample)."""
+    """The dataset of every stage, in any layout the jobs read: its training split (the palette, pretraining, and
+    the probe's train and held-out validation) and its test split (pretraining's validation loss, the probe's test).
+    The shipped sample is one Parquet file holding both splits, told apart by key prefix."""
 
     path: str = _help(
-        "Parquet file or folder with columns key, image (encoded bytes), label; default: the CIFAR-10 sample "
-        "shipped inside the package (1,000 train + 200 test images)",
-        default=DEFAULT_DATA,
-    )
-    max_images: int = _help("use at most this many training images (0: all)", default=0)
-    train_prefix: str = _help("keys of training images start with this", default="train/")
-    test_prefix: str = _help("keys of test images start with this", default="test/")
+        "file, folder or URI of the dataset; default: the CIFAR-10 sample shipped inside the package (Parquet, "
+        "1,000 train + 200 test images)", default=DEFAULT_DATA)
+    format: sources.Format = _help("its layout, as every job's --*.format: parquet | imagefolder | webdataset | "
+                                   "cifar10 | cifar100 | stl10", default="parquet")
+    train_split: str = _help("the training split", default="train")
+    test_split: str = _help("the test split (an ImageNet folder: val, with labels_file)", default="test")
+    labels_file: str = _help("imagefolder: labels of a flat split folder (ImageNet's LOC_val_solution.csv)",
+                             default="")
+    max_images: int = _help("use at most this many training images (0: all; Parquet: the first in file order)",
+                            default=0)
+    train_prefix: str | None = _help("parquet: keys of training images start with this; default train/ (the "
+                                     "sample's); other layouts choose a split by train_split", default=None)
+    test_prefix: str | None = _help("parquet: keys of test images start with this; default test/", default=None)
 
     def __post_init__(self) -> None:
-        if not Path(self.path).exists():
+        if "://" not in self.path and not Path(self.path).exists():
             raise FileNotFoundError(f"data.path does not exist: {self.path}")
         if self.max_images < 0:
             raise ValueError("data.max_images must be >= 0")
+        if self.format != "parquet" and (self.train_prefix or self.test_prefix):
+            raise ValueError(f"data.train_prefix and data.test_prefix select Parquet rows by key; a {self.format} "
+                             "dataset's splits are chosen by data.train_split and data.test_split")
+
+    def split(self, which: Literal["train", "test"]) -> DatasetSpec:
+        parquet = self.format == "parquet"
+        given = self.train_prefix if which == "train" else self.test_prefix
+        return DatasetSpec(path=self.path, format=self.format, split=getattr(self, f"{which}_split"),
+                           key_prefix=(f"{which}/" if given is None else given) if parquet else "",
+                           labels_file=self.labels_file, max_images=self.max_images if which == "train" else 0)
 
 
 @dataclass
@@ -79,6 +97,10 @@ class MainJobConfig:
                        default="debug")
     objective: Literal["ar", "bert"] = _help("pretraining objective of every size", default="ar")
     resolution: int = _help("input resolution of every stage (palette, pretraining, features); 1..64", default=32)
+    recipe: Literal["cifar", "imagenet", "none"] = _help(
+        "the paper's transforms of every stage: cifar (small images: pad-crop-flip when training) or imagenet "
+        "(photographs: random resized crops when training, a centre crop otherwise), box-filtered to the resolution",
+        default="cifar")
     palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
     data: DataConfig = field(default_factory=DataConfig)
     steps: int = _help("pretraining optimizer steps of each size; >= 1", default=20)
@@ -112,17 +134,15 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
     track = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(root),
                            experiment=cfg.tracking.experiment)
     models = ModelTrackingConfig(**asdict(track))  # pretraining and the probe log their models
-    d = cfg.data
-    train = DatasetSpec(path=d.path, key_prefix=d.train_prefix, max_images=d.max_images)
-    test = DatasetSpec(path=d.path, key_prefix=d.test_prefix, split="test")
-    eval_transform = TransformConfig(resolution=cfg.resolution, seed=cfg.seed)
+    train, test = cfg.data.split("train"), cfg.data.split("test")
+    eval_transform = TransformConfig(recipe=cfg.recipe, resolution=cfg.resolution, seed=cfg.seed)
     out = {"palette": FitPaletteJobConfig(name="palette", output_dir=str(root), data=train,
                                           transform=eval_transform, palette=cfg.palette, tracking=track)}
     for size in cfg.size_list():
         out[f"pretrain/{size}"] = PretrainJobConfig(
             name=size, storage_path=str(root / "train"), palette_path=palette_path or "-", train=train, val=test,
-            val_images=200, transform=replace(PretrainJobConfig().transform, resolution=cfg.resolution,
-                                              seed=cfg.seed),
+            val_images=200, transform=replace(PretrainJobConfig().transform, recipe=cfg.recipe,
+                                              resolution=cfg.resolution, seed=cfg.seed),
             model=ModelConfig(size=size, resolution=cfg.resolution, objective=cfg.objective), optim=cfg.optim,
             deepspeed=DeepSpeedConfig(preset="cpu", zero_stage=2, precision="fp32",
                                       micro_batch=cfg.optim.global_batch // cfg.workers),
@@ -150,7 +170,8 @@ def run(cfg: MainJobConfig) -> dict:
 
     t0 = time.perf_counter()
     root = Path(cfg.output_dir) / cfg.name
-    sources.check(stage_configs(cfg)["palette"].data)  # a wrong --data.path: one error line, before Ray starts
+    for spec in (cfg.data.split("train"), cfg.data.split("test")):
+        sources.check(spec)  # a wrong --data.path or split: one error line, before Ray starts
     if cfg.palette.path:
         Palette.load(cfg.palette.path)
     root.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,8 @@ def _changed(flag: str, value, tmp: Path) -> list[str]:
     """One valid value other than the default for each flag of the main job."""
     strings = {"name": "other", "output_dir": str(tmp / "elsewhere"), "sizes": "debug,tiny",
                "data.path": str(tmp / "copy.parquet"), "data.train_prefix": "test/", "data.test_prefix": "train/",
+               "data.format": "webdataset", "data.train_split": "val", "data.test_split": "val",
+               "data.labels_file": "labels.txt", "recipe": "imagenet",
                "probe_space": "probe_sgd", "tracking.tracking_uri": "sqlite:////tmp/other.db",
                "tracking.experiment": "other", "palette.path": str(tmp / "palette.npy"), "objective": "bert"}
     numbers = {"resolution": 16, "optim.global_batch": 32, "workers": 4, "optim.warmup_steps": 6,
@@ -162,3 +164,26 @@ def _leaf_items(d, prefix=""):
             yield from _leaf_items(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def test_the_main_job_reads_an_image_folder_as_every_stage_does(tmp_path):
+    """Any layout, not Parquet only: an ImageNet-style folder's train/ and flat val/ (with its labels file) become
+    every stage's splits, photographs get the imagenet transforms, and Parquet key prefixes are refused there."""
+    from igpt.data import sources
+    from pipelines.main import stage_configs
+
+    from . import fixtures
+
+    fixtures.imagefolder(tmp_path / "inet")
+    argv = ["--data.path", str(tmp_path / "inet"), "--data.format", "imagefolder", "--data.test_split", "val",
+            "--data.labels_file", str(tmp_path / "inet" / "LOC_val_solution.csv"), "--recipe", "imagenet"]
+    stages = stage_configs(cli.parse(MainJobConfig, argv), "p.npy")
+    pre, ext = stages["pretrain/debug"], stages["extract/debug"]
+    assert stages["palette"].data == pre.train == ext.train and pre.val == ext.test
+    assert (sources.check(pre.train).count, sources.check(pre.val).count) == (3, 2)  # the fixture's images
+    assert pre.train.key_prefix == pre.val.key_prefix == "" and pre.val.labels_file.endswith(".csv")
+    assert pre.transform.recipe == ext.transform.recipe == stages["palette"].transform.recipe == "imagenet"
+    default = stage_configs(cli.parse(MainJobConfig, []), "p.npy")["pretrain/debug"]
+    assert (default.train.key_prefix, default.val.key_prefix, default.val.split) == ("train/", "test/", "test")
+    with pytest.raises(SystemExit):
+        cli.parse(MainJobConfig, [*argv, "--data.train_prefix", "train/"])
