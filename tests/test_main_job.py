@@ -55,6 +55,7 @@ def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     of_size = client.search_runs([exp.experiment_id], "tags.`igpt.size` = 'debug' AND tags.`igpt.resolution` = '32'")
     assert {"pretrain", "extract", "probe"} <= {r.data.tags["igpt.job"] for r in of_size}
     assert all(r.data.tags["igpt.objective"] == "ar" for r in of_size)
+    assert {r.data.tags["igpt.params"] for r in of_size} == {pre.data.params["model.params"]}  # one exact count
     lineage = client.search_runs([exp.experiment_id], f"tags.`igpt.pretrain_run` = '{pre.info.run_name}'")
     assert {"extract", "probe"} <= {r.data.tags["igpt.job"] for r in lineage}
     # run names that say the stage, and MLflow's Source and Created-by columns filled

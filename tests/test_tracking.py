@@ -28,6 +28,9 @@ def test_a_failed_run_carries_its_reason_and_a_run_its_lineage_and_splits(tmp_pa
     # the model's lineage as tags, from the config; MLflow's own context tags (Created-by, Source)
     assert (r.data.tags["igpt.size"], r.data.tags["igpt.objective"], r.data.tags["igpt.resolution"]) == \
         ("S", "bert", "48")
+    from igpt.model.config import ModelConfig
+
+    assert r.data.tags["igpt.params"] == str(ModelConfig("S", resolution=48, objective="bert").param_count())
     assert r.data.tags["mlflow.user"] and r.data.tags["mlflow.source.name"]
     exp = client.get_experiment(r.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

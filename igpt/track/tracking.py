@@ -147,10 +147,19 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the U
 
 
 def lineage_tags(model: dict | None, pretrain_run_id: str | None = None, client=None) -> dict:
-    """The tags that let one ``tags.`` filter find every run of a model in any stage: its size, objective and
-    resolution, and the pretraining run it came from (id and, through ``client``, the submitter's name)."""
+    """The tags that let one ``tags.`` filter find every run of a model in any stage: its size, objective,
+    resolution and parameter count (``igpt.params``, exact), and the pretraining run it came from (id and, through
+    ``client``, the submitter's name)."""
     tags = {f"igpt.{k}": str(model[k]) for k in ("size", "objective", "resolution")
             if model and model.get(k) is not None}
+    if model:
+        import contextlib
+
+        from igpt import cli
+        from igpt.model.config import ModelConfig
+
+        with contextlib.suppress(TypeError, ValueError):  # a partial dict (a test's): the other tags still hold
+            tags["igpt.params"] = str(cli.from_dict(ModelConfig, model).param_count())
     if pretrain_run_id:
         tags["igpt.pretrain_run_id"] = pretrain_run_id
         if client is not None:
