@@ -148,9 +148,10 @@ def sample_command(args) -> str:
     from PIL import Image
 
     from igpt.model.sampling import picture
-    from igpt.train.checkpoints import load_model, load_palette  # imported here: only this command needs it
+    from igpt.train.checkpoints import load, model_of, palette_of  # imported here: only this command needs it
 
-    model, palette = load_model(args.checkpoint), load_palette(args.checkpoint)
+    data = load(args.checkpoint)  # read once: the model and its palette
+    model, palette = model_of(data), palette_of(data)
     res = model.cfg.resolution
     images = None
     if args.images:

@@ -203,7 +203,7 @@ def export_hf(checkpoint, out) -> str:
     from pathlib import Path
 
     from igpt.errors import Conflict, UserError
-    from igpt.train.checkpoints import load_model, load_palette, resolve
+    from igpt.train.checkpoints import load, model_of, palette_of, resolve
 
     transformers = require_transformers()
     out = Path(out)
@@ -211,7 +211,8 @@ def export_hf(checkpoint, out) -> str:
     if taken:
         raise Conflict(f"{out} already holds a Hugging Face model ({', '.join(taken)}); choose another --out")
     weights = resolve(checkpoint)
-    model, palette = load_model(weights), load_palette(weights)
+    data = load(weights)  # read once: the model and its palette
+    model, palette = model_of(data), palette_of(data)
     cfg = model.cfg
     if cfg.objective != "ar":
         raise UserError(f"{weights} was trained with the {cfg.objective!r} objective; {HF_CLASS} is a causal (AR) "

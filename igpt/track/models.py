@@ -38,10 +38,11 @@ def log_pretrained(run, weights, register: str | None = None):
     from mlflow.types import Schema, TensorSpec
 
     from igpt import cli
-    from igpt.train.checkpoints import load_model, load_palette
+    from igpt.train.checkpoints import load, model_of, palette_of
 
     _as_run(run)
-    model, palette = load_model(weights), load_palette(weights)
+    data = load(weights)  # once: the model, its palette and its step
+    model, palette = model_of(data), palette_of(data)
     cfg = model.cfg
     grey = np.zeros((1, EXAMPLE_POSITIONS, 1, 3), np.uint8) + 128  # a mid-grey row of pixels
     tokens = torch.as_tensor(palette.quantize(grey).reshape(1, -1).astype(np.int64))
@@ -58,15 +59,9 @@ def log_pretrained(run, weights, register: str | None = None):
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
             extra_files=[str(Path(tmp) / "palette.npy"), str(Path(tmp) / "model_config.json")],
             params={"size": cfg.size, "objective": cfg.objective, "resolution": cfg.resolution,
-                    "n_layer": cfg.n_layer, "d_model": cfg.d_model, "step": _step(weights)},
+                    "n_layer": cfg.n_layer, "d_model": cfg.d_model, "step": int(data.get("step", 0))},
             metadata={"igpt.weights": str(weights), "igpt.input": "token ids: AR, SOS then the colour tokens "
                       "shifted right; BERT, the colour tokens", "igpt.palette": "extra_files/palette.npy"})
-
-
-def _step(weights) -> int:
-    from igpt.train.checkpoints import load
-
-    return int(load(weights).get("step", 0))
 
 
 def to_sklearn(probe):

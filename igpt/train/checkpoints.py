@@ -203,11 +203,16 @@ def load(path: str | Path | Loc) -> dict:
 def load_model(path: str | Path, random_init: bool = False, seed: int = 0):
     """The model of a checkpoint, in eval mode on the CPU. ``random_init``: its architecture with fresh
     release initialisers instead (the random-init twin a probe is compared with)."""
+    return model_of(load(path), random_init, seed)
+
+
+def model_of(data: dict, random_init: bool = False, seed: int = 0):
+    """:func:`load_model` of what :func:`load` returned (a caller that also wants the palette or the step reads
+    the file once: an XL ``weights.pt`` is 27 GB)."""
     from igpt import cli
     from igpt.model import IGPT
     from igpt.model.config import ModelConfig
 
-    data = load(path)
     cfg = cli.from_dict(ModelConfig, data["model"])
     torch.manual_seed(seed)
     model = IGPT(cfg)
@@ -217,6 +222,10 @@ def load_model(path: str | Path, random_init: bool = False, seed: int = 0):
 
 
 def load_palette(path: str | Path):
+    return palette_of(load(path))
+
+
+def palette_of(data: dict):
     from igpt.data.palette import Palette
 
-    return Palette(load(path)["palette"].numpy())
+    return Palette(data["palette"].numpy())
