@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from igpt.storage import Loc
@@ -104,9 +105,11 @@ def servers():
 
 
 def submit(servers, *argv, wait=True, job_id=None, env_vars=None):
+    """``ray job submit`` as the README's cluster section does it: this checkout as the working directory, and the
+    environment of cluster/runtime_env.yaml (its stop grace among it), plus ``env_vars`` (test faults)."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", servers["dashboard"], "--working-dir", str(ROOT)]
-    if env_vars:  # the driver's environment (test faults: igpt.train.faults)
-        cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
+    env = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())["env_vars"]
+    cmd += ["--runtime-env-json", json.dumps({"env_vars": {**env, **(env_vars or {})}})]
     if job_id:
         cmd += ["--submission-id", job_id]
     if not wait:
@@ -286,7 +289,7 @@ def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, 
         frontier += [r.info.run_id for r in found]
         tree += found
     assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, \
-        [(r.info.run_name, r.info.status) for r in tree]
+        ([(r.info.run_name, r.info.status) for r in tree], _logs(servers, job_id))
     assert any(r.info.status == "KILLED" for r in tree)
 
 
