@@ -276,7 +276,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
                     f"newest complete checkpoint stays the one to resume from: make {run_dir} writable and "
                     f"re-submit --name {cfg.name}") from e
             raise
-        report, model_uri = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote())), None
+        report = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
         read, skipped = ray.get(log.stats.remote())
         run.client.log_text(run.run_id, report, "errors.tsv")  # the text just written, not read back from storage
         run.client.log_metric(run.run_id, "data/records_read", read)
@@ -292,6 +292,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
             final["summary/final_val_loss"] = val_loss
         for k, v in final.items():
             run.client.log_metric(run.run_id, k, v)
+        model_uri = None
         if cfg.tracking.log_model:  # the final step always saves: the newest complete checkpoint is the end
             from igpt.track.models import log_pretrained
 

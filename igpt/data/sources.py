@@ -392,11 +392,10 @@ def pick(spec: DatasetSpec, n: int) -> pa.Table:
     plan = check(spec)
     starts = np.cumsum([0] + [u.take for u in plan.units])
     want = np.unique(np.linspace(0, starts[-1] - 1, max(0, min(n, int(starts[-1])))).round().astype(np.int64))
-    tables = []
+    tables, index = [], {c: i for i, c in enumerate(plan.classes)}  # (imagefolder: class -> label)
     for ui in np.unique(np.searchsorted(starts, want, side="right") - 1):
         u, offsets = plan.units[ui], want[(want >= starts[ui]) & (want < starts[ui + 1])] - starts[ui]
         if spec.format == "imagefolder":  # keys without reading: read only the files picked
-            index = {c: i for i, c in enumerate(plan.classes)}
             keys = [_folder_record(p, spec.split, index, plan.labels)[0] for p in plan.files[u.pos:u.pos + u.take]]
         else:
             table = _READERS[spec.format](plan, u)

@@ -311,21 +311,22 @@ class JobRun:
             self.client.set_tag(self.run_id, "igpt.traceback", tail)
             self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
         # this run first: on `ray job stop` the SIGKILL follows the SIGTERM within seconds, and the job's own run is
-        # the record that must not stay RUNNING; then the runs under it (one search, then a call per run)
+        # the record that must not stay RUNNING; then the runs under it (one search, then their calls at once)
         if self.fluent:
             import mlflow
 
             mlflow.end_run(status)
         else:
             self.client.set_terminated(self.run_id, status)
-        self._end_children(self.run_id, "FINISHED" if status == "FINISHED" else status)
+        self._end_children(self.run_id, status)
 
     def _end_children(self, run_id: str, status: str) -> None:
         """Runs under ``run_id`` still RUNNING, at any depth, end KILLED (or with the parent's failure): their
         process is gone with the job's. A parent that finished leaves none running unless one was abandoned.
 
-        One search for the experiment's RUNNING runs, then a call per run under this one: on ``ray job stop`` this
-        races the SIGKILL that follows within 3 s, where a search per child (18 probe trials) lost under load."""
+        One search for the experiment's RUNNING runs, then a call per run under this one, all at once: on ``ray job
+        stop`` this races the SIGKILL that follows the SIGTERM (after 3 s by Ray's default, 30 s with
+        cluster/runtime_env.yaml), where a search per child (18 probe trials) lost under load."""
         child_status = "KILLED" if status == "FINISHED" else status
         running = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in self.client.search_runs(
             [self.experiment_id], "attributes.status = 'RUNNING'", max_results=10000)}
