@@ -1,0 +1,79 @@
+"""igpt.track.laws: the Huber/L-BFGS-B scaling-law fit with bootstrap intervals, on synthetic losses from known laws."""
+
+import numpy as np
+import pytest
+
+from igpt.track.laws import TooFewRungs, fit_law, forecast_largest
+
+ALPHA, X0, L_INF = 0.3, 1e8, 1.0
+N = np.logspace(5, 9, 8)  # eight rungs over four decades
+
+
+def law(x):
+    return L_INF + (X0 / x) ** ALPHA
+
+
+def noisy(seed, x=N, sd=0.05):
+    return law(x) * np.exp(np.random.default_rng(100 + seed).normal(0.0, sd, len(x)))
+
+
+def test_a_noise_free_law_is_recovered_exactly():
+    fit = fit_law(N, law(N), n_boot=50)
+    assert fit.alpha == pytest.approx(ALPHA, rel=1e-3)
+    assert fit.x0 == pytest.approx(X0, rel=1e-2)
+    assert fit.l_inf == pytest.approx(L_INF, rel=1e-3)
+    assert fit.l_inf_identified
+    assert float(fit.predict(1e10)) == pytest.approx(float(law(1e10)), rel=1e-3)
+
+
+def test_at_5pct_noise_the_exponent_is_within_005_and_the_intervals_cover_the_truth():
+    """50 seeded replicates: α within 0.05 of the truth in >= 90% of them, and the 95% bootstrap intervals of α and
+    L∞ cover the truth in >= 90%."""
+    hits = cover_alpha = cover_floor = 0
+    for seed in range(50):
+        fit = fit_law(N, noisy(seed), n_boot=200, seed=seed)
+        hits += abs(fit.alpha - ALPHA) < 0.05
+        lo, hi = fit.intervals["alpha"]
+        cover_alpha += lo <= ALPHA <= hi
+        lo, hi = fit.intervals["l_inf"]
+        cover_floor += lo <= L_INF <= hi
+    assert hits >= 45, hits
+    assert cover_alpha >= 45, cover_alpha
+    assert cover_floor >= 45, cover_floor
+
+
+def test_too_few_rungs_is_a_clear_message():
+    with pytest.raises(TooFewRungs, match="at least 4 rungs of distinct N.*got 3.*pure power law"):
+        fit_law(N[:3], law(N[:3]))
+    with pytest.raises(TooFewRungs, match="at least 3 rungs"):
+        fit_law(N[:2], law(N[:2]), floor=False)
+    # a repeated size is no new rung
+    with pytest.raises(TooFewRungs, match="got 3"):
+        fit_law([1e5, 1e6, 1e7, 1e7], [3.0, 2.0, 1.5, 1.49])
+    with pytest.raises(TooFewRungs, match="forecast.*at least 5 rungs"):
+        forecast_largest(N[:4], law(N[:4]))
+    with pytest.raises(ValueError, match="finite and > 0"):
+        fit_law([1e5, 1e6, 1e7, 1e8], [3.0, float("nan"), 1.5, 1.2])
+
+
+def test_a_floor_the_rungs_do_not_bend_to_is_reported_unidentified():
+    """A pure power law (no floor) over a narrow range: L∞ could be anything from 0 up; said, not given as a number."""
+    x = np.logspace(5, 6, 5)
+    y = (1e8 / x) ** 0.1 * np.exp(np.random.default_rng(0).normal(0, 0.01, 5))
+    fit = fit_law(x, y, n_boot=200)
+    assert not fit.l_inf_identified
+    assert "unidentified" in fit.l_inf_text()
+    assert any("not identified" in n for n in fit.notes)
+
+
+def test_the_forecast_of_the_largest_rung_lands_in_its_interval_and_a_broken_law_does_not():
+    y = noisy(3)
+    fit, fc = forecast_largest(N, y, n_boot=300)
+    assert fit.x == N[:-1].tolist() and fc.x == N[-1]
+    assert fc.inside, fc.line("N")
+    assert fc.interval[0] < fc.predicted < fc.interval[1]
+    # the largest rung twice as bad as the law says (a rung that broke): outside the interval
+    y_bad = y.copy()
+    y_bad[-1] = law(N[-1]) * 2.0
+    _, fc_bad = forecast_largest(N, y_bad, n_boot=300)
+    assert not fc_bad.inside and "OUTSIDE" in fc_bad.line("N")
