@@ -284,8 +284,8 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
         # one number each for the runs table to sort by (the same formulas as `igpt compare`)
         from igpt.track.compare import train_compute
 
-        tokens, flops = train_compute(cfg.model.param_count(), sched.total_steps, sched.global_batch,
-                                      cfg.model.resolution)
+        tokens, flops = train_compute(cfg.model.n_layer, cfg.model.d_model, cfg.model.resolution, sched.total_steps,
+                                      sched.global_batch, cfg.model.n_colors)
         final = {"summary/tokens": tokens, "summary/train_flops": flops}
         val_loss = run.client.get_run(run.run_id).data.metrics.get("val/loss")  # the latest: the final one
         if val_loss is not None:

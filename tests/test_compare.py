@@ -105,8 +105,12 @@ def test_table_files_plots_and_run(store, capsys):
     assert (debug.final_val_loss, debug.final_val_step) == (3.5, 20)
     assert (tiny.final_val_loss, tiny.final_val_step) == (2.7, 40)
     assert debug.tokens == 20 * 16 * 32**2 and tiny.tokens == 40 * 32 * 32**2
-    assert debug.compute_flops == pytest.approx(6 * dparams * 20 * 16 * 1024)
-    assert tiny.compute_flops == pytest.approx(6 * tparams * 40 * 32 * 1024)
+    # compute = the model's own FLOPs per token (the MFU formula) x tokens, not 6 N D
+    debug_cfg, tiny_cfg = ModelConfig.from_name("debug"), ModelConfig.from_name("tiny")
+    assert debug.compute_flops == pytest.approx(debug_cfg.train_flops_per_token() * 20 * 16 * 1024)
+    assert tiny.compute_flops == pytest.approx(tiny_cfg.train_flops_per_token() * 40 * 32 * 1024)
+    assert debug.compute_flops != pytest.approx(6 * dparams * 20 * 16 * 1024, rel=0.05)
+    assert debug.non_embedding_params == debug_cfg.non_embedding_params() < dparams
     assert debug.status == tiny.status == "FINISHED"
     # the newest trained probe (0.35, not the older 0.30), its layer and depth layer / L: feature l is taken after
     # l blocks (layer 1 of 2 blocks is depth 0.5, not the (l + 1) / L = 1.0 the probe logged); the random-init twin
@@ -135,9 +139,9 @@ def test_table_files_plots_and_run(store, capsys):
     assert md[1].startswith("|---|---|---|---|---:|")
     cells = [c.strip() for c in md[2].strip("|").split("|")]
     assert cells[:5] == ["debug-ar", "FINISHED", "debug", "ar", "32"]
-    assert cells[8:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert cells[9:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     cells = [c.strip() for c in md[3].strip("|").split("|")]
-    assert cells[0] == "tiny-bert" and cells[8:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
+    assert cells[0] == "tiny-bert" and cells[9:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
     assert "depth = layer / L" in (folder / "table.md").read_text()
 
     printed = capsys.readouterr().out
@@ -145,7 +149,7 @@ def test_table_files_plots_and_run(store, capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
     assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
-    assert re.split(r"\s{2,}", lines[head + 2])[8:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert re.split(r"\s{2,}", lines[head + 2])[9:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     # columns aligned: every row's cells end (right-aligned ones) where the header's do
     assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
     assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed
@@ -283,3 +287,33 @@ def test_unfinished_runs_are_listed_with_their_status_and_left_out_of_the_plots(
     assert sorted(out["plotted"]) == sorted(ids.values())
     assert [sorted(p) for p in plotted] == [["broken", "done", "going"]] * 2
     assert "not plotted" not in capsys.readouterr().out
+
+
+def test_a_sweeps_refit_is_compared_and_its_trials_are_not(tmp_path):
+    """The paper's procedure makes its model as a child run (the sweep's refit): compare counts it, not the trials."""
+    uri = default_tracking_uri(tmp_path)
+    exp = ensure_experiment(uri, "igpt", tmp_path / "mlartifacts")
+    client = MlflowClient(uri)
+    sweep = _run(client, exp, "lr-s", "sweep_lr", 0)
+    for i, lr in enumerate((0.01, 0.003)):
+        _run(client, exp, f"lr-s/lr_{lr:g}", "pretrain", 10 + i, tags={"mlflow.parentRunId": sweep},
+             params=_pretrain_params("debug", "ar", 2, 16), histories={"val/loss": [(2, 4.0 + i)]})
+    refit = _run(client, exp, "lr-s/refit", "pretrain", 20, tags={"mlflow.parentRunId": sweep, "sweep.role": "refit"},
+                 params=_pretrain_params("debug", "ar", 20, 16), histories={"val/loss": [(20, 3.0)]})
+    cmp = compare.collect(client, exp)
+    assert [(r.name, r.run_id, r.final_val_loss) for r in cmp.rows] == [("lr-s/refit", refit, 3.0)]
+
+
+def test_compute_is_flops_per_token_times_tokens_for_every_size():
+    from igpt.model.config import MODEL_SIZES
+
+    for size in MODEL_SIZES:
+        cfg = ModelConfig.from_name(size)
+        tokens, flops = compare.train_compute(cfg.n_layer, cfg.d_model, cfg.resolution, 100, 64, cfg.n_colors)
+        assert tokens == 100 * 64 * cfg.resolution**2
+        assert flops == cfg.train_flops_per_token() * tokens
+        assert compare.non_embedding_params(cfg.n_layer, cfg.d_model) == cfg.non_embedding_params()
+        # what is left out of N is exactly the vocabulary and position matrices
+        assert cfg.param_count() - cfg.non_embedding_params() == (cfg.vocab_size + cfg.n_ctx + cfg.n_colors) * \
+            cfg.d_model
+    assert compare.train_compute(None, 64, 32, 1, 1) == (None, None)

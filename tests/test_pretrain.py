@@ -85,8 +85,12 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     # summary metrics the runs table sorts by
     assert run.data.metrics["summary/final_val_loss"] == run.data.metrics["val/loss"]
     assert run.data.metrics["summary/tokens"] == 12 * 16 * 32 * 32
-    assert run.data.metrics["summary/train_flops"] == pytest.approx(6 * int(run.data.params["model.params"]) *
-                                                                    12 * 16 * 32 * 32, rel=1e-6)
+    # the model's own FLOPs per token (attention included, MFU's formula) x tokens
+    from igpt.model.config import train_flops_per_token
+
+    p = run.data.params
+    fpt = train_flops_per_token(int(p["model.n_layer"]), int(p["model.d_model"]), 32 * 32, int(p["model.n_colors"]))
+    assert run.data.metrics["summary/train_flops"] == pytest.approx(fpt * 12 * 16 * 32 * 32, rel=1e-6)
     arts = {a.path for a in client.list_artifacts(summary["run_id"])}
     assert {"config.json", "deepspeed_config.json", "palette", "completions"} <= arts
     pics = [a.path for a in client.list_artifacts(summary["run_id"], "completions")]

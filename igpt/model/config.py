@@ -91,7 +91,21 @@ class ModelConfig:
         per_block = 12 * d * d + 2 * d  # q, k, v, proj (4 d^2) + MLP (8 d^2) + two norm gains
         return self.n_layer * per_block + (self.vocab_size + self.n_ctx + self.n_colors) * d + d
 
+    def non_embedding_params(self) -> int:
+        """N of the scaling laws (Kaplan et al. 2020, Henighan et al. 2020): the parameters less every vocabulary
+        and position matrix (token and position embeddings, the untied output head): the blocks and the final norm."""
+        return self.n_layer * (12 * self.d_model**2 + 2 * self.d_model) + self.d_model
+
     def train_flops_per_token(self) -> float:
-        """Model FLOPs per trained token (forward + backward = 3x forward; attention included, causal not halved)."""
-        d, n = self.d_model, self.n_layer
-        return 3 * (2 * 12 * n * d * d + 2 * 2 * n * self.n_ctx * d + 2 * d * self.n_colors)
+        """Model FLOPs per trained token (see :func:`train_flops_per_token`)."""
+        return train_flops_per_token(self.n_layer, self.d_model, self.n_ctx, self.n_colors)
+
+
+def train_flops_per_token(n_layer: int, d_model: int, n_ctx: int, n_colors: int = 512) -> float:
+    """Model FLOPs per trained token: forward + backward = 3x forward; the blocks' matmuls (2 · 12 · L · d²),
+    attention's context term (2 · 2 · L · n_ctx · d, causal not halved) and the output head (2 · d · n_colors).
+    The one formula of MFU, a run's ``summary/train_flops`` and the compute axis of ``igpt compare`` and the
+    scaling laws (6 · N · D would leave attention out and count the embeddings: 0.58-0.90 of this, unevenly by size).
+    A BERT run counts every position: the model computes all of them, though its loss is on the masked ones."""
+    d, n = d_model, n_layer
+    return 3 * (2 * 12 * n * d * d + 2 * 2 * n * n_ctx * d + 2 * d * n_colors)

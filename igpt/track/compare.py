@@ -16,7 +16,8 @@ store's files, so the same command works on a local SQLite store and on a tracki
 
 Every pretraining run is a row of the table with its MLflow status (FINISHED, FAILED, KILLED, RUNNING); the plots
 show FINISHED runs only, unless ``include_unfinished``: a failed or running run's last loss is no final loss.
-Child runs (tag ``mlflow.parentRunId``: trials of sweeps, a sweep's refit) are left out everywhere. Where a
+Child runs (tag ``mlflow.parentRunId``) are left out, except a sweep's refit (tag ``sweep.role=refit``), the
+model the paper's lr procedure produces; the sweep's trials stay out. Where a
 pretraining run has several probes (or fine-tunings), the newest one (by start time) that holds
 ``test/accuracy`` is taken. Probe and fine-tuning runs are looked up in the same experiment.
 """
@@ -79,6 +80,7 @@ class Row:
     n_layer: int | None = None
     d_model: int | None = None
     params: int | None = None
+    non_embedding_params: int | None = None  # N of the scaling laws: blocks and final norm
     steps: int | None = None
     global_batch: int | None = None
     tokens: int | None = None
@@ -107,17 +109,25 @@ class Comparison:
     twin_by_layer: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def train_compute(params: int | None, steps: int | None, global_batch: int | None, resolution: int | None):
-    """Training compute ≈ 6 · N · D FLOPs (forward + backward; Kaplan et al. 2020): N = ``model.params`` (every
-    parameter, embeddings included), D = tokens processed = ``steps.total`` × ``optim.global_batch`` × IR² (each
-    image is IR² tokens). Attention's context-dependent FLOPs are left out; a BERT run counts every position (the
-    model processes all of them, though its loss is on the masked ones only). ``steps.total`` is the run's planned
-    step count, so a run still in progress is counted as if finished. Returns (tokens, FLOPs), None where a
-    number is missing."""
-    if None in (params, steps, global_batch, resolution):
+def train_compute(n_layer: int | None, d_model: int | None, resolution: int | None, steps: int | None,
+                  global_batch: int | None, n_colors: int | None = 512):
+    """Training compute: the model's own FLOPs per token (``igpt.model.config.train_flops_per_token``, attention
+    included, the formula MFU uses) × tokens, tokens = ``steps.total`` × ``optim.global_batch`` × IR² (each image is
+    IR² tokens). ``steps.total`` is the run's planned step count, so a run still in progress is counted as if
+    finished. Returns (tokens, FLOPs), None where a number is missing."""
+    from igpt.model.config import train_flops_per_token
+
+    if None in (n_layer, d_model, resolution, steps, global_batch):
         return None, None
     tokens = steps * global_batch * resolution**2
-    return tokens, 6.0 * params * tokens
+    return tokens, train_flops_per_token(n_layer, d_model, resolution**2, n_colors or 512) * tokens
+
+
+def non_embedding_params(n_layer: int | None, d_model: int | None) -> int | None:
+    """N of the scaling laws (``ModelConfig.non_embedding_params``) from the logged shape."""
+    if None in (n_layer, d_model):
+        return None
+    return n_layer * (12 * d_model**2 + 2 * d_model) + d_model
 
 
 # ---------------------------------------------------------------------------------------------- MLflow queries
@@ -194,6 +204,12 @@ def _top_level(runs: list) -> list:
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
+def _results(runs: list) -> list:
+    """The pretraining runs that are results: top-level runs and a sweep's refit (the paper's procedure's model,
+    nested under the sweep and tagged ``sweep.role=refit``); a sweep's trials are steps of the search, left out."""
+    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags or r.data.tags.get("sweep.role") == "refit"]
+
+
 def _int(params: dict, key: str) -> int | None:
     try:
         return int(float(params[key]))
@@ -228,7 +244,7 @@ def _newest_with(runs: list, metric: str):
 def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filter: str = "") -> Comparison:
     """Query MLflow and build the rows (sorted by parameter count, then name) and the histories to plot."""
     flt = pretrain_filter(name_like, tag, extra_filter)
-    pretrain = _top_level(search(client, [exp_id], flt))
+    pretrain = _results(search(client, [exp_id], flt))
     linked: dict[str, dict[str, list]] = {}  # pretraining run id -> job -> runs
     for job in ("probe", "finetune"):
         for r in _top_level(search(client, [exp_id], f"tags.`igpt.job` = '{job}'")):
@@ -242,7 +258,9 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
                   objective=p.get("model.objective"), resolution=_int(p, "model.resolution"),
                   n_layer=_int(p, "model.n_layer"), d_model=_int(p, "model.d_model"), params=_int(p, "model.params"),
                   steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"))
-        row.tokens, row.compute_flops = train_compute(row.params, row.steps, row.global_batch, row.resolution)
+        row.non_embedding_params = non_embedding_params(row.n_layer, row.d_model)
+        row.tokens, row.compute_flops = train_compute(row.n_layer, row.d_model, row.resolution, row.steps,
+                                                      row.global_batch, _int(p, "model.n_colors"))
         cmp.losses[rid] = {k: _history(client, rid, k) for k in ("val/loss", "train/loss")}
         if cmp.losses[rid]["val/loss"]:
             row.final_val_step, row.final_val_loss = cmp.losses[rid]["val/loss"][-1]  # the largest step's value
@@ -297,6 +315,7 @@ COLUMNS = [
     ("objective", "objective", lambda x: x or "-", False),
     ("IR", "resolution", _f("d"), True),
     ("params", "params", _si, True),
+    ("N (non-emb.)", "non_embedding_params", _si, True),
     ("steps", "steps", _f(",d"), True),
     ("compute (FLOPs)", "compute_flops", _f(".3g"), True),
     ("final val loss", "final_val_loss", _f(".4f"), True),
@@ -306,11 +325,12 @@ COLUMNS = [
     ("random-init acc", "random_init_test_accuracy", _pct, True),
     ("fine-tune acc", "finetune_test_accuracy", _pct, True),
 ]
-NOTES = ("compute ≈ 6 · params · tokens, tokens = steps × global batch × IR²; final val loss: `val/loss` at the "
-         "largest step; probe layer: 0 .. L for L blocks (0: the embeddings, L: the final norm's output), depth = "
-         "layer / L; accuracies on the test split (probe: the newest trained-weights probe; random-init: its "
-         "random-init twin); status: the pretraining run's in MLflow (plots show FINISHED runs only unless "
-         "--include_unfinished)")
+NOTES = ("compute = the model's FLOPs per token (attention included, as MFU counts them) × tokens, tokens = steps "
+         "× global batch × IR²; N (non-emb.): parameters less the embeddings and output head; final val loss: "
+         "`val/loss` at the largest step; probe layer: 0 .. L for L blocks (0: the embeddings, L: the final "
+         "norm's output), depth = layer / L; accuracies on the test split (probe: the newest trained-weights "
+         "probe; random-init: its random-init twin); status: the pretraining run's in MLflow (plots show "
+         "FINISHED runs only unless --include_unfinished)")
 
 
 def _cells(rows: list[Row]) -> list[list[str]]:
@@ -402,8 +422,8 @@ def plots(cmp: Comparison, folder: Path, include_unfinished: bool = False) -> li
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / name for name in PLOTS]
     rows = plotted_rows(cmp.rows, include_unfinished)
-    _scatter_loss(rows, "params", "parameters", paths[0])
-    _scatter_loss(rows, "compute_flops", "training compute (FLOPs, ≈ 6 · params · tokens)", paths[1])
+    _scatter_loss(rows, "non_embedding_params", "non-embedding parameters N", paths[0])
+    _scatter_loss(rows, "compute_flops", "training compute (FLOPs: the model's FLOPs per token × tokens)", paths[1])
 
     fig, ax = _figure()
     drawn = False
@@ -492,6 +512,5 @@ def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") ->
     """Flags from ``CompareJobConfig``; an unknown experiment, a rejected filter or no matching run ends with a
     one-line message and exit status 2."""
     from igpt import cli
-    pass
 
     return cli.main(run, CompareJobConfig, argv, prog=prog)
