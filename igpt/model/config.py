@@ -94,11 +94,16 @@ class ModelConfig:
     def non_embedding_params(self) -> int:
         """N of the scaling laws (Kaplan et al. 2020, Henighan et al. 2020): the parameters less every vocabulary
         and position matrix (token and position embeddings, the untied output head): the blocks and the final norm."""
-        return self.n_layer * (12 * self.d_model**2 + 2 * self.d_model) + self.d_model
+        return non_embedding_params(self.n_layer, self.d_model)
 
     def train_flops_per_token(self) -> float:
         """Model FLOPs per trained token (see :func:`train_flops_per_token`)."""
         return train_flops_per_token(self.n_layer, self.d_model, self.n_ctx, self.n_colors)
+
+
+def non_embedding_params(n_layer: int, d_model: int) -> int:
+    """Blocks (q, k, v, proj, MLP: 12 d², two norm gains: 2 d) and the final norm's gain (d)."""
+    return n_layer * (12 * d_model**2 + 2 * d_model) + d_model
 
 
 def train_flops_per_token(n_layer: int, d_model: int, n_ctx: int, n_colors: int = 512) -> float:

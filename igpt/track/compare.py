@@ -125,9 +125,9 @@ def train_compute(n_layer: int | None, d_model: int | None, resolution: int | No
 
 def non_embedding_params(n_layer: int | None, d_model: int | None) -> int | None:
     """N of the scaling laws (``ModelConfig.non_embedding_params``) from the logged shape."""
-    if None in (n_layer, d_model):
-        return None
-    return n_layer * (12 * d_model**2 + 2 * d_model) + d_model
+    from igpt.model.config import non_embedding_params as formula
+
+    return None if None in (n_layer, d_model) else formula(n_layer, d_model)
 
 
 # ---------------------------------------------------------------------------------------------- MLflow queries
