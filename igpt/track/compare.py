@@ -31,6 +31,7 @@ from pathlib import Path
 from igpt.cli import field_help as _help
 from igpt.config import TrackingConfig
 from igpt.errors import UserError
+from igpt.model import config as model_config
 
 
 @dataclass
@@ -115,19 +116,15 @@ def train_compute(n_layer: int | None, d_model: int | None, resolution: int | No
     included, the formula MFU uses) × tokens, tokens = ``steps.total`` × ``optim.global_batch`` × IR² (each image is
     IR² tokens). ``steps.total`` is the run's planned step count, so a run still in progress is counted as if
     finished. Returns (tokens, FLOPs), None where a number is missing."""
-    from igpt.model.config import train_flops_per_token
-
     if None in (n_layer, d_model, resolution, steps, global_batch):
         return None, None
     tokens = steps * global_batch * resolution**2
-    return tokens, train_flops_per_token(n_layer, d_model, resolution**2, n_colors or 512) * tokens
+    return tokens, model_config.train_flops_per_token(n_layer, d_model, resolution**2, n_colors or 512) * tokens
 
 
 def non_embedding_params(n_layer: int | None, d_model: int | None) -> int | None:
     """N of the scaling laws (``ModelConfig.non_embedding_params``) from the logged shape."""
-    from igpt.model.config import non_embedding_params as formula
-
-    return None if None in (n_layer, d_model) else formula(n_layer, d_model)
+    return None if None in (n_layer, d_model) else model_config.non_embedding_params(n_layer, d_model)
 
 
 # ---------------------------------------------------------------------------------------------- MLflow queries

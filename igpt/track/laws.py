@@ -176,8 +176,7 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
     out = LawFit(variable, FLOOR_FORM if floor else POWER_FORM, x.tolist(), loss.tolist(), fit[0], math.exp(fit[1]),
                  fit[2] if floor else None)
     resid = y - np.log(out.predict(x))
-    p = 3 if floor else 2
-    out.residual_sd = float(math.sqrt((resid**2).sum() / max(1, len(x) - p)))
+    out.residual_sd = float(math.sqrt((resid**2).sum() / max(1, len(x) - (need - 1))))  # n − parameters
 
     rng = np.random.default_rng(seed)
     boots, n = [], len(x)
@@ -189,10 +188,12 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
             continue
         wb = np.bincount(idx, minlength=n).astype(float)
         # from the full fit's optimum: a resample's optimum is near it (a grid per resample would cost 24 times)
-        starts = [raw.theta]
-        rb = _fit_raw(u, y, wb, floor, starts)
+        rb = _fit_raw(u, y, wb, floor, [raw.theta])
         boots.append(_from_theta(rb.theta, m, floor))
     out.boot = np.array(boots)
+    if len(boots) < n_boot:  # few rungs: most resamples repeat a size; the intervals rest on fewer draws, said so
+        out.notes.append(f"only {len(boots)} of {n_boot} bootstrap resamples held {need} distinct sizes "
+                         f"(in {tries} draws); the intervals rest on those")
     alpha_ci = np.percentile(out.boot[:, 0], [2.5, 97.5])
     with np.errstate(over="ignore"):  # a resample with α near 0 puts x₀ out of float range: inf, said as such
         x0_ci = np.exp(np.percentile(out.boot[:, 1], [2.5, 97.5]))
