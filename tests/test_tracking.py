@@ -64,6 +64,26 @@ def test_a_stopped_job_ends_every_running_run_under_it_at_any_depth_and_no_other
                       other: "RUNNING"}
 
 
+def test_a_trial_that_fails_after_its_job_was_stopped_stays_killed_and_one_that_fails_alone_is_failed(tmp_path):
+    """The stop reaches the driver first; the trial's process learns of it only as its workers dying. Its run, already
+    ended KILLED by the driver's sweep, must not be overwritten FAILED (CI saw this under load)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    track = TrackingConfig(tracking_uri=uri)
+    job = JobRun.open(track, tmp_path, "sweep", "sweep_lr", None)
+    trial = JobRun.open(replace(track, parent_run_id=job.run_id), tmp_path, "sweep/lr_1", "pretrain", None)
+    grandchild = JobRun.open(replace(track, parent_run_id=trial.run_id), tmp_path, "sweep/lr_1/x", "extract", None)
+    job.end("KILLED")  # the driver's SIGTERM: its run and every run under it
+    trial.end("FAILED", RuntimeError("a Ray Train worker died"))  # the trial, torn down after
+    grandchild.end("FAILED", RuntimeError("gone too"))
+    assert {r.run_id: job.client.get_run(r.run_id).info.status for r in (job, trial, grandchild)} == \
+        {job.run_id: "KILLED", trial.run_id: "KILLED", grandchild.run_id: "KILLED"}
+    assert "igpt.error" not in job.client.get_run(trial.run_id).data.tags
+    alone = JobRun.open(track, tmp_path, "other", "sweep_lr", None)
+    failing = JobRun.open(replace(track, parent_run_id=alone.run_id), tmp_path, "other/lr_1", "pretrain", None)
+    failing.end("FAILED", RuntimeError("a real failure"))
+    assert job.client.get_run(failing.run_id).info.status == "FAILED"
+
+
 def test_runs_of_one_model_say_their_stage_unless_named(tmp_path):
     """Extract, probe and fine-tuning runs submitted with the pretraining run's --name no longer share its name."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

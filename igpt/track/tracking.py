@@ -301,7 +301,26 @@ class JobRun:
         self.end(end_status(exc), exc)
         return False
 
+    def _stopped_from_above(self) -> bool:
+        """This run, or one above it, already ended KILLED: a stop reached the job first. A Tune trial's process is
+        not in the job's process group: ``ray job stop`` signals the driver, which ends its run and every run under
+        it KILLED, and only then does Ray tear the trial down. The trial sees its workers die as an error, and
+        ending its run FAILED then would overwrite the KILLED the stop wrote (seen in CI under load)."""
+        rid, seen = self.run_id, set()
+        while rid and rid not in seen:
+            seen.add(rid)
+            try:
+                run = self.client.get_run(rid)
+            except Exception:
+                return False
+            if run.info.status == "KILLED":
+                return True
+            rid = run.data.tags.get("mlflow.parentRunId")
+        return False
+
     def end(self, status: str, exc: BaseException | None = None) -> None:
+        if status == "FAILED" and self._stopped_from_above():
+            status = "KILLED"
         if status == "FAILED" and exc is not None:  # the reason where the UI shows it: a tag and the description
             import traceback
 
