@@ -50,7 +50,7 @@ def val_loss(r: dict, global_batch: int, title: str, path: Path) -> Path:
         ax.plot([s * global_batch for s in steps], [v / math.log(2) for v in vals], "s--" if bert else "o-",
                 label=key + (" (loss on masked positions)" if bert else ""))
     ax.set_xlabel("training images seen (steps x global batch)")
-    ax.set_ylabel("validation loss (bits/dim)")
+    ax.set_ylabel("validation loss (bits per pixel token)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -83,7 +83,7 @@ def probe_vs_loss(r: dict, path: Path) -> Path:
         ax.annotate(f"step {c['step']} (layer {c['best_layer']})", (x, y), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     st = ck["stats"]
-    ax.set_xlabel("validation loss (bits/dim)")
+    ax.set_xlabel("validation loss (bits per pixel token)")
     ax.set_ylabel("best-layer linear probe test accuracy (%)")
     ax.set_title(f"{ck['model']} across checkpoints: Pearson r {st['pearson']:+.2f}, "
                  f"Spearman {st['spearman']:+.2f}", fontsize=10)

@@ -52,6 +52,20 @@ class TrackingConfig(StoreConfig):
                                  "stage's <name>/<stage> (e.g. s-cifar/probe)", default=None)
     parent_run_id: str | None = _help("MLflow run id this job's run is nested under (tag mlflow.parentRunId); "
                                       "set by sweeps for their trials", default=None)
+    tags: str = _help("more tags on the job's run: key=value, several separated by commas (a study tags its "
+                      "rungs' runs igpt.study, igpt.rung, igpt.study_run_id)", default="")
+
+    def __post_init__(self) -> None:
+        self.tag_dict()  # a malformed --tracking.tags fails when the config is made, not when the run opens
+
+    def tag_dict(self) -> dict[str, str]:
+        out = {}
+        for item in filter(None, (t.strip() for t in self.tags.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"tracking.tags: expected key=value (several separated by commas), got {item!r}")
+            out[key.strip()] = value.strip()
+        return out
 
 
 @dataclass
@@ -66,6 +80,7 @@ class ModelTrackingConfig(TrackingConfig):
                                  "version per run); needs log_model", default=None)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.register is not None and not self.log_model:
             raise ValueError("tracking.register needs tracking.log_model (a model must be logged to register it)")
         if self.register is not None and not self.register.strip():

@@ -5,7 +5,8 @@ cluster run uses, on a local Ray runtime and a local MLflow store.
     python -m pipelines.main --sizes debug,tiny         # two sizes, compared
     python -m pipelines.main --help                     # every flag, generated from MainJobConfig (below)
 
-Stages: fit the palette (Ray Data) -> pretrain each size (Ray Train + DeepSpeed ZeRO-2, the images tokenized on the
+A study (``pipelines.study``) of its sizes at one learning rate (``--optim.lr``, not swept: the report says the size
+comparison is confounded), its sizes at the same time as Ray tasks. Stages: fit the palette (Ray Data) -> pretrain each size (Ray Train + DeepSpeed ZeRO-2, the images tokenized on the
 fly) -> extract every layer's features (Ray Data actors) -> probe sweep over layer x regularisation (Ray Tune) with
 a refit on train+val and one test evaluation -> compare the runs (MLflow search). It prints where to look.
 """
@@ -14,73 +15,16 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from igpt import cli
 from igpt.cli import field_help as _help
-from igpt.config import (
-    DEFAULT_DATA,
-    CheckpointConfig,
-    DeepSpeedConfig,
-    ModelTrackingConfig,
-    OptimConfig,
-    PaletteConfig,
-    ScalingConfig,
-    StoreConfig,
-    TrackingConfig,
-    TransformConfig,
-)
-from igpt.data import sources
-from igpt.data.palette import Palette
-from igpt.data.sources import DatasetSpec
-from igpt.model import MODEL_SIZES, ModelConfig
-from igpt.track.compare import CompareJobConfig
-from igpt.track.tracking import default_tracking_uri
-from pipelines.extract import ExtractJobConfig
-from pipelines.fit_palette import FitPaletteJobConfig
-from pipelines.pretrain import PretrainJobConfig
-from pipelines.probe import ProbeJobConfig
-
-
-@dataclass
-class DataConfig:
-    """The dataset of every stage, in any layout the jobs read: its training split (the palette, pretraining, and
-    the probe's train and held-out validation) and its test split (pretraining's validation loss, the probe's test).
-    The shipped sample is one Parquet file holding both splits, told apart by key prefix."""
-
-    path: str = _help(
-        "file, folder or URI of the dataset; default: the CIFAR-10 sample shipped inside the package (Parquet, "
-        "1,000 train + 200 test images)", default=DEFAULT_DATA)
-    format: sources.Format = _help("its layout, as every job's --*.format: parquet | imagefolder | webdataset | "
-                                   "cifar10 | cifar100 | stl10", default="parquet")
-    train_split: str = _help("the training split", default="train")
-    test_split: str = _help("the test split (an ImageNet folder: val, with labels_file)", default="test")
-    labels_file: str = _help("imagefolder: labels of a flat split folder (ImageNet's LOC_val_solution.csv)",
-                             default="")
-    max_images: int = _help("use at most this many training images (0: all; Parquet: the first in file order)",
-                            default=0)
-    train_prefix: str | None = _help("parquet: keys of training images start with this; default train/ (the "
-                                     "sample's); other layouts choose a split by train_split", default=None)
-    test_prefix: str | None = _help("parquet: keys of test images start with this; default test/", default=None)
-
-    def __post_init__(self) -> None:
-        if "://" not in self.path and not Path(self.path).exists():
-            raise FileNotFoundError(f"data.path does not exist: {self.path}")
-        if self.max_images < 0:
-            raise ValueError("data.max_images must be >= 0")
-        if self.format != "parquet" and (self.train_prefix or self.test_prefix):
-            raise ValueError(f"data.train_prefix and data.test_prefix select Parquet rows by key; a {self.format} "
-                             "dataset's splits are chosen by data.train_split and data.test_split")
-
-    def split(self, which: Literal["train", "test"]) -> DatasetSpec:
-        parquet = self.format == "parquet"
-        given = self.train_prefix if which == "train" else self.test_prefix
-        return DatasetSpec(path=self.path, format=self.format, split=getattr(self, f"{which}_split"),
-                           key_prefix=(f"{which}/" if given is None else given) if parquet else "",
-                           labels_file=self.labels_file, max_images=self.max_images if which == "train" else 0)
+from igpt.config import DeepSpeedConfig, OptimConfig, PaletteConfig, ScalingConfig, StoreConfig
+from igpt.model import MODEL_SIZES
+from pipelines import study
+from pipelines.study import DataConfig, StudyJobConfig
 
 
 @dataclass
@@ -127,91 +71,27 @@ class MainJobConfig:
         return [s.strip() for s in self.sizes.split(",")]
 
 
+def study_config(cfg: MainJobConfig) -> StudyJobConfig:
+    """The main job is a study of its sizes at one rate (``optim.lr``, not swept: the study's report says so), on
+    the stages' CPU settings: one orchestrator for the README's command, the reproduction and a cluster study."""
+    return StudyJobConfig(
+        name=cfg.name, output_dir=cfg.output_dir, ladder=cfg.sizes, objective=cfg.objective,
+        resolution=cfg.resolution, recipe=cfg.recipe, palette=cfg.palette, data=cfg.data, steps=cfg.steps,
+        seed=cfg.seed, optim=cfg.optim, lr_space="", scaling=ScalingConfig(workers=cfg.workers),
+        deepspeed=DeepSpeedConfig(preset="cpu", zero_stage=2, precision="fp32"), holdout=cfg.holdout,
+        probe_space=cfg.probe_space, tracking=cfg.tracking)
+
+
 def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
-    """Every stage's own typed config, composed from the main job's (paths absolute: some stages run Tune trials,
-    each in its own working directory). No flag round-trip: what the main job holds is what the stages get."""
-    root = Path(cli.absolute_path(cfg.output_dir)) / cfg.name
-    track = TrackingConfig(tracking_uri=cfg.tracking.tracking_uri or default_tracking_uri(root),
-                           experiment=cfg.tracking.experiment)
-    models = ModelTrackingConfig(**asdict(track))  # pretraining and the probe log their models
-    train, test = cfg.data.split("train"), cfg.data.split("test")
-    eval_transform = TransformConfig(recipe=cfg.recipe, resolution=cfg.resolution, seed=cfg.seed)
-    out = {"palette": FitPaletteJobConfig(name="palette", output_dir=str(root), data=train,
-                                          transform=eval_transform, palette=cfg.palette, tracking=track)}
-    for size in cfg.size_list():
-        out[f"pretrain/{size}"] = PretrainJobConfig(
-            name=size, storage_path=str(root / "train"), palette_path=palette_path or "-", train=train, val=test,
-            val_images=200, transform=replace(PretrainJobConfig().transform, recipe=cfg.recipe,
-                                              resolution=cfg.resolution, seed=cfg.seed),
-            model=ModelConfig(size=size, resolution=cfg.resolution, objective=cfg.objective), optim=cfg.optim,
-            deepspeed=DeepSpeedConfig(preset="cpu", zero_stage=2, precision="fp32",
-                                      micro_batch=cfg.optim.global_batch // cfg.workers),
-            scaling=ScalingConfig(workers=cfg.workers), steps=cfg.steps,
-            checkpoint=CheckpointConfig(every_steps=cfg.steps), completions=4, tracking=models)
-        # the pretraining run is named by its size; the runs made from it say their stage (igpt.track.tracking's
-        # default_run_name): debug, debug/extract, debug/probe
-        out[f"extract/{size}"] = ExtractJobConfig(
-            name=size, output_dir=str(root / "features"), checkpoint=str(root / "train" / size), train=train,
-            test=test, holdout=cfg.holdout, transform=eval_transform, tracking=track)
-        out[f"probe/{size}"] = ProbeJobConfig(
-            name=size, output_dir=str(root / "probe"), features=str(root / "features" / size),
-            space=cfg.probe_space, seed=cfg.seed, tracking=models)
-    out["compare"] = CompareJobConfig(name="compare", output_dir=str(root), tag=f"igpt.main={cfg.name}",
-                                      tracking=track)
-    return out
+    """Every stage's own typed config (``pipelines.study.stage_configs`` of :func:`study_config`)."""
+    return study.stage_configs(study_config(cfg), palette_path)
 
 
 def run(cfg: MainJobConfig) -> dict:
-    import mlflow
-
-    from igpt.raysetup import init_ray
-    from igpt.track import compare
-    from pipelines import extract, fit_palette, pretrain, probe
-
-    t0 = time.perf_counter()
-    root = Path(cfg.output_dir) / cfg.name
-    for spec in (cfg.data.split("train"), cfg.data.split("test")):
-        sources.check(spec)  # a wrong --data.path or split: one error line, before Ray starts
-    if cfg.palette.path:
-        Palette.load(cfg.palette.path)
-    root.mkdir(parents=True, exist_ok=True)
-    init_ray()
-    timings, summary = {}, {"sizes": {}}
-    if cfg.palette.path:
-        palette_path = cfg.palette.path
-    else:
-        t = time.perf_counter()
-        palette_path = fit_palette.run(stage_configs(cfg)["palette"])["palette"]
-        timings["palette"] = time.perf_counter() - t
-    stages = stage_configs(cfg, palette_path)
-    uri = stages["palette"].tracking.tracking_uri
-    for size in cfg.size_list():
-        t = time.perf_counter()
-        pre = pretrain.run(stages[f"pretrain/{size}"])
-        # the compare stage finds this pipeline's runs by this tag
-        mlflow.tracking.MlflowClient(uri).set_tag(pre["run_id"], "igpt.main", cfg.name)
-        timings[f"pretrain/{size}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        extract.run(stages[f"extract/{size}"])
-        timings[f"extract/{size}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pr = probe.run(stages[f"probe/{size}"])
-        timings[f"probe/{size}"] = time.perf_counter() - t
-        summary["sizes"][size] = {"pretrain_run_id": pre["run_id"], "probe_run_id": pr["run_id"],
-                                  "probe_test_accuracy": pr["test_accuracy"], "best_layer": pr["best"]["layer"],
-                                  "pixels_test_accuracy": pr.get("pixels", {}).get("test_accuracy"),
-                                  "run_dir": pre["run_dir"]}
-    t = time.perf_counter()
-    comp = compare.run(stages["compare"])
-    timings["compare"] = time.perf_counter() - t
-    summary.update(tracking_uri=uri, experiment=cfg.tracking.experiment, compare=comp,
-                   timings={k: round(v, 1) for k, v in timings.items()},
-                   seconds=round(time.perf_counter() - t0, 1))
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print("\nstage timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    print(f"everything is in {root}; MLflow experiment '{cfg.tracking.experiment}' at {uri}")
-    if uri.startswith("sqlite:"):
-        print(f"look at it with:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    summary = study.run(study_config(cfg))
+    summary["sizes"] = summary["rungs"]  # the README's name for them
+    (Path(cli.absolute_path(cfg.output_dir)) / cfg.name / "summary.json").write_text(
+        json.dumps(summary, indent=2, default=str))
     return summary
 
 

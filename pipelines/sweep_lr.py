@@ -122,6 +122,26 @@ def decide(values: list[float], losses: list[float]) -> dict | None:
     return None
 
 
+def edge_warning(values: list[float], losses: list[float], stop_reason: str) -> dict | None:
+    """A best rate at an end of the grid: the grid's largest tried and best (the optimum may be higher), or its
+    smallest, tried because the list ran out while the loss was still falling (it may be lower). Returns
+    ``{"edge", "detail", "next"}`` with the next two rates to try (the grid's own spacing, continued), or None."""
+    best = best_index(losses)
+    if best is None or len(values) < 2:
+        return None
+    ratio = values[0] / values[1] if values[1] else 3.0
+    if best == 0:
+        nxt = [values[0] * ratio, values[0] * ratio**2]
+        return {"edge": "largest", "next": nxt, "detail": f"the best lr {values[0]:g} is the grid's largest: the "
+                f"optimum may lie above it; try {nxt[0]:g}, {nxt[1]:g} (prepend them to the space's ordered list)"}
+    if best == len(values) - 1 and stop_reason == "exhausted":
+        nxt = [values[-1] / ratio, values[-1] / ratio**2]
+        return {"edge": "smallest", "next": nxt, "detail": f"the best lr {values[-1]:g} is the grid's smallest and "
+                f"the loss was still falling: the optimum may lie below it; try {nxt[0]:g}, {nxt[1]:g} (append "
+                "them to the space's ordered list)"}
+    return None
+
+
 def best_index(losses: list[float]) -> int | None:
     """The trial with the lowest finite final loss (the earlier one on a tie); None when all diverged."""
     finite = [(v, i) for i, v in enumerate(losses) if math.isfinite(v)]
@@ -209,7 +229,9 @@ def pretrain_config(cfg: SweepLRJobConfig, lr: float, parent_run_id: str | None,
     d["name"] = run_name(cfg, None if refit else lr)
     d["storage_path"] = cfg.storage_path
     d["optim"]["lr"] = lr
-    d["tracking"].update(run_name=None, parent_run_id=parent_run_id)
+    role = f"sweep.role={'refit' if refit else 'trial'}"  # at creation: compare tells a trial from a result
+    d["tracking"].update(run_name=None, parent_run_id=parent_run_id,
+                         tags=",".join(filter(None, [d["tracking"].get("tags", ""), role])))
     if not refit:  # a trial's weights are a step of the search, not a result: only the refit's model is logged
         d["tracking"].update(log_model=False, register=None)
     d["schedule_fraction"] = 1.0 if refit else cfg.trial_fraction
@@ -311,7 +333,7 @@ def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Loc):
 
     params = {"space": cfg.space, "order": json.dumps(values), "holdout": cfg.holdout, "refit": cfg.refit,
               "max_failures": cfg.max_failures, "name": cfg.name}
-    job = JobRun.open(replace(cfg.pretrain.tracking, parent_run_id=None), cfg.storage_path, cfg.name, "sweep_lr",
+    job = JobRun.open(replace(cfg.pretrain.tracking, run_name=None), cfg.storage_path, cfg.name, "sweep_lr",
                       cli.to_dict(cfg), params=params, id_file=sweep_dir / "mlflow_run_id")
     if not job.resumed:
         job.client.log_dict(job.run_id, tune_space.load(cfg.space, job="sweep_lr"), "space.json")
@@ -394,6 +416,12 @@ def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Loc) -
     diverged ends here with what to do."""
     job.client.set_tag(job.run_id, "sweep.stop_reason", summary["stop_reason"])
     job.client.set_tag(job.run_id, "sweep.stop_detail", summary["stop_detail"])
+    edge = edge_warning(load_values(cfg.space), [t["val_loss"] for t in summary["trials"]], summary["stop_reason"])
+    summary["edge_warning"] = edge
+    if edge is not None:  # a warning, not an error: the rate is still the best of those tried
+        print(f"warning: sweep {cfg.name}: {edge['detail']}", file=sys.stderr)
+        job.client.set_tag(job.run_id, "sweep.warning.edge", edge["detail"])
+        job.client.set_tag(job.run_id, "sweep.next_rates", ",".join(f"{v:g}" for v in edge["next"]))
     if summary["best_lr"] is not None:
         job.client.set_tag(job.run_id, "sweep.best_lr", f"{summary['best_lr']:g}")
         job.client.log_metric(job.run_id, "sweep/best_lr", summary["best_lr"])

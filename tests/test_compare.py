@@ -139,9 +139,9 @@ def test_table_files_plots_and_run(store, capsys):
     assert md[1].startswith("|---|---|---|---|---:|")
     cells = [c.strip() for c in md[2].strip("|").split("|")]
     assert cells[:5] == ["debug-ar", "FINISHED", "debug", "ar", "32"]
-    assert cells[9:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert cells[10:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     cells = [c.strip() for c in md[3].strip("|").split("|")]
-    assert cells[0] == "tiny-bert" and cells[9:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
+    assert cells[0] == "tiny-bert" and cells[10:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
     assert "depth = layer / L" in (folder / "table.md").read_text()
 
     printed = capsys.readouterr().out
@@ -149,7 +149,7 @@ def test_table_files_plots_and_run(store, capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
     assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
-    assert re.split(r"\s{2,}", lines[head + 2])[9:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert re.split(r"\s{2,}", lines[head + 2])[10:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
     # columns aligned: every row's cells end (right-aligned ones) where the header's do
     assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
     assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed
@@ -165,8 +165,12 @@ def test_table_files_plots_and_run(store, capsys):
     # it links the runs it compared: their ids, and the UI's run pages in its description
     assert run.data.tags["igpt.compared_run_ids"].split(",") == [r.run_id for r in out["rows"]]
     assert f"(#/experiments/{store['exp']}/runs/{ids['debug']})" in run.data.tags["mlflow.note.content"]
-    assert sorted(a.path for a in client.list_artifacts(out["run_id"])) == ["config.json", "plots", "table.csv",
-                                                                           "table.md"]
+    assert sorted(a.path for a in client.list_artifacts(out["run_id"])) == ["config.json", "fits.txt", "plots",
+                                                                           "table.csv", "table.md"]
+    # laws per objective and IR, never across them: here one run each, too few to fit, said so
+    fits = (folder / "fits.txt").read_text()
+    assert "ar IR 32 (1 runs; rates not swept per size: confounded):" in fits and "bert IR 32 (1 runs" in fits
+    assert fits.count("not fitted") == 4 and "at least 3 rungs" in fits and fits in printed
     assert sorted(a.path for a in client.list_artifacts(out["run_id"], "plots")) == \
            sorted(f"plots/{n}" for n in compare.PLOTS)
     local = client.download_artifacts(out["run_id"], "table.csv", str(store["root"]))

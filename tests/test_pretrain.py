@@ -66,7 +66,7 @@ def test_two_workers_loss_falls_and_mlflow_has_the_run(tmp_path, palette_path, r
     client = MlflowClient(summary["tracking_uri"])
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
-    for key in ("train/bits_per_dim", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"):
+    for key in ("train/bits_per_token", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"):
         assert key in run.data.metrics, key
     assert run.data.params["deepspeed.zero_stage"] == str(stage) and "CPU" in run.data.tags["mfu_peak"]
     # resolved values, not the flags' "None": what DeepSpeed's config says ran

@@ -169,6 +169,94 @@ def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, main_j
     assert "debug" in Path(local).read_text()
 
 
+STUDY_LADDER = ("debug@8", "1x64@8", "tiny@48")  # 3 distinct N; the last one long enough to be cut off mid-way
+
+
+def _study_argv(servers) -> list[str]:
+    """A 3-rung study on the shipped sample, each rung's rate swept (two rates, half-length trials)."""
+    lrs = servers["temp"] / "study_lrs.json"
+    lrs.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": [0.003, 0.001]}}}))
+    space = servers["temp"] / "study_probe.json"
+    space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
+                                 "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
+    return ["-m", "pipelines.study", "--name", "ladder", "--output_dir", str(servers["temp"] / "runs"),
+            "--ladder", ",".join(STUDY_LADDER), "--lr_space", str(lrs), "--trial_fraction", "0.5",
+            "--optim.global_batch", "8", "--optim.warmup_steps", "1", "--scaling.workers", "1",
+            "--val_images", "16", "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
+            "--probe_space", str(space), "--no-pixels", "--n_boot", "200",
+            "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served"]
+
+
+def _study_runs(client, exp_id: str, study_run_id: str) -> list:
+    """Every run of a study: its rungs' stage runs (tag igpt.study_run_id) and every run under them."""
+    tree = client.search_runs([exp_id], f"tags.`igpt.study_run_id` = '{study_run_id}'", max_results=1000)
+    frontier = [r.info.run_id for r in tree]
+    while frontier:
+        found = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{frontier.pop()}'", max_results=1000)
+        frontier += [r.info.run_id for r in found if r.info.run_id not in {t.info.run_id for t in tree}]
+        tree += [r for r in found if r.info.run_id not in {t.info.run_id for t in tree}]
+    return tree
+
+
+def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_and_fits_a_law(servers):
+    """One submission, three rungs as Ray tasks on the shared head: stopped once its first rung has finished
+    (everything of it ends KILLED), re-submitted under the same name (the finished rung is read back, not run
+    again), and finished with the law fitted on its MLflow run."""
+    root = servers["temp"] / "runs" / "ladder"
+    p = submit(servers, *_study_argv(servers), wait=False, job_id="igpt-study-1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    deadline = time.time() + 900
+    while not any((root / "rungs" / r / "summary.json").exists() for r in STUDY_LADDER):
+        assert time.time() < deadline and job_status(servers, "igpt-study-1") in ("PENDING", "RUNNING"), \
+            _logs(servers, "igpt-study-1")
+        time.sleep(2)
+    subprocess.run([str(BIN / "ray"), "job", "stop", "--address", servers["dashboard"], "igpt-study-1"],
+                   env=servers["env"], check=True, capture_output=True, timeout=120)
+    deadline = time.time() + 120
+    while job_status(servers, "igpt-study-1") not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.time() < deadline
+        time.sleep(1)
+    assert job_status(servers, "igpt-study-1") == "STOPPED"
+    done = {r: json.loads((root / "rungs" / r / "summary.json").read_text()) for r in STUDY_LADDER
+            if (root / "rungs" / r / "summary.json").exists()}
+    assert 1 <= len(done) < len(STUDY_LADDER), f"the stop came after every rung finished: {list(done)}"
+    client = MlflowClient(servers["tracking"])
+    exp = client.get_experiment_by_name("served").experiment_id
+    study_id = (root / "mlflow_run_id").read_text().strip()
+    assert client.get_run(study_id).info.status == "KILLED"
+    tree = _study_runs(client, exp, study_id)
+    assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, \
+        [(r.info.run_name, r.info.status) for r in tree]
+    # rungs at the same time: every rung's sweep had started before the first one ended
+    sweeps = {r.data.tags["igpt.rung"]: r for r in tree if r.data.tags.get("igpt.job") == "sweep_lr"}
+    assert set(sweeps) == set(STUDY_LADDER)
+    assert max(r.info.start_time for r in sweeps.values()) < min(r.info.end_time for r in sweeps.values())
+
+    p = submit(servers, *_study_argv(servers), job_id="igpt-study-2")
+    assert p.returncode == 0 and job_status(servers, "igpt-study-2") == "SUCCEEDED", p.stdout[-3000:]
+    assert "resuming study ladder" in p.stdout
+    study = client.get_run(study_id)
+    assert study.info.status == "FINISHED"
+    for rung, summary in done.items():  # read back, not run again: the same record, one extract run
+        assert json.loads((root / "rungs" / rung / "summary.json").read_text()) == summary
+        extracts = client.search_runs([exp], f"tags.`igpt.study_run_id` = '{study_id}' AND "
+                                             f"tags.`igpt.rung` = '{rung}' AND tags.`igpt.job` = 'extract'")
+        assert len(extracts) == 1
+    fits = json.loads(Path(client.download_artifacts(study_id, "report/fits.json", str(servers["temp"]))).read_text())
+    assert [r["label"] for r in fits["rungs"]] == list(STUDY_LADDER)
+    assert fits["fits"]["N"]["fitted"] and fits["fits"]["N"]["form"] == "(x₀/x)^α"  # 3 rungs: no L∞
+    assert "alpha" in study.data.tags["fit.N"] and "fit/N/alpha" in study.data.metrics
+    assert all(r["lr_swept"] and r["lr"] in (0.003, 0.001) for r in fits["rungs"])
+    assert {"loss_vs_N.png", "probe_vs_loss.png"} <= {
+        Path(a.path).name for a in client.list_artifacts(study_id, "report/plots")}
+    # compare sees the refits (the procedure's models) and no trial
+    table = Path(client.download_artifacts(
+        client.search_runs([exp], "tags.`igpt.job` = 'compare' AND attributes.run_name = 'compare'",
+                           order_by=["attributes.start_time DESC"])[0].info.run_id, "table.csv",
+        str(servers["temp"] / "cmp"))).read_text()
+    assert table.count("/refit") == 3 and "/lr_" not in table
+
+
 def _pretrain_argv(servers, name, *extra):
     sample = ROOT / "igpt" / "data" / "cifar10_sample.parquet"
     palette = servers["temp"] / "palette.npy"

@@ -97,6 +97,12 @@ class Row:
     random_init_run_id: str | None = None
     finetune_test_accuracy: float | None = None
     finetune_run_id: str | None = None
+    lr: float | None = None
+    lr_swept: bool = False  # the rate is the best of this size's own sweep (a refit), not one given for all sizes
+
+    @property
+    def lr_text(self) -> str | None:
+        return None if self.lr is None else f"{self.lr:g} ({'swept' if self.lr_swept else 'not swept'})"
 
 
 @dataclass
@@ -254,7 +260,9 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
         row = Row(name=run.info.run_name or rid, run_id=rid, status=run.info.status, size=p.get("model.size"),
                   objective=p.get("model.objective"), resolution=_int(p, "model.resolution"),
                   n_layer=_int(p, "model.n_layer"), d_model=_int(p, "model.d_model"), params=_int(p, "model.params"),
-                  steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"))
+                  steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"),
+                  lr=float(p["optim.lr"]) if p.get("optim.lr") not in (None, "None") else None,
+                  lr_swept=run.data.tags.get("sweep.role") == "refit")
         row.non_embedding_params = non_embedding_params(row.n_layer, row.d_model)
         row.tokens, row.compute_flops = train_compute(row.n_layer, row.d_model, row.resolution, row.steps,
                                                       row.global_batch, _int(p, "model.n_colors"))
@@ -315,6 +323,7 @@ COLUMNS = [
     ("N (non-emb.)", "non_embedding_params", _si, True),
     ("steps", "steps", _f(",d"), True),
     ("compute (FLOPs)", "compute_flops", _f(".3g"), True),
+    ("lr", "lr_text", lambda x: x or "-", True),
     ("final val loss", "final_val_loss", _f(".4f"), True),
     ("probe layer", "best_layer", _f("d"), True),
     ("probe depth", "best_layer_relative", _f(".2f"), True),
@@ -322,7 +331,9 @@ COLUMNS = [
     ("random-init acc", "random_init_test_accuracy", _pct, True),
     ("fine-tune acc", "finetune_test_accuracy", _pct, True),
 ]
-NOTES = ("compute = the model's FLOPs per token (attention included, as MFU counts them) × tokens, tokens = steps "
+NOTES = ("lr: swept = the best of the size's own sweep (its refit), not swept = one rate given (sizes compared "
+         "at one rate are confounded); compute = the model's FLOPs per token (attention included, as MFU counts "
+         "them) × tokens, tokens = steps "
          "× global batch × IR²; N (non-emb.): parameters less the embeddings and output head; final val loss: "
          "`val/loss` at the largest step; probe layer: 0 .. L for L blocks (0: the embeddings, L: the final "
          "norm's output), depth = layer / L; accuracies on the test split (probe: the newest trained-weights "
@@ -389,11 +400,9 @@ def _save(fig, ax, path: Path, empty: str | None) -> None:
 def _scatter_loss(rows: list[Row], x_field: str, xlabel: str, path: Path) -> None:
     fig, ax = _figure()
     pts = [r for r in rows if getattr(r, x_field) and r.final_val_loss is not None]
-    for objective, marker in (("ar", "o"), ("bert", "s"), (None, "^")):
-        sel = [r for r in pts if (r.objective if r.objective in ("ar", "bert") else None) == objective]
-        if sel:
-            ax.scatter([getattr(r, x_field) for r in sel], [r.final_val_loss for r in sel], marker=marker,
-                       label=objective or "other")
+    for (objective, ir), sel in groups(pts).items():  # one series per objective and IR: never one curve
+        ax.plot([getattr(r, x_field) for r in sel], [r.final_val_loss for r in sel],
+                {"ar": "o-", "bert": "s--"}.get(objective, "^:"), label=f"{objective or 'other'} IR {ir or '?'}")
     for r in pts:
         ax.annotate(r.name, (getattr(r, x_field), r.final_val_loss), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
@@ -405,6 +414,33 @@ def _scatter_loss(rows: list[Row], x_field: str, xlabel: str, path: Path) -> Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel("final validation loss (nats/token)")
     _save(fig, ax, path, None if pts else "no run with both values")
+
+
+def groups(rows: list[Row]) -> dict[tuple, list[Row]]:
+    """Rows by (objective, IR), each sorted by N: a loss is comparable across sizes only within one (an AR and a
+    BERT loss are different quantities; IR 32 and IR 64 are different tasks)."""
+    out: dict[tuple, list[Row]] = {}
+    for r in rows:
+        out.setdefault((r.objective, r.resolution), []).append(r)
+    return {k: sorted(v, key=lambda r: r.non_embedding_params or 0) for k, v in out.items()}
+
+
+def fits_text(rows: list[Row], n_boot: int = 1000) -> str:
+    """L(N) and L(C) per (objective, IR) over its FINISHED rows with a loss (``igpt.track.study_report``'s fit:
+    the floor form where 4+ sizes allow it, else the pure power law, else why not), one line each."""
+    from igpt.track.study_report import _fit, fit_line
+
+    lines = []
+    for (objective, ir), sel in groups([r for r in rows if r.final_val_loss and r.status == "FINISHED"]).items():
+        swept = all(r.lr_swept for r in sel)
+        lines.append(f"{objective or 'other'} IR {ir or '?'} ({len(sel)} runs"
+                     + ("" if swept else "; rates not swept per size: confounded") + "):")
+        for var, key in (("N", "non_embedding_params"), ("C", "compute_flops")):
+            have = [r for r in sel if getattr(r, key)]
+            fit, said = _fit([float(getattr(r, key)) for r in have], [r.final_val_loss for r in have], var,
+                             n_boot, 0) if have else (None, "no run with this value")
+            lines.append("  " + fit_line(var, fit, said))
+    return "\n".join(lines)
 
 
 def plotted_rows(rows: list[Row], include_unfinished: bool = False) -> list[Row]:
@@ -476,6 +512,7 @@ def run(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(cmp.rows, out / "table.csv")
     (out / "table.md").write_text(markdown_table(cmp.rows))
+    (out / "fits.txt").write_text(fits_text(cmp.rows) + "\n")
     plot_paths = plots(cmp, out / "plots", cfg.include_unfinished)
     plotted = [r.run_id for r in plotted_rows(cmp.rows, cfg.include_unfinished)]
     left_out = ", ".join(f"{r.name} ({r.status})" for r in cmp.rows if r.run_id not in plotted)
@@ -491,11 +528,12 @@ def run(cfg) -> dict:
         mlflow.log_metric("compare/runs", len(cmp.rows))
         mlflow.log_artifact(str(out / "table.csv"))
         mlflow.log_artifact(str(out / "table.md"))
+        mlflow.log_artifact(str(out / "fits.txt"))
         for p in plot_paths:
             mlflow.log_artifact(str(p), "plots")
     run_id = mrun.run_id
     print(f"{len(cmp.rows)} pretraining runs of experiment {cfg.tracking.experiment!r} at {uri}\n"
-          f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n"
+          f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n{(out / 'fits.txt').read_text()}\n"
           f"table: {out / 'table.csv'}, {out / 'table.md'}\n"
           f"plots: {', '.join(str(p) for p in plot_paths)}\n"
           f"{left_out}"

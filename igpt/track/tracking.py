@@ -232,6 +232,12 @@ def default_run_name(name: str, job: str, tags: dict) -> str:
     return f"{name}/{label}"
 
 
+def _up(tags: dict) -> str | None:
+    """The run a run belongs to: its parent (``mlflow.parentRunId``), or the study it is a rung's stage of
+    (``igpt.study_run_id``: a study's stage runs stay top-level, as results ``compare`` reads, yet end with it)."""
+    return tags.get("mlflow.parentRunId") or tags.get("igpt.study_run_id")
+
+
 class JobRun:
     """The one lifecycle of a job's MLflow run; every driver uses it as ``with JobRun.open(...) as run:``.
 
@@ -270,7 +276,8 @@ class JobRun:
             run_id = id_file.read_text().strip()
             client.update_run(run_id, status="RUNNING")
         else:
-            all_tags = {"igpt.job": job, **lineage_tags((config or {}).get("model")), **(tags or {})}
+            extra = tracking.tag_dict() if hasattr(tracking, "tag_dict") else {}
+            all_tags = {"igpt.job": job, **lineage_tags((config or {}).get("model")), **extra, **(tags or {})}
             if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
                 all_tags["mlflow.parentRunId"] = tracking.parent_run_id
             from mlflow.tracking.context.registry import resolve_tags
@@ -315,7 +322,7 @@ class JobRun:
                 return False
             if run.info.status == "KILLED":
                 return True
-            rid = run.data.tags.get("mlflow.parentRunId")
+            rid = _up(run.data.tags)
         return False
 
     def end(self, status: str, exc: BaseException | None = None) -> None:
@@ -347,7 +354,7 @@ class JobRun:
         stop`` this races the SIGKILL that follows the SIGTERM (after 3 s by Ray's default, 30 s with
         cluster/runtime_env.yaml), where a search per child (18 probe trials) lost under load."""
         child_status = "KILLED" if status == "FINISHED" else status
-        running = {r.info.run_id: r.data.tags.get("mlflow.parentRunId") for r in self.client.search_runs(
+        running = {r.info.run_id: _up(r.data.tags) for r in self.client.search_runs(
             [self.experiment_id], "attributes.status = 'RUNNING'", max_results=10000)}
         parents: dict[str, str | None] = {}
 
@@ -356,7 +363,7 @@ class JobRun:
                 return running[rid]
             if rid not in parents:
                 try:
-                    parents[rid] = self.client.get_run(rid).data.tags.get("mlflow.parentRunId")
+                    parents[rid] = _up(self.client.get_run(rid).data.tags)
                 except Exception:
                     parents[rid] = None
             return parents[rid]

@@ -182,7 +182,9 @@ class Pretraining:
             if evaluate:
                 val = self._evaluate()
                 if self.step > self.logged_until:
-                    self.t.log({"val/loss": val, "val/bits_per_dim": val / math.log(2)}, self.step)
+                    # bits per pixel token (a token is one pixel's 9-bit palette colour), not the literature's
+                    # bits/dim, which counts the three 8-bit channels of an unquantized pixel
+                    self.t.log({"val/loss": val, "val/bits_per_token": val / math.log(2)}, self.step)
             if end_of_epoch or self.step == total:
                 self._completions(-(-self.step // per_epoch))
             if save:
@@ -209,7 +211,7 @@ class Pretraining:
         if not self.t.client or self.step <= self.logged_until:
             return
         tok_s = self.spec.global_batch * self.model.cfg.n_ctx / seconds
-        vals = {"train/loss": mean, "train/bits_per_dim": mean / math.log(2), "train/lr": lr,
+        vals = {"train/loss": mean, "train/bits_per_token": mean / math.log(2), "train/lr": lr,
                 "train/tokens_per_s": tok_s,
                 "train/mfu": tok_s * self.model.cfg.train_flops_per_token() / (self.peak * self.t.world)}
         gn = self.t.engine.get_global_grad_norm()
