@@ -63,3 +63,20 @@ def worker_memory_gib(workers: int, use_gpu: bool, cpus_per_worker: float) -> tu
     per_node = max(1, min(workers, int(node["CPU"] // cpus_per_worker) if cpus_per_worker > 0 else workers))
     return node.get("memory", 0) / 1024**3 / per_node, \
         f"Ray's memory on the smallest node, {node.get('memory', 0) / 1024**3:.1f} GiB, shared by {per_node} worker(s)"
+
+
+def named_trainable(fn, name: str):
+    """``fn`` under a name of its own, for ``tune.with_parameters``. Ray Tune keys a function trainable by its
+    ``__name__`` in the job's registry and its parameters by ``str(fn)``: two sweeps in one Ray job (a study's
+    rungs, each a Ray task) with the same trial function overwrote each other's entries, and a trial of one rung
+    ran another rung's configuration (found in the study's test: two trials of one pretraining run at once).
+    The name should be stable for a sweep (``Tuner.restore`` looks its trainable up by it)."""
+    import functools
+    import re
+
+    @functools.wraps(fn)
+    def trainable(config, **kwargs):
+        return fn(config, **kwargs)
+
+    trainable.__name__ = trainable.__qualname__ = re.sub(r"[^A-Za-z0-9_]", "_", f"{fn.__name__}_{name}")
+    return trainable

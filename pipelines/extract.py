@@ -120,11 +120,13 @@ def run(cfg: ExtractJobConfig) -> dict:
         mlflow.set_tag("igpt.checkpoint", str(checkpoints.resolve(cfg.checkpoint)))
         mlflow.set_tag("igpt.random_init", str(cfg.random_init))
         mlflow.set_tags(lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint), run_.client))
-        for split, spec in specs.items():
-            counts[split] = _extract_split(cfg, split, spec, plans[split], lut_ref, tspec, shape, out)
+        for split, spec in specs.items():  # the test split with each image's loss too (paired comparisons)
+            counts[split] = _extract_split(cfg, split, spec, plans[split], lut_ref, tspec,
+                                           {**shape, "loss": (1, 1)} if split == "test" else shape, out)
         man = {"n_layer": n_layer, "layers": list(range(n_layer + 1)), "layer_definition": LAYER_DEFINITION,
                "d_model": d, "masks": m, "objective": model_cfg["objective"],
                "resolution": res, "pixels": cfg.pixels, "columns": {k: list(v) for k, v in shape.items()},
+               "losses": ["test"],  # per-image validation losses (features.load_losses)
                "splits": counts, "checkpoint": str(checkpoints.resolve(cfg.checkpoint)),
                "checkpoint_step": ckpt["step"], "random_init": cfg.random_init, "model": model_cfg,
                "holdout": cfg.holdout, "run_id": run_.run_id, "tracking_uri": uri,
@@ -159,7 +161,8 @@ def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         num_cpus=cfg.cpus_per_actor, num_gpus=1 if cfg.use_gpu else 0,
         fn_constructor_kwargs=dict(checkpoint=cfg.checkpoint, random_init=cfg.random_init, seed=cfg.seed,
-                                   batch_size=cfg.batch_size, pixels=cfg.pixels, use_gpu=cfg.use_gpu))
+                                   batch_size=cfg.batch_size, pixels=cfg.pixels, use_gpu=cfg.use_gpu,
+                                   losses="loss" in shape))
     final = out / split
     final.rmtree()  # an earlier attempt's shards (a longer split) must not mix in
 

@@ -56,6 +56,7 @@ from igpt.config import DeepSpeedConfig, IngestLimits, OptimConfig, ScalingConfi
 from igpt.data.sources import DatasetSpec
 from igpt.errors import Conflict, UserError
 from igpt.eval.ensemble import N_MASKS
+from igpt.raysetup import named_trainable
 from igpt.storage import Loc, is_remote
 from igpt.train import checkpoints
 
@@ -403,7 +404,8 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id), {"CPU": cfg.cpus_per_trial})
+        tune.with_parameters(named_trainable(trial, cfg.name), job=cli.to_dict(cfg), parent_run_id=job.run_id),
+        {"CPU": cfg.cpus_per_trial})
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
                        run_config=tune.RunConfig(name="tune", storage_path=out_dir.uri, verbose=1))

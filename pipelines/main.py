@@ -6,9 +6,11 @@ cluster run uses, on a local Ray runtime and a local MLflow store.
     python -m pipelines.main --help                     # every flag, generated from MainJobConfig (below)
 
 A study (``pipelines.study``) of its sizes at one learning rate (``--optim.lr``, not swept: the report says the size
-comparison is confounded), its sizes at the same time as Ray tasks. Stages: fit the palette (Ray Data) -> pretrain each size (Ray Train + DeepSpeed ZeRO-2, the images tokenized on the
-fly) -> extract every layer's features (Ray Data actors) -> probe sweep over layer x regularisation (Ray Tune) with
-a refit on train+val and one test evaluation -> compare the runs (MLflow search). It prints where to look.
+comparison is confounded), its sizes at the same time as Ray tasks. Stages: fit the palette (Ray Data) -> pretrain
+each size (Ray Train + DeepSpeed ZeRO-2, the images tokenized on the fly) -> extract every layer's features (Ray
+Data actors) -> probe sweep over layer x regularisation (Ray Tune) with a refit on train+val and one test
+evaluation -> compare the runs (MLflow search) and the study's report (laws fitted where the sizes allow).
+It prints where to look.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from igpt.cli import field_help as _help
 from igpt.config import ModelTrackingConfig
 from igpt.errors import UserError
 from igpt.eval import features, probe
-from igpt.raysetup import init_ray
+from igpt.raysetup import init_ray, named_trainable
 from igpt.track.tracking import JobRun, interruptible, lineage_tags
 from igpt.track.trial_logger import TrialRunLogger
 
@@ -95,7 +95,8 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
     from ray import tune
 
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, cfg_dict=cli.to_dict(cfg)), {"CPU": cfg.cpus_per_trial}),
+        tune.with_resources(tune.with_parameters(named_trainable(trial, f"{cfg.name}_{name}"),
+                                                 cfg_dict=cli.to_dict(cfg)), {"CPU": cfg.cpus_per_trial}),
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
@@ -233,6 +234,11 @@ def run(cfg: ProbeJobConfig) -> dict:
         warn("trials_tied", probe.tied_trials(df["val_accuracy"]), found)
         figures, refit, xt = refit_and_test(cfg, best)
         result = {"best": best, **figures}
+        # each test image right or wrong: two probes scored on the same images get a paired test (McNemar)
+        yt, kt = features.labels_and_keys(cfg.features, "test")
+        np.savez(out / "test_predictions.npz", keys=kt, correct=refit.predict(xt) == yt)
+        mlflow.log_artifact(str(out / "test_predictions.npz"))
+        result["test_predictions"] = str(out / "test_predictions.npz")
         log_layer_sweep(out, df, best, n_layer, result)
         if cfg.tracking.log_model:  # the classifier the test accuracy is of, with the layer it reads
             from igpt.track.models import log_probe
@@ -270,7 +276,8 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
     counts = [int(n) for n in cfg.low_data.split(",") if n.strip()]
     C = best.get("C", 1.0)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(low_data_trial, cfg_dict=cli.to_dict(cfg), layer=best["layer"], C=C),
+        tune.with_resources(tune.with_parameters(named_trainable(low_data_trial, f"{cfg.name}_{C}"),
+                                                 cfg_dict=cli.to_dict(cfg), layer=best["layer"], C=C),
                             {"CPU": cfg.cpus_per_trial}),
         param_space={"labels": tune.grid_search(counts),
                      "seed": tune.grid_search([cfg.seed + i for i in range(cfg.low_data_seeds)])},

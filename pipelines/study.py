@@ -168,11 +168,17 @@ class StudyJobConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig(
         preset="cpu", zero_stage=2, precision="fp32"))
+    preset_per_size: bool = _help("each rung's DeepSpeed settings from its size's recipe (cluster/deepspeed/S.json "
+                                  "for S, ...), as pretraining alone takes them, instead of --deepspeed.*; a shape "
+                                  "rung takes the debug recipe's", default=False)
     cpus_per_rung: float = _help("CPUs reserved for a rung's own task (it mostly waits on its stages); > 0",
                                  default=0.1)
     cpus_per_trial: float = _help("CPUs reserved for a sweep trial's own process; > 0", default=0.1)
     holdout: float = _help("share of the training images held out for the probe's validation", default=0.2)
-    probe_space: str = _help("probe search space (a tune_spaces/ name or file)", default="probe_lbfgs")
+    probe_protocol: Literal["lbfgs", "sgd"] = _help("the probe's protocol: lbfgs (the paper's CIFAR/STL one) or sgd "
+                                                    "(its ImageNet one)", default="lbfgs")
+    probe_space: str = _help("probe search space (a tune_spaces/ name or file); default probe_<protocol>",
+                             default="")
     pixels: bool = _help("also probe the raw pixels (a baseline per rung)", default=True)
     random_init: bool = _help("also extract and probe each rung's random-init twin", default=False)
     val_images: int = _help("validation images per evaluation of pretraining (0: the whole test split)",
@@ -250,12 +256,15 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
     for r in cfg.rungs():
         tags = _tags(cfg, r.label, study_run_id or "-", source)
         steps = cfg.rung_steps(r)
-        micro = cfg.deepspeed.micro_batch or (cfg.optim.global_batch // cfg.scaling.workers)
+        # CPU workers: the whole per-worker batch in one pass; GPU workers: what `igpt plan` fits (None)
+        micro = cfg.deepspeed.micro_batch or (None if cfg.scaling.use_gpu else
+                                              (cfg.optim.global_batch or 0) // cfg.scaling.workers or None)
+        ds = DeepSpeedConfig(micro_batch=micro) if cfg.preset_per_size else replace(cfg.deepspeed, micro_batch=micro)
         pre = PretrainJobConfig(
             name=r.label, storage_path=str(root / "train"), palette_path=palette_path or "-", train=train, val=test,
             val_images=cfg.val_images, transform=replace(PretrainJobConfig().transform, recipe=cfg.recipe,
                                                          resolution=cfg.resolution, seed=cfg.seed),
-            model=cfg.model(r), optim=cfg.optim, deepspeed=replace(cfg.deepspeed, micro_batch=micro),
+            model=cfg.model(r), optim=cfg.optim, deepspeed=ds,
             scaling=cfg.scaling, steps=steps, checkpoint=CheckpointConfig(every_steps=steps), completions=4,
             tracking=ModelTrackingConfig(**store, tags=tags))
         if cfg.lr_space:
@@ -270,10 +279,11 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
             out[f"extract{suffix}/{r.label}"] = ExtractJobConfig(
                 name=name, output_dir=str(root / "features"), checkpoint=checkpoint.rstrip("/"), train=train,
                 test=test, holdout=cfg.holdout, transform=eval_transform, random_init=random, seed=cfg.seed,
+                use_gpu=cfg.scaling.use_gpu,
                 tracking=TrackingConfig(**store, tags=tags))
             out[f"probe{suffix}/{r.label}"] = ProbeJobConfig(
                 name=name, output_dir=str(root / "probe"), features=str(root / "features" / name),
-                space=cfg.probe_space, seed=cfg.seed, pixels=cfg.pixels and not random,
+                protocol=cfg.probe_protocol, space=cfg.probe_space, seed=cfg.seed, pixels=cfg.pixels and not random,
                 tracking=ModelTrackingConfig(**store, tags=tags))
     out["compare"] = CompareJobConfig(name="compare", output_dir=str(root), tag=f"igpt.study={cfg.name}",
                                       tracking=TrackingConfig(**store))
@@ -336,7 +346,8 @@ def run_rung(cfg_dict: dict, label: str, palette_path: str, study_run_id: str, s
             summary.update(random_init_probe_run_id=pr["run_id"], random_init_test_accuracy=pr["test_accuracy"])
         else:
             summary.update(probe_run_id=pr["run_id"], probe_test_accuracy=pr["test_accuracy"],
-                           best_layer=pr["best"]["layer"],
+                           best_layer=pr["best"]["layer"], features=stages[f"probe/{label}"].features,
+                           test_predictions=pr["test_predictions"],
                            pixels_test_accuracy=pr.get("pixels", {}).get("test_accuracy"))
     summary.update(window=[t0, time.time()], timings={k: round(v, 1) for k, v in timings.items()})
     done.parent.mkdir(parents=True, exist_ok=True)
@@ -382,8 +393,9 @@ def run(cfg: StudyJobConfig) -> dict:
     base = stage_configs(cfg)
     track = TrackingConfig(tracking_uri=base["palette"].tracking.tracking_uri, experiment=cfg.tracking.experiment)
     params = {"ladder": cfg.ladder, "rungs": len(rungs), "lr_swept": bool(cfg.lr_space),
-              **{f"rung.{r.label}.steps": cfg.rung_steps(r) for r in rungs},
-              **{f"rung.{r.label}.non_embedding_params": cfg.model(r).non_embedding_params() for r in rungs}}
+              # one JSON param each (a rung's label may hold '@', which MLflow refuses in a key)
+              "rung_steps": json.dumps({r.label: cfg.rung_steps(r) for r in rungs}),
+              "rung_non_embedding_params": json.dumps({r.label: cfg.model(r).non_embedding_params() for r in rungs})}
     timings: dict[str, float] = {}
     with JobRun.open(track, root, cfg.name, "study", cli.to_dict(cfg), params=params, tags={"igpt.study": cfg.name},
                      id_file=root / "mlflow_run_id") as job:
@@ -463,7 +475,8 @@ def _report(cfg: StudyJobConfig, rungs: list[Rung], finished: dict, root: Path, 
             val_loss=s["val_loss"], lr=s["lr"], lr_swept=s["lr_swept"],
             probe_test_accuracy=s.get("probe_test_accuracy"), best_layer=s.get("best_layer"), n_layer=s["n_layer"],
             pixels_test_accuracy=s.get("pixels_test_accuracy"),
-            random_init_test_accuracy=s.get("random_init_test_accuracy"), edge_warning=edge and edge["detail"]))
+            random_init_test_accuracy=s.get("random_init_test_accuracy"), edge_warning=edge and edge["detail"],
+            features=s.get("features"), predictions=s.get("test_predictions")))
     title = (f"Study {cfg.name}: {cfg.objective.upper()} at IR {cfg.resolution}, {len(rows)} rungs "
              f"({'rate swept per rung' if cfg.lr_space else f'one rate {cfg.optim.lr:g} for all'})")
     out = study_report.build(rows, root / "report", title=title, n_boot=cfg.n_boot, seed=cfg.seed)

@@ -63,6 +63,7 @@ from ray.tune.search import Searcher
 from igpt import cli, tune_space
 from igpt.cli import field_help as _help
 from igpt.errors import UserError
+from igpt.raysetup import named_trainable
 from igpt.storage import Loc
 from igpt.train.faults import Faults
 from pipelines.pretrain import PretrainJobConfig
@@ -396,8 +397,8 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(trial, job=cli.to_dict(cfg), parent_run_id=job.run_id, tracking_uri=job.uri,
-                             faults=Faults.from_env().as_dict()),
+        tune.with_parameters(named_trainable(trial, cfg.name), job=cli.to_dict(cfg), parent_run_id=job.run_id,
+                             tracking_uri=job.uri, faults=Faults.from_env().as_dict()),
         {"CPU": cfg.cpus_per_trial})
     tune_dir = (sweep_dir / "tune").uri  # Tune reads and writes local folders and object storage alike
     if tune.Tuner.can_restore(tune_dir):

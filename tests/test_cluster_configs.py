@@ -328,7 +328,7 @@ def test_readme_cluster_commands_use_the_pipelines_flags():
                             if hasattr(m, found.group(1)))
         cli.build_parser(config_class).parse_args(argv[3:])  # SystemExit on an unknown flag or a bad value
         checked.add(argv[2].split(".", 1)[1])
-    assert {"fit_palette", "quantize", "pretrain"} <= checked
+    assert {"fit_palette", "quantize", "pretrain", "study"} <= checked
 
 
 # ------------------------------------------------------------------------------------- runtime environment

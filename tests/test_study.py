@@ -11,7 +11,7 @@ from igpt import cli
 from igpt.model import ModelConfig
 from igpt.track import study_report
 from pipelines import sweep_lr
-from pipelines.study import Rung, StudyJobConfig, stage_configs
+from pipelines.study import StudyJobConfig, stage_configs
 
 
 def test_rungs_are_named_sizes_or_shapes_with_their_own_length():
@@ -111,3 +111,123 @@ def test_three_rungs_fit_the_pure_power_law_and_say_why_and_one_rate_for_all_is_
     edge = _rungs(n=3)
     edge[2].edge_warning = "the best lr 0.01 is the grid's largest"
     assert study_report.verdict_scale(edge).startswith("confounded: the best rate of r2")
+
+
+def test_paired_loss_interval_and_mcnemar_on_the_same_images():
+    rng = np.random.default_rng(0)
+    keys = np.array([f"test/{i}" for i in range(400)])
+    a = rng.normal(3.0, 0.3, 400)
+    shift = study_report.paired_loss((a, keys), (a - 0.02 + rng.normal(0, 0.01, 400), keys))
+    assert shift["diff_95"][1] < 0 and abs(shift["diff"] + 0.02) < 0.005 and shift["images"] == 400
+    # the same shift under noise as large as the images' own spread: an unpaired view would see nothing either,
+    # but paired differences of pure noise must straddle 0
+    noise = study_report.paired_loss((a, keys), (a + rng.normal(0, 0.3, 400), keys[::-1][::-1]))
+    assert noise["diff_95"][0] < 0 < noise["diff_95"][1]
+    # keys matched, not positions: the second model's images in another order give the same answer
+    order = rng.permutation(400)
+    assert study_report.paired_loss((a, keys), ((a - 0.02)[order], keys[order]))["diff"] == pytest.approx(-0.02)
+    right_a = rng.random(400) < 0.5
+    right_b = right_a.copy()
+    right_b[np.flatnonzero(~right_a)[:40]] = True  # b gets 40 more right, loses none
+    mc = study_report.mcnemar((right_a, keys), (right_b, keys))
+    assert (mc["only_larger_right"], mc["only_smaller_right"]) == (40, 0) and mc["p"] < 1e-9
+    assert study_report.mcnemar((right_a, keys), (right_a, keys))["p"] == 1.0
+
+
+def test_per_image_losses_average_to_the_models_own_loss():
+    import torch
+
+    from igpt.eval.ensemble import eval_masks
+    from igpt.eval.features import image_losses
+    from igpt.model.gpt import IGPT
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 512, (3, 64))
+    keys = ["a", "b", "c"]
+    for objective in ("ar", "bert"):
+        model = IGPT(ModelConfig("debug", resolution=8, objective=objective)).eval()
+        per = image_losses(model, tokens, keys)
+        with torch.no_grad():
+            if objective == "ar":
+                want = [float(model.loss(tokens[i:i + 1])) for i in range(3)]
+            else:
+                masks = eval_masks(keys, 64, model.cfg.bert_mask_prob)
+                want = [np.mean([float(model.loss(tokens[i:i + 1], mask=m[i:i + 1])) for m in masks])
+                        for i in range(3)]
+        assert np.allclose(per, want, atol=1e-5), objective
+
+
+def test_the_report_pairs_each_rung_with_the_next_on_per_image_losses_and_predictions(tmp_path):
+    rng = np.random.default_rng(1)
+    keys = np.array([f"test/{i}" for i in range(300)])
+    rungs = _rungs(n=3)
+    base = rng.normal(3.0, 0.2, 300)
+    correct = rng.random(300) < 0.3
+    for i, r in enumerate(rungs):  # each rung 0.05 lower per image, and 30 more test images right
+        fs = tmp_path / f"f{i}" / "test"
+        fs.mkdir(parents=True)
+        np.savez(fs / "shard-00000.npz", keys=keys, labels=np.zeros(300), loss=(base - 0.05 * i)[:, None, None])
+        c = correct.copy()
+        c[np.flatnonzero(~correct)[:30 * i]] = True
+        np.savez(tmp_path / f"p{i}.npz", keys=keys, correct=c)
+        r.features, r.predictions = str(tmp_path / f"f{i}"), str(tmp_path / f"p{i}.npz")
+    out = study_report.build(rungs, tmp_path / "rep", title="t", n_boot=200)
+    assert [(p["smaller"], p["larger"], p["loss"]["verdict"], p["probe"]["verdict"]) for p in out["pairs"]] == \
+        [("r0", "r1", "agrees", "agrees"), ("r1", "r2", "agrees", "agrees")]
+    assert out["pairs"][0]["loss"]["diff"] == pytest.approx(-0.05)
+    assert out["verdict_scale"].startswith("agrees: the larger model's loss is lower at every step")
+    for r in rungs:
+        r.lr_swept = False
+    again = study_report.build(rungs, tmp_path / "rep2", title="t", n_boot=200)
+    assert again["pairs"][0]["loss"]["verdict"] == "agrees"  # lower despite the confound: said plainly
+    assert "(though one learning rate" in again["verdict_scale"]
+    flat = _rungs(n=3, swept=False)
+    for i, r in enumerate(flat):  # no difference between rungs, one rate for all: confounded, not "disagrees"
+        fs = tmp_path / f"g{i}" / "test"
+        fs.mkdir(parents=True)
+        np.savez(fs / "shard-00000.npz", keys=keys, labels=np.zeros(300),
+                 loss=(base + rng.normal(0, 0.2, 300))[:, None, None])
+        r.features = str(tmp_path / f"g{i}")
+    flat_out = study_report.build(flat, tmp_path / "rep3", title="t", n_boot=200)
+    assert {p["loss"]["verdict"] for p in flat_out["pairs"]} == {"confounded (one learning rate for both (not swept "
+                                                                 "per size))"}
+    assert flat_out["verdict_scale"].startswith("confounded: one learning rate")
+    assert "McNemar p" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def _report_own(config, which, then=None):
+    """Reports which sweep it belongs to; with ``then`` = (name, trainable), registers that trainable as another
+    sweep starting meanwhile would (Tune's Experiment does exactly this at its start)."""
+    from ray import tune
+    from ray.tune.registry import register_trainable
+
+    if then is not None:
+        register_trainable(*then)
+    tune.report({"which": which, "x": config["x"]})
+
+
+def _sweep(trainable, name: str, storage: str) -> list:
+    from ray import tune
+
+    grid = tune.Tuner(tune.with_resources(trainable, {"CPU": 0.01}), param_space={"x": tune.grid_search([1, 2])},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=1),  # one after another, as sweep_lr
+                      run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0)).fit()
+    return [r.metrics["which"] for r in sorted(grid, key=lambda r: r.metrics["x"])]
+
+
+def test_two_sweeps_of_one_trial_function_keep_their_own_parameters(ray_local, tmp_path):
+    """Ray Tune registers a function trainable under its ``__name__`` in the Ray job's registry, and its driver
+    looks it up by that name each time it starts a trial: two sweeps of the same trial function in one job (a
+    study's rungs, each a Ray task) overwrote each other, and a rung's later trials ran another rung's
+    configuration (seen in the study's slow test). Here sweep a's first trial registers sweep b's trainable, as b's
+    start would; ``named_trainable`` gives each sweep its own name."""
+    from ray import tune
+
+    from igpt.raysetup import named_trainable
+
+    b = tune.with_parameters(_report_own, which="rung_b")
+    a = tune.with_parameters(_report_own, which="rung_a", then=("_report_own", b))
+    assert _sweep(a, "plain", str(tmp_path)) == ["rung_a", "rung_b"]  # Ray's keying, which a study must not meet
+    b = tune.with_parameters(named_trainable(_report_own, "rung_b"), which="rung_b")
+    a = tune.with_parameters(named_trainable(_report_own, "rung_a"), which="rung_a", then=("_report_own_rung_b", b))
+    assert _sweep(a, "named", str(tmp_path)) == ["rung_a", "rung_a"]

@@ -36,14 +36,14 @@ class FeatureActor:
     """A Ray Data actor: one model replica turning token batches into per-layer pooled features."""
 
     def __init__(self, checkpoint: str, random_init: bool, seed: int, batch_size: int, pixels: bool,
-                 use_gpu: bool = False):
+                 use_gpu: bool = False, losses: bool = False):
         from igpt.train import checkpoints
 
         self.model = checkpoints.load_model(checkpoint, random_init=random_init, seed=seed)
         self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
         self.model.to(self.device)
         self.centres = (checkpoints.load_palette(checkpoint).centres.astype(np.float32) + 1) / 2  # [-1,1] -> [0,1]
-        self.batch_size, self.pixels = batch_size, pixels
+        self.batch_size, self.pixels, self.losses = batch_size, pixels, losses
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from igpt.eval.ensemble import eval_masks
@@ -53,8 +53,11 @@ class FeatureActor:
         tokens = np.asarray(batch["tokens"].combine_chunks().flatten(), np.int64).reshape(len(keys), cfg.n_ctx)
         layers, masks = range(cfg.n_layer + 1), cfg.objective == "bert"  # 0..L: the last is ln_f's output
         feats = {l: [] for l in layers}
+        losses = []
         for i in range(0, len(keys), self.batch_size):
             x = torch.from_numpy(tokens[i:i + self.batch_size]).to(self.device)
+            if self.losses:
+                losses.append(image_losses(self.model, x, keys[i:i + self.batch_size]))
             if masks:  # the paper's BERT evaluation: 5 masks per image, each its own feature vector
                 m = eval_masks(keys[i:i + self.batch_size], cfg.n_ctx, cfg.bert_mask_prob).to(self.device)
                 per_mask = [self.model.features(x, mask=m[k]) for k in range(len(m))]
@@ -70,7 +73,46 @@ class FeatureActor:
             cols[layer_key(l)] = _tensor_column(arr)
         if self.pixels:
             cols["pixels"] = _tensor_column(self.centres[tokens].reshape(len(keys), 1, -1))
+        if self.losses:
+            cols["loss"] = _tensor_column(np.concatenate(losses).reshape(-1, 1, 1) if losses else
+                                          np.zeros((0, 1, 1), np.float32))
         return pa.table(cols)
+
+
+@torch.no_grad()
+def image_losses(model, tokens: torch.Tensor, keys: list[str]) -> np.ndarray:
+    """Each image's validation loss (nats per predicted token), so that two models scored on the same images get a
+    paired comparison: AR, the mean next-token loss over its positions; BERT, the mean over the masked positions
+    of its evaluation masks (the same 5 per key as its features, igpt/eval/ensemble.py)."""
+    import torch.nn.functional as F
+
+    if model.cfg.objective == "ar":
+        logits = model(model.ar_inputs(tokens), causal=True)
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens.long(), reduction="none")
+        return ce.mean(1).cpu().numpy().astype(np.float32)
+    from igpt.eval.ensemble import eval_masks
+
+    masks = eval_masks(keys, model.cfg.n_ctx, model.cfg.bert_mask_prob).to(tokens.device)  # (M, B, T)
+    per = []
+    for m in masks:
+        logits = model(tokens, causal=False, content_mask=m)
+        ce = F.cross_entropy(logits.transpose(1, 2).float(), tokens.long(), reduction="none")
+        per.append((ce * m).sum(1) / m.sum(1).clamp(min=1))
+    return torch.stack(per, 1).mean(1).cpu().numpy().astype(np.float32)
+
+
+def load_losses(feature_set: str | Path | Loc, split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(per-image losses (N,), keys (N,)) of a split extracted with them (``manifest.json``'s ``losses``)."""
+    ls, ks = [], []
+    for s in _shards(feature_set, split):
+        def read(z, s=s):
+            if "loss" not in z.files:
+                raise KeyError(f"{s} has no per-image losses (extracted before they were written)")
+            return z["loss"].reshape(-1), z["keys"]
+        loss, keys = _open(s, read)
+        ls.append(loss)
+        ks.append(keys)
+    return np.concatenate(ls), np.concatenate(ks)
 
 
 def _tensor_column(arr: np.ndarray) -> pa.Array:

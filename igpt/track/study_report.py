@@ -36,6 +36,8 @@ class Rung:
     pixels_test_accuracy: float | None = None
     random_init_test_accuracy: float | None = None
     edge_warning: str | None = None  # the sweep's best rate at an end of its grid
+    features: str | None = None  # its feature set: the test split's per-image losses (paired loss differences)
+    predictions: str | None = None  # its probe's test_predictions.npz: each test image right or wrong (McNemar)
 
     @property
     def bits_per_token(self) -> float:
@@ -74,22 +76,34 @@ def _fit_dict(fit: laws.LawFit | None, said: str) -> dict:
             "residual_sd_log": fit.residual_sd, "notes": fit.notes + ([said] if said else []), "n": len(fit.x)}
 
 
-def verdict_scale(rungs: list[Rung]) -> str:
-    """Whether loss falls with size across the ladder, and what qualifies it: one rate for all sizes is a known
-    confound (the paper sweeps it per size), so a loss that does not fall is "confounded", not "disagrees"."""
+def verdict_scale(rungs: list[Rung], pairs: list[dict] | None = None) -> str:
+    """Does the loss fall with size across the ladder? From the paired tests of each step where they exist
+    (:func:`_pairs`); one rate for all sizes, or a best rate at the edge of its grid, is a known confound, so a
+    loss that does not fall is then "confounded", not "disagrees". Without per-image losses, the means only, and
+    the verdict says it rests on no noise estimate."""
     if len(rungs) < 2:
         return "one rung: nothing to compare"
     ordered = sorted(rungs, key=lambda r: r.non_embedding_params)
-    falls = all(b.val_loss < a.val_loss for a, b in zip(ordered, ordered[1:], strict=False))
-    if not all(r.lr_swept for r in rungs):
-        return ("confounded: one learning rate for every size (not swept per size, as the paper does); "
-                + ("loss falls with size" if falls else "loss does not fall monotonically with size"))
     edges = [r.label for r in rungs if r.edge_warning]
-    if edges:
-        return (f"confounded: the best rate of {', '.join(edges)} is at an end of its grid (the optimum may lie "
-                "outside); " + ("loss falls with size" if falls else "loss does not fall monotonically with size"))
-    return "agrees: loss falls with size at every step" if falls else \
-        "disagrees: loss does not fall monotonically with size, each rate swept"
+    confound = ("one learning rate for every size (not swept per size, as the paper does)"
+                if not all(r.lr_swept for r in rungs) else
+                f"the best rate of {', '.join(edges)} is at an end of its grid (the optimum may lie outside)"
+                if edges else None)
+    tested = [p["loss"] for p in pairs or [] if "found" in p.get("loss", {})]
+    if len(tested) == len(ordered) - 1:
+        found = [t["found"] for t in tested]
+        what = ("the larger model's loss is lower at every step (paired 95% intervals below 0)"
+                if all(f == "lower" for f in found) else
+                f"steps: {', '.join(found)} (paired 95% intervals of the per-image loss difference)")
+        if all(f == "lower" for f in found):
+            return f"agrees: {what}" + (f" (though {confound})" if confound else "")
+        if confound:
+            return f"confounded: {confound}; {what}"
+        return f"disagrees: {what}" if "higher" in found else f"inconclusive: {what}"
+    falls = all(b.val_loss < a.val_loss for a, b in zip(ordered, ordered[1:], strict=False))
+    what = ("mean loss falls with size" if falls else "mean loss does not fall monotonically with size") + \
+        " (no paired test: per-image losses missing; no noise estimate)"
+    return f"confounded: {confound}; {what}" if confound else ("agrees: " if falls else "inconclusive: ") + what
 
 
 def build(rungs: list[Rung], folder: Path, *, title: str, n_boot: int = 1000, seed: int = 0) -> dict:
@@ -106,10 +120,73 @@ def build(rungs: list[Rung], folder: Path, *, title: str, n_boot: int = 1000, se
     out = {"title": title, "rungs": [asdict(r) for r in rungs], "unit": "nats per pixel token",
            "fits": {"N": _fit_dict(fit_n, said_n), "C": _fit_dict(fit_c, said_c)},
            "forecast": {"N": _forecast_dict(fc_n, why_n), "C": _forecast_dict(fc_c, why_c)},
-           "verdict_scale": verdict_scale(rungs), "probe": _probe_relation(rungs)}
+           "probe": _probe_relation(rungs), "pairs": _pairs(rungs, seed)}
+    out["verdict_scale"] = verdict_scale(rungs, out["pairs"])
     (folder / "fits.json").write_text(json.dumps(out, indent=2, default=float))
     (folder / "report.md").write_text(markdown(out, (fit_n, said_n), (fit_c, said_c), fc_n, fc_c))
     _plots(rungs, fit_n, fit_c, folder / "plots")
+    return out
+
+
+def paired_loss(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], n_boot: int = 2000,
+                seed: int = 0) -> dict:
+    """Mean per-image loss difference b − a over the images both were scored on (``(losses, keys)`` each), with a
+    95% paired bootstrap interval (images resampled, the pairs kept together)."""
+    da, db = dict(zip(a[1].tolist(), a[0].tolist(), strict=True)), dict(zip(b[1].tolist(), b[0].tolist(), strict=True))
+    common = sorted(set(da) & set(db))
+    if len(common) < 2:
+        raise ValueError(f"the two models share {len(common)} scored images: no paired comparison")
+    d = np.array([db[k] - da[k] for k in common])
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"images": len(common), "diff": float(d.mean()), "diff_95": [float(lo), float(hi)],
+            "unshared": len(set(da) ^ set(db))}
+
+
+def mcnemar(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> dict:
+    """McNemar's exact test of two classifiers on the same test images (``(correct, keys)`` each): of the images
+    exactly one gets right, is the split further from even than chance allows (two-sided binomial p)?"""
+    from scipy.stats import binomtest
+
+    ca, cb = dict(zip(a[1].tolist(), a[0].tolist(), strict=True)), dict(zip(b[1].tolist(), b[0].tolist(), strict=True))
+    common = sorted(set(ca) & set(cb))
+    only_b = sum(1 for k in common if cb[k] and not ca[k])
+    only_a = sum(1 for k in common if ca[k] and not cb[k])
+    p = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"images": len(common), "acc_diff": (only_b - only_a) / len(common) if common else 0.0,
+            "only_larger_right": only_b, "only_smaller_right": only_a, "p": float(p)}
+
+
+def _pairs(rungs: list[Rung], seed: int) -> list[dict]:
+    """Each rung against the next larger one, on the same test images: the loss difference with its paired
+    interval, the probe's with McNemar's p, and a verdict that names a known confound instead of disagreeing."""
+    from igpt.eval import features as feats
+
+    out = []
+    for a, b in zip(rungs, rungs[1:], strict=False):
+        row: dict = {"smaller": a.label, "larger": b.label}
+        confound = None if a.lr_swept and b.lr_swept else "one learning rate for both (not swept per size)"
+        if confound is None and (a.edge_warning or b.edge_warning):
+            confound = "a best rate at an end of its sweep's grid"
+        if a.features and b.features:
+            try:
+                pl = paired_loss(feats.load_losses(a.features), feats.load_losses(b.features), seed=seed)
+                lo, hi = pl["diff_95"]
+                found = "lower" if hi < 0 else "higher" if lo > 0 else "no difference detected"
+                row["loss"] = {**pl, "found": found,
+                               "verdict": "agrees" if found == "lower" else f"confounded ({confound})" if confound
+                               else "disagrees" if found == "higher" else "inconclusive"}
+            except (KeyError, ValueError, OSError) as e:  # an older feature set without losses: said, not guessed
+                row["loss"] = {"error": str(e)}
+        if a.predictions and b.predictions:
+            za, zb = np.load(a.predictions), np.load(b.predictions)
+            mc = mcnemar((za["correct"], za["keys"]), (zb["correct"], zb["keys"]))
+            found = ("better" if mc["acc_diff"] > 0 else "worse") if mc["p"] < 0.05 else "no difference detected"
+            row["probe"] = {**mc, "found": found,
+                            "verdict": "agrees" if found == "better" else f"confounded ({confound})" if confound
+                            else "disagrees" if found == "worse" else "inconclusive"}
+        out.append(row)
     return out
 
 
@@ -170,6 +247,17 @@ def markdown(out: dict, law_n: tuple, law_c: tuple, fc_n, fc_c) -> str:
               "", "## Forecast check (largest rung held out)", ""]
     for var, fc in (("N", fc_n), ("C", fc_c)):
         lines.append("- " + (fc.line(var) if fc is not None else f"{var}: not made: {out['forecast'][var]['reason']}"))
+    lines += ["", "## Each rung against the next larger (paired, on the same test images)", "",
+              "| smaller → larger | test images | loss diff (nats/token) [95% paired bootstrap] | verdict | probe acc "
+              "diff | McNemar p | verdict |", "|---|---:|---|---|---:|---:|---|"]
+    for pr in out["pairs"]:
+        loss, probe = pr.get("loss", {}), pr.get("probe", {})
+        lines.append("| " + " | ".join([
+            f"{pr['smaller']} → {pr['larger']}", str(loss.get("images", probe.get("images", "-"))),
+            f"{loss['diff']:+.4f} [{loss['diff_95'][0]:+.4f}, {loss['diff_95'][1]:+.4f}]" if "diff" in loss
+            else loss.get("error", "-"), loss.get("verdict", "-"),
+            f"{100 * probe['acc_diff']:+.1f} pts" if probe else "-", f"{probe['p']:.3g}" if probe else "-",
+            probe.get("verdict", "-")]) + " |")
     p = out["probe"]
     lines += ["", "## Verdicts", "", f"- size: {out['verdict_scale']}",
               "- probe: " + (f"Spearman ρ of best-layer test accuracy with N {p['spearman_vs_N']:+.2f}, with "
