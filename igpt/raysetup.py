@@ -80,3 +80,15 @@ def named_trainable(fn, name: str):
 
     trainable.__name__ = trainable.__qualname__ = re.sub(r"[^A-Za-z0-9_]", "_", f"{fn.__name__}_{name}")
     return trainable
+
+
+def experiment_name(base: str, where: str) -> str:
+    """A Ray Tune experiment's name, unique to where it is stored: ``<base>-<8 hex digits of where>``. Tune stages
+    an experiment's state on the driver's node in ``<session>/artifacts/<start time, to the second>/<name>/`` and
+    syncs that folder to its storage: two experiments of one name started in the same second (a study's rungs,
+    each starting its sweep at once) shared the folder, each synced the other's trials and searcher into its own
+    storage, and a resumed sweep restored the other's. The same ``where`` gives the same name (a re-submitted
+    sweep finds its experiment again)."""
+    import hashlib
+
+    return f"{base}-{hashlib.blake2b(where.encode(), digest_size=4).hexdigest()}"

@@ -56,7 +56,7 @@ from igpt.config import DeepSpeedConfig, IngestLimits, OptimConfig, ScalingConfi
 from igpt.data.sources import DatasetSpec
 from igpt.errors import Conflict, UserError
 from igpt.eval.ensemble import N_MASKS
-from igpt.raysetup import named_trainable
+from igpt.raysetup import experiment_name, named_trainable
 from igpt.storage import Loc, is_remote
 from igpt.train import checkpoints
 
@@ -408,7 +408,8 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list
         {"CPU": cfg.cpus_per_trial})
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
-                       run_config=tune.RunConfig(name="tune", storage_path=out_dir.uri, verbose=1))
+                       run_config=tune.RunConfig(name=experiment_name("tune", out_dir.uri), storage_path=out_dir.uri,
+                                                 verbose=1))
     grid = job.wait(tuner.fit)
     trials, failed = [], []
     for r in grid:

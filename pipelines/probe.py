@@ -30,7 +30,7 @@ from igpt.cli import field_help as _help
 from igpt.config import ModelTrackingConfig
 from igpt.errors import UserError
 from igpt.eval import features, probe
-from igpt.raysetup import init_ray, named_trainable
+from igpt.raysetup import experiment_name, init_ray, named_trainable
 from igpt.track.tracking import JobRun, interruptible, lineage_tags
 from igpt.track.trial_logger import TrialRunLogger
 
@@ -100,7 +100,8 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
-            name=name, storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
+            name=experiment_name(name, str((Path(cfg.output_dir) / cfg.name).resolve())),
+            storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
             callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={"mlflow.parentRunId": parent_id, "igpt.job": "probe_trial",
                                                   "igpt.sweep": name})]),
@@ -283,7 +284,8 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
                      "seed": tune.grid_search([cfg.seed + i for i in range(cfg.low_data_seeds)])},
         tune_config=tune.TuneConfig(metric="test_accuracy", mode="max"),
         run_config=tune.RunConfig(
-            name="low_data", storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
+            name=experiment_name("low_data", str((Path(cfg.output_dir) / cfg.name).resolve())),
+            storage_path=str((Path(cfg.output_dir) / cfg.name / "tune").resolve()), verbose=0,
             callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={"mlflow.parentRunId": parent, "igpt.job": "probe_low_data"})]),
     )

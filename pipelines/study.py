@@ -17,7 +17,10 @@ probe sweep over layer x regularisation with its refit and test (``pipelines.pro
 token x tokens per step), so larger rungs train on fewer tokens), or a rung's own ``@<steps>``.
 
 **At the same time**: each rung is a Ray task (``--cpus_per_rung``) that runs its stages, whose Tune trials and Ray
-Train workers ask Ray for their own resources; Ray places whatever fits and queues the rest. No scheduler here.
+Train workers ask Ray for their own resources. As many rungs run at once as the cluster holds whole when the study
+starts (``concurrent_rungs``: a rung's workers, its task and trial, and a CPU for its Ray Data tasks), or
+``--max_concurrent_rungs``; the next starts when one ends. (Left to Ray's queue alone, rungs took the CPUs their
+Ray Data tasks needed after the workers had theirs, and every training waited on data forever.)
 
 **Resume**: re-submitting the same ``--name``/``--output_dir`` reads back every finished rung (its
 ``rungs/<rung>/summary.json``) and runs only the others; a rung cut off mid-way resumes its sweep (Tune's saved
@@ -83,6 +86,8 @@ class DataConfig:
                              default="")
     max_images: int = _help("use at most this many training images (0: all; Parquet: the first in file order)",
                             default=0)
+    test_max_images: int = _help("use at most this many test images (0: all; Parquet: the first in file order)",
+                                 default=0)
     train_prefix: str | None = _help("parquet: keys of training images start with this; default train/ (the "
                                      "sample's); other layouts choose a split by train_split", default=None)
     test_prefix: str | None = _help("parquet: keys of test images start with this; default test/", default=None)
@@ -90,8 +95,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if "://" not in self.path and not Path(self.path).exists():
             raise FileNotFoundError(f"data.path does not exist: {self.path}")
-        if self.max_images < 0:
-            raise ValueError("data.max_images must be >= 0")
+        if self.max_images < 0 or self.test_max_images < 0:
+            raise ValueError("data.max_images and data.test_max_images must be >= 0")
         if self.format != "parquet" and (self.train_prefix or self.test_prefix):
             raise ValueError(f"data.train_prefix and data.test_prefix select Parquet rows by key; a {self.format} "
                              "dataset's splits are chosen by data.train_split and data.test_split")
@@ -101,7 +106,8 @@ class DataConfig:
         given = self.train_prefix if which == "train" else self.test_prefix
         return DatasetSpec(path=self.path, format=self.format, split=getattr(self, f"{which}_split"),
                            key_prefix=(f"{which}/" if given is None else given) if parquet else "",
-                           labels_file=self.labels_file, max_images=self.max_images if which == "train" else 0)
+                           labels_file=self.labels_file,
+                           max_images=self.max_images if which == "train" else self.test_max_images)
 
 
 @dataclass
@@ -171,6 +177,9 @@ class StudyJobConfig:
     preset_per_size: bool = _help("each rung's DeepSpeed settings from its size's recipe (cluster/deepspeed/S.json "
                                   "for S, ...), as pretraining alone takes them, instead of --deepspeed.*; a shape "
                                   "rung takes the debug recipe's", default=False)
+    max_concurrent_rungs: int = _help(
+        "rungs at once; 0: as many as the cluster's CPUs and GPUs hold when the study starts, a rung counted at its "
+        "trial's workers + its own task + its trial's process + 1 CPU for its Ray Data tasks", default=0)
     cpus_per_rung: float = _help("CPUs reserved for a rung's own task (it mostly waits on its stages); > 0",
                                  default=0.1)
     cpus_per_trial: float = _help("CPUs reserved for a sweep trial's own process; > 0", default=0.1)
@@ -200,6 +209,8 @@ class StudyJobConfig:
             raise ValueError("steps must be >= 1, flops >= 0 and n_boot >= 100")
         if not 0.0 < self.trial_fraction <= 1.0 or not 0.0 < self.sweep_holdout < 1.0:
             raise ValueError("trial_fraction must be in (0, 1] and sweep_holdout in (0, 1)")
+        if self.max_concurrent_rungs < 0:
+            raise ValueError("max_concurrent_rungs must be >= 0 (0: as many as the cluster holds)")
         if not (self.cpus_per_rung > 0 and self.cpus_per_trial > 0):
             raise ValueError("cpus_per_rung and cpus_per_trial must be > 0")
         if (self.optim.global_batch or 0) % self.scaling.workers:
@@ -358,15 +369,36 @@ def run_rung(cfg_dict: dict, label: str, palette_path: str, study_run_id: str, s
 
 
 # ------------------------------------------------------------------------------------------------ the driver
-def ray_cpus(cfg: StudyJobConfig, rungs: int) -> int:
-    """Logical CPUs for a local runtime: each rung's task, one trial and its workers, and a CPU for Ray Data's
-    tasks per rung (on 2 cores this over-subscribes on purpose: the rungs then share the cores, as on a cluster
-    they would share nodes)."""
+def rung_cpus(cfg: StudyJobConfig) -> float:
+    """What one rung holds while it trains: its task, its trial's process, the trial's workers, and a whole CPU
+    for the Ray Data tasks that feed them (they ask for theirs only once the workers hold their own)."""
     s = cfg.scaling
-    per_rung = cfg.cpus_per_rung + cfg.cpus_per_trial + s.workers * s.cpus_per_worker + 1
+    return cfg.cpus_per_rung + cfg.cpus_per_trial + s.workers * s.cpus_per_worker + 1
+
+
+def ray_cpus(cfg: StudyJobConfig, rungs: int) -> int:
+    """Logical CPUs for a local runtime: every rung at once (on 2 cores this over-subscribes on purpose: the rungs
+    then share the cores, as on a cluster they would share nodes)."""
     import os
 
-    return max(os.cpu_count() or 1, math.ceil(rungs * per_rung))
+    return max(os.cpu_count() or 1, math.ceil(rungs * rung_cpus(cfg)))
+
+
+def concurrent_rungs(cfg: StudyJobConfig, resources: dict) -> tuple[int, str]:
+    """How many rungs run at once, and why. Ray queues what does not fit, but a rung queued this way can take the
+    CPUs its own Ray Data tasks (or another rung's) would need after the workers have theirs: every training
+    waits on data that never gets a CPU (seen with 3 rungs on a 3-CPU head). So rungs are let in only as far as
+    the cluster holds them whole, counted when the study starts (an autoscaler's nodes to come are not)."""
+    if cfg.max_concurrent_rungs:
+        return cfg.max_concurrent_rungs, "--max_concurrent_rungs"
+    cpus = resources.get("CPU", 0.0)
+    n = int(cpus // rung_cpus(cfg))
+    why = f"the cluster's {cpus:g} CPUs / {rung_cpus(cfg):g} per rung"
+    if cfg.scaling.use_gpu:
+        by_gpu = int(resources.get("GPU", 0.0) // cfg.scaling.workers)
+        why += f", its {resources.get('GPU', 0.0):g} GPUs / {cfg.scaling.workers} per rung"
+        n = min(n, by_gpu)
+    return max(1, n), why
 
 
 def run(cfg: StudyJobConfig) -> dict:
@@ -409,12 +441,18 @@ def run(cfg: StudyJobConfig) -> dict:
                 stage_configs(cfg, "", job.run_id)["palette"])["palette"]
             timings["palette"] = time.perf_counter() - t
         task = ray.remote(run_rung)
-        cfg_dict = cli.to_dict(cli.absolute_paths(cfg))
-        refs = {task.options(num_cpus=cfg.cpus_per_rung, name=f"rung-{r.label}", max_retries=0).remote(
-            cfg_dict, r.label, palette_path, job.run_id, _source()): r.label for r in rungs if r.label not in finished}
-        print(f"study {cfg.name}: {len(refs)} rung(s) started at once ({', '.join(refs.values()) or 'none'}); "
-              f"MLflow run {job.run_id}", flush=True)
-        results, errors = job.wait(_gather, refs)
+        cfg_dict, source = cli.to_dict(cli.absolute_paths(cfg)), _source()
+
+        def launch(label: str):
+            return task.options(num_cpus=cfg.cpus_per_rung, name=f"rung-{label}", max_retries=0).remote(
+                cfg_dict, label, palette_path, job.run_id, source)
+
+        todo = [r.label for r in rungs if r.label not in finished]
+        limit, why = concurrent_rungs(cfg, ray.cluster_resources())
+        print(f"study {cfg.name}: {len(todo)} rung(s) to run, {min(limit, len(todo))} at once ({why}); MLflow run "
+              f"{job.run_id}", flush=True)
+        job.client.set_tag(job.run_id, "study.concurrent_rungs", f"{limit} ({why})")
+        results, errors = job.wait(_gather, launch, todo, limit)
         finished.update(results)
         for label in (r.label for r in rungs):
             timings.update(finished.get(label, {}).get("timings", {}))
@@ -445,14 +483,19 @@ def _source() -> str:
     return resolve_tags({}).get("mlflow.source.name", "")
 
 
-def _gather(refs: dict) -> tuple[dict, dict]:
-    """Every rung's result as it comes (one failing does not cancel the others: their work is kept)."""
+def _gather(launch, todo: list[str], limit: int) -> tuple[dict, dict]:
+    """Run the rungs ``limit`` at a time, in ladder order, and collect each one's result as it comes (one failing
+    does not cancel the others: their work is kept)."""
     import ray
 
-    results, errors, pending = {}, {}, list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        label = refs[ready[0]]
+    results, errors, queue, refs = {}, {}, list(todo), {}
+    while queue or refs:
+        while queue and len(refs) < limit:
+            label = queue.pop(0)
+            refs[launch(label)] = label
+            print(f"rung {label} started", flush=True)
+        ready, _ = ray.wait(list(refs), num_returns=1)
+        label = refs.pop(ready[0])
         try:
             results[label] = ray.get(ready[0])
             print(f"rung {label} finished: val loss {results[label]['val_loss']:.4f}", flush=True)

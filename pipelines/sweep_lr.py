@@ -38,14 +38,20 @@ Re-submitting the same ``--name``/``--storage_path`` after the sweep's driver di
 ``<storage_path>/<name>/tune/`` with the experiment, an interrupted trial resumes its pretraining run, finished
 trials and a finished refit are not run again.
 
+**Edge of the grid.** A best rate at an end of the list (the largest one tried, or the smallest when the list ran
+out with the loss still falling) may not be the optimum: the sweep warns on stderr and tags its run
+``sweep.warning.edge`` and ``sweep.next_rates`` (the grid's own spacing continued: the next two rates to try).
+
 **MLflow** (store and experiment from ``--pretrain.tracking.*``): a parent run named after the sweep (tag
 ``igpt.job=sweep_lr``; params ``space``, ``order``, ``holdout``; metrics ``sweep/val_loss``, ``sweep/lr`` and
 ``sweep/diverged`` at step = trial index; at the end metric ``sweep/best_lr``, tags ``sweep.best_lr``,
 ``sweep.stop_reason`` (rose | exhausted | failed | all_diverged), ``sweep.stop_detail``, ``sweep.refit_run_id`` and
-metric ``refit/val_loss``). Every trial's and the refit's pretraining run is its child (tag ``mlflow.parentRunId``).
+metric ``refit/val_loss``). Every trial's and the refit's pretraining run is its child (tag ``mlflow.parentRunId``),
+tagged ``sweep.role`` = trial or refit from its creation (``igpt compare`` counts the refit, never a trial). The
+sweep's own run is nested under ``--pretrain.tracking.parent_run_id`` when one is given.
 
-Layout: ``<storage_path>/<name>/`` holds ``lr_<lr>/`` (each trial's pretraining run), ``refit/``, ``tune/`` (Ray
-Tune's experiment), ``mlflow_run_id`` and ``summary.json``.
+Layout: ``<storage_path>/<name>/`` holds ``lr_<lr>/`` (each trial's pretraining run), ``refit/``, ``tune-<hash>/``
+(Ray Tune's experiment, :func:`tune_name`), ``mlflow_run_id`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -392,6 +398,15 @@ def run(cfg: SweepLRJobConfig) -> dict:
     return summary
 
 
+def tune_name(sweep_dir: Loc) -> str:
+    """The folder of the sweep's Tune experiment in ``sweep_dir``: ``tune-<hash of the sweep's folder>``, a name
+    no other sweep shares (``igpt.raysetup.experiment_name``: two sweeps named alike that start in the same second
+    mixed their state)."""
+    from igpt.raysetup import experiment_name
+
+    return experiment_name("tune", sweep_dir.uri)
+
+
 def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
     """Tune's experiment of this sweep: restored when a killed sweep left one, else a new one."""
     from ray import tune
@@ -400,7 +415,7 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
         tune.with_parameters(named_trainable(trial, cfg.name), job=cli.to_dict(cfg), parent_run_id=job.run_id,
                              tracking_uri=job.uri, faults=Faults.from_env().as_dict()),
         {"CPU": cfg.cpus_per_trial})
-    tune_dir = (sweep_dir / "tune").uri  # Tune reads and writes local folders and object storage alike
+    tune_dir = (sweep_dir / tune_name(sweep_dir)).uri  # Tune reads and writes local folders and object storage
     if tune.Tuner.can_restore(tune_dir):
         print(f"resuming the sweep from {tune_dir}")
         return tune.Tuner.restore(tune_dir, trainable)
@@ -408,7 +423,7 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
         trainable,
         tune_config=tune.TuneConfig(search_alg=OrderedSearcher(values), num_samples=len(values),
                                     max_concurrent_trials=1),
-        run_config=tune.RunConfig(name="tune", storage_path=sweep_dir.uri, verbose=1,
+        run_config=tune.RunConfig(name=tune_name(sweep_dir), storage_path=sweep_dir.uri, verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)))
 
 
@@ -431,7 +446,7 @@ def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Loc) -
         # pretraining runs from their records (nothing is trained again) and resume the failed one
         failed = [c for c in sweep_dir.children() if c.name.startswith("tune.failed-")]
         kept = sweep_dir / f"tune.failed-{len(failed) + 1}"
-        (sweep_dir / "tune").move_to(kept)
+        (sweep_dir / tune_name(sweep_dir)).move_to(kept)
         raise RuntimeError(f"sweep {cfg.name}: {summary['stop_detail']}; Tune's experiment moved to {kept}; "
                            f"re-submit to retry (the failed trial resumes from its newest checkpoint)")
     if summary["stop_reason"] == "all_diverged":

@@ -231,3 +231,29 @@ def test_two_sweeps_of_one_trial_function_keep_their_own_parameters(ray_local, t
     b = tune.with_parameters(named_trainable(_report_own, "rung_b"), which="rung_b")
     a = tune.with_parameters(named_trainable(_report_own, "rung_a"), which="rung_a", then=("_report_own_rung_b", b))
     assert _sweep(a, "named", str(tmp_path)) == ["rung_a", "rung_a"]
+
+
+def test_rungs_run_at_once_only_as_far_as_the_cluster_holds_them_whole():
+    from pipelines.study import concurrent_rungs, rung_cpus
+
+    cfg = cli.parse(StudyJobConfig, ["--scaling.workers", "2", "--scaling.cpus_per_worker", "0.5"])
+    assert rung_cpus(cfg) == pytest.approx(0.1 + 0.1 + 1.0 + 1)  # task, trial, workers, Ray Data
+    assert concurrent_rungs(cfg, {"CPU": 3})[0] == 1  # three at once deadlocked a 3-CPU head
+    assert concurrent_rungs(cfg, {"CPU": 9})[0] == 4
+    assert concurrent_rungs(cfg, {"CPU": 1})[0] == 1  # at least one: a small cluster runs them in turn
+    gpu = cli.parse(StudyJobConfig, ["--scaling.workers", "8", "--scaling.use_gpu"])
+    n, why = concurrent_rungs(gpu, {"CPU": 400, "GPU": 16})
+    assert n == 2 and "16 GPUs / 8 per rung" in why
+    fixed = cli.parse(StudyJobConfig, ["--max_concurrent_rungs", "3"])
+    assert concurrent_rungs(fixed, {"CPU": 1})[0] == 3
+
+
+def test_each_sweep_has_a_tune_experiment_name_of_its_own_and_keeps_it():
+    """Tune stages an experiment in <session>/artifacts/<start second>/<name>/: two sweeps of one name that start
+    in the same second shared it (seen: a rung's resumed sweep restored another rung's trials)."""
+    from igpt.storage import Loc
+
+    a, b = Loc("/runs/study/sweep") / "debug", Loc("/runs/study/sweep") / "tiny"
+    assert sweep_lr.tune_name(a) != sweep_lr.tune_name(b)
+    assert sweep_lr.tune_name(a) == sweep_lr.tune_name(Loc("/runs/study/sweep/debug")) and \
+        sweep_lr.tune_name(a).startswith("tune-")

@@ -255,7 +255,7 @@ def test_sweep_stops_when_the_loss_rises_and_refits_the_best(tmp_path, palette_p
 
     # a new Tune experiment for the same sweep (as after a failed one) replays the finished pretraining runs from
     # their records: the same results, nothing trained or logged again
-    (sweep_dir / "tune").rename(tmp_path / "old_tune")
+    (sweep_dir / sweep_lr.tune_name(Loc(sweep_dir))).rename(tmp_path / "old_tune")
     third = sweep_lr.run(cfg)
     assert [(t["lr"], t["val_loss"], t["run_id"]) for t in third["trials"]] == \
         [(t["lr"], t["val_loss"], t["run_id"]) for t in trials]
@@ -283,7 +283,7 @@ def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resume
         sweep_lr.run(sweep_job(tmp_path, palette_path, space, "--max_failures", "0", *faults))
     sweep_dir = Loc(f"{s3}/{tmp_path.name}") / "s"
     run_dir = sweep_dir / "lr_0.005"
-    assert (sweep_dir / "tune.failed-1").is_dir() and not (sweep_dir / "tune").exists()
+    assert (sweep_dir / "tune.failed-1").is_dir() and not (sweep_dir / sweep_lr.tune_name(sweep_dir)).exists()
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000002"]  # died at step 4, before its checkpoint
     client = MlflowClient(f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}")
     parent_id = (sweep_dir / "mlflow_run_id").read_text().strip()
