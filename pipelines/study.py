@@ -452,7 +452,12 @@ def run(cfg: StudyJobConfig) -> dict:
         print(f"study {cfg.name}: {len(todo)} rung(s) to run, {min(limit, len(todo))} at once ({why}); MLflow run "
               f"{job.run_id}", flush=True)
         job.client.set_tag(job.run_id, "study.concurrent_rungs", f"{limit} ({why})")
-        results, errors = job.wait(_gather, launch, todo, limit)
+        inflight: dict = {}
+        try:
+            results, errors = job.wait(_gather, launch, todo, limit, inflight)
+        except BaseException:  # a stop (ray job stop): the rungs go first, then the study's run ends every run KILLED
+            _cancel(inflight)
+            raise
         finished.update(results)
         for label in (r.label for r in rungs):
             timings.update(finished.get(label, {}).get("timings", {}))
@@ -483,17 +488,35 @@ def _source() -> str:
     return resolve_tags({}).get("mlflow.source.name", "")
 
 
-def _gather(launch, todo: list[str], limit: int) -> tuple[dict, dict]:
-    """Run the rungs ``limit`` at a time, in ladder order, and collect each one's result as it comes (one failing
-    does not cancel the others: their work is kept)."""
+def _cancel(refs: dict) -> None:
+    """End the rungs still running, at once. A rung's process does not get the job's SIGTERM: left alone it went on
+    starting probe trials, whose MLflow runs appeared after the study had ended everything KILLED. Killing it
+    (``force``) stops that; the actors it owns (its trials, their workers) go with it."""
     import ray
 
-    results, errors, queue, refs = {}, {}, list(todo), {}
+    for ref in list(refs):
+        ray.cancel(ref, force=True)
+    if refs:
+        ray.wait(list(refs), num_returns=len(refs), timeout=15)
+    print(f"stopped {len(refs)} running rung(s): {', '.join(refs.values())}", file=sys.stderr, flush=True)
+
+
+def _gather(launch, todo: list[str], limit: int, refs: dict) -> tuple[dict, dict]:
+    """Run the rungs ``limit`` at a time, in ladder order, and collect each one's result as it comes (one failing
+    does not cancel the others: their work is kept). ``refs``: the rungs in flight (ref -> label), shared with the
+    caller, which cancels them on a stop."""
+    import ray
+
+    from igpt.track.tracking import STOP_REQUESTED
+
+    results, errors, queue = {}, {}, list(todo)
     while queue or refs:
-        while queue and len(refs) < limit:
+        while queue and len(refs) < limit and not STOP_REQUESTED.is_set():
             label = queue.pop(0)
             refs[launch(label)] = label
             print(f"rung {label} started", flush=True)
+        if not refs:  # stopped before the next could start
+            break
         ready, _ = ray.wait(list(refs), num_returns=1)
         label = refs.pop(ready[0])
         try:

@@ -133,43 +133,8 @@ def test_servers_bind_to_loopback_only(servers):
     assert listening(servers["mlflow_port"]) == {"127.0.0.1"}
 
 
-@pytest.fixture(scope="module")
-def main_job(servers):
-    """The main job submitted once: its pretraining run folder and feature set feed the stop tests below."""
-    out = servers["temp"] / "runs"  # the job's files; the MLflow runs and artifacts live on the server
-    space = servers["temp"] / "probe.json"  # every layer, one C: 3 trials and 1 on raw pixels
-    space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
-                                 "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
-    p = submit(servers, "-m", "pipelines.main", "--output_dir", str(out), "--name", "sub", "--steps", "8",
-               "--palette.max_iter", "5", "--palette.sample_pixels", "50000", "--probe_space", str(space),
-               "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served",
-               job_id="igpt-main-ok")
-    return {"process": p, "root": out / "sub"}
-
-
-def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, main_job, tmp_path):
-    p = main_job["process"]
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert job_status(servers, "igpt-main-ok") == "SUCCEEDED"
-    client = MlflowClient(servers["tracking"])  # over HTTP only
-    exp = client.get_experiment_by_name("served")
-    runs = client.search_runs([exp.experiment_id], "tags.`igpt.job` != ''", max_results=500)
-    jobs = {r.data.tags["igpt.job"]: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
-    assert {"fit_palette", "pretrain", "extract", "probe", "compare"} <= set(jobs)
-    assert all(r.info.status == "FINISHED" for r in jobs.values())
-    pre = jobs["pretrain"]
-    assert len(client.get_metric_history(pre.info.run_id, "train/loss")) == 8
-    assert {"config.json", "deepspeed_config.json", "palette"} <= \
-           {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert "test/accuracy" in jobs["probe"].data.metrics
-    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{jobs['probe'].info.run_id}'")
-    assert len(children) >= 4 and all(c.info.status == "FINISHED" for c in children)  # one per Tune trial
-    # an artifact comes back through the server's artifact proxy
-    local = client.download_artifacts(jobs["compare"].info.run_id, "table.csv", str(tmp_path))
-    assert "debug" in Path(local).read_text()
-
-
-STUDY_LADDER = ("debug@8", "1x64@8", "tiny@48")  # 3 distinct N; the last one long enough to be cut off mid-way
+# 3 distinct N; two run at once, the third waits for a free slot: it is cut off by the stop after the first ends
+STUDY_LADDER = ("debug@8", "1x64@8", "tiny@8")
 
 
 def _study_argv(servers) -> list[str]:
@@ -200,63 +165,95 @@ def _study_runs(client, exp_id: str, study_run_id: str) -> list:
     return tree
 
 
-def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_and_fits_a_law(servers):
-    """One submission, three rungs as Ray tasks on the shared head, two at once (what its 3 CPUs hold): stopped
-    once its first rung has finished (everything of it ends KILLED), re-submitted under the same name (the
-    finished rung is read back, not run again), and finished with the law fitted on its MLflow run."""
+@pytest.fixture(scope="module")
+def study_job(servers):
+    """The 3-rung study submitted, stopped once its first rung has finished, then re-submitted under its name: what
+    each step left, for the tests below (its refit run folders and feature sets feed the stop tests too)."""
     root = servers["temp"] / "runs" / "ladder"
-    p = submit(servers, *_study_argv(servers), wait=False, job_id="igpt-study-1")
-    assert p.returncode == 0, p.stderr[-2000:]
+    out = {"root": root, "first": submit(servers, *_study_argv(servers), wait=False, job_id="igpt-study-1")}
+    if out["first"].returncode:
+        return out
     deadline = time.time() + 900
     while not any((root / "rungs" / r / "summary.json").exists() for r in STUDY_LADDER):
-        assert time.time() < deadline and job_status(servers, "igpt-study-1") in ("PENDING", "RUNNING"), \
-            _logs(servers, "igpt-study-1")
+        if time.time() > deadline or job_status(servers, "igpt-study-1") not in ("PENDING", "RUNNING"):
+            out["error"] = _logs(servers, "igpt-study-1")
+            return out
         time.sleep(2)
     subprocess.run([str(BIN / "ray"), "job", "stop", "--address", servers["dashboard"], "igpt-study-1"],
                    env=servers["env"], check=True, capture_output=True, timeout=120)
     deadline = time.time() + 120
-    while job_status(servers, "igpt-study-1") not in ("STOPPED", "FAILED", "SUCCEEDED"):
-        assert time.time() < deadline
+    while job_status(servers, "igpt-study-1") not in ("STOPPED", "FAILED", "SUCCEEDED") and time.time() < deadline:
         time.sleep(1)
-    assert job_status(servers, "igpt-study-1") == "STOPPED"
-    done = {r: json.loads((root / "rungs" / r / "summary.json").read_text()) for r in STUDY_LADDER
-            if (root / "rungs" / r / "summary.json").exists()}
-    assert 1 <= len(done) < len(STUDY_LADDER), f"the stop came after every rung finished: {list(done)}"
     client = MlflowClient(servers["tracking"])
-    exp = client.get_experiment_by_name("served").experiment_id
-    study_id = (root / "mlflow_run_id").read_text().strip()
-    assert client.get_run(study_id).info.status == "KILLED"
-    tree = _study_runs(client, exp, study_id)
+    out.update(stopped=job_status(servers, "igpt-study-1"), client=client,
+               exp=client.get_experiment_by_name("served").experiment_id,
+               study_id=(root / "mlflow_run_id").read_text().strip(),
+               done={r: json.loads((root / "rungs" / r / "summary.json").read_text()) for r in STUDY_LADDER
+                     if (root / "rungs" / r / "summary.json").exists()})
+    out["study_after_stop"] = client.get_run(out["study_id"])
+    out["tree_after_stop"] = _study_runs(client, out["exp"], out["study_id"])
+    out["second"] = submit(servers, *_study_argv(servers), job_id="igpt-study-2")
+    return out
+
+
+def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_and_fits_a_law(servers, study_job):
+    """One submission, three rungs as Ray tasks on the shared head, two at once (what its 3 CPUs hold): stopped
+    once its first rung has finished (everything of it ends KILLED), re-submitted under the same name (the
+    finished rung is read back, not run again), and finished with the law fitted on its MLflow run."""
+    assert study_job["first"].returncode == 0, study_job["first"].stderr[-2000:]
+    assert "error" not in study_job, study_job.get("error")
+    assert study_job["stopped"] == "STOPPED"
+    done, client, exp, study_id = (study_job[k] for k in ("done", "client", "exp", "study_id"))
+    assert 1 <= len(done) < len(STUDY_LADDER), f"the stop came after every rung finished: {list(done)}"
+    assert study_job["study_after_stop"].info.status == "KILLED"
+    tree = study_job["tree_after_stop"]
     assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, \
         [(r.info.run_name, r.info.status) for r in tree]
     # rungs at the same time: the first two rungs' sweeps ran at once (both started before either ended)
-    assert client.get_run(study_id).data.tags["study.concurrent_rungs"].startswith("2 (the cluster's 3 CPUs")
+    assert study_job["study_after_stop"].data.tags["study.concurrent_rungs"].startswith("2 (the cluster's 3 CPUs")
     sweeps = {r.data.tags["igpt.rung"]: r for r in tree if r.data.tags.get("igpt.job") == "sweep_lr"}
     first = [sweeps[r] for r in STUDY_LADDER[:2]]
     assert max(r.info.start_time for r in first) < min(r.info.end_time for r in first)
 
-    p = submit(servers, *_study_argv(servers), job_id="igpt-study-2")
+    p = study_job["second"]
     assert p.returncode == 0 and job_status(servers, "igpt-study-2") == "SUCCEEDED", p.stdout[-3000:]
     assert "resuming study ladder" in p.stdout
     study = client.get_run(study_id)
     assert study.info.status == "FINISHED"
     for rung, summary in done.items():  # read back, not run again: the same record, one extract run
-        assert json.loads((root / "rungs" / rung / "summary.json").read_text()) == summary
+        assert json.loads((study_job["root"] / "rungs" / rung / "summary.json").read_text()) == summary
         extracts = client.search_runs([exp], f"tags.`igpt.study_run_id` = '{study_id}' AND "
                                              f"tags.`igpt.rung` = '{rung}' AND tags.`igpt.job` = 'extract'")
         assert len(extracts) == 1
     fits = json.loads(Path(client.download_artifacts(study_id, "report/fits.json", str(servers["temp"]))).read_text())
-    assert [r["label"] for r in fits["rungs"]] == list(STUDY_LADDER)
+    assert [r["label"] for r in fits["rungs"]] == ["1x64@8", "debug@8", "tiny@8"]  # by N
     assert fits["fits"]["N"]["fitted"] and fits["fits"]["N"]["form"] == "(x₀/x)^α"  # 3 rungs: no L∞
     assert "alpha" in study.data.tags["fit.N"] and "fit/N/alpha" in study.data.metrics
     assert all(r["lr_swept"] and r["lr"] in (0.003, 0.001) for r in fits["rungs"])
+    assert len(fits["pairs"]) == 2 and all("diff_95" in pr["loss"] and "p" in pr["probe"] for pr in fits["pairs"])
     assert {"loss_vs_N.png", "probe_vs_loss.png"} <= {
         Path(a.path).name for a in client.list_artifacts(study_id, "report/plots")}
-    # compare sees the refits (the procedure's models) and no trial
-    table = Path(client.download_artifacts(
-        client.search_runs([exp], "tags.`igpt.job` = 'compare' AND attributes.run_name = 'compare'",
-                           order_by=["attributes.start_time DESC"])[0].info.run_id, "table.csv",
-        str(servers["temp"] / "cmp"))).read_text()
+
+
+def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, study_job, tmp_path):
+    """What the submitted study left in MLflow, read over HTTP only: a rung's refit (the paper's procedure's model)
+    with its config and palette, its probe and the probe's trials, and compare's table through the artifact proxy,
+    with the refits in it and no trial."""
+    assert study_job["second"].returncode == 0, study_job["second"].stdout[-3000:]
+    client = MlflowClient(servers["tracking"])
+    exp = client.get_experiment_by_name("served").experiment_id
+    study = f"tags.`igpt.study_run_id` = '{study_job['study_id']}' AND tags.`igpt.rung` = 'debug@8'"
+    refit, = client.search_runs([exp], f"{study} AND tags.`sweep.role` = 'refit'")
+    assert refit.info.status == "FINISHED" and len(client.get_metric_history(refit.info.run_id, "train/loss")) == 8
+    assert {"config.json", "deepspeed_config.json", "palette"} <= \
+           {a.path for a in client.list_artifacts(refit.info.run_id)}
+    probe, = client.search_runs([exp], f"{study} AND tags.`igpt.job` = 'probe'")
+    assert "test/accuracy" in probe.data.metrics and probe.data.tags["igpt.pretrain_run_id"] == refit.info.run_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{probe.info.run_id}'")
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)  # layers 0..2, one C
+    compared = client.search_runs([exp], "tags.`igpt.job` = 'compare' AND attributes.run_name = 'compare'",
+                                  order_by=["attributes.start_time DESC"])[0]
+    table = Path(client.download_artifacts(compared.info.run_id, "table.csv", str(tmp_path))).read_text()
     assert table.count("/refit") == 3 and "/lr_" not in table
 
 
@@ -314,14 +311,14 @@ def test_a_stopped_job_ends_killed_in_mlflow(servers):
     assert _run_of(servers, "stopped").info.status == "KILLED"
 
 
-def _stage_argv(servers, main_job, job: str, name: str) -> list[str]:
-    """A long run of each stage (it is stopped long before it ends), on the main job's outputs."""
+def _stage_argv(servers, study_job, job: str, name: str) -> list[str]:
+    """A long run of each stage (it is stopped long before it ends), on the study's outputs."""
     sample = str(ROOT / "igpt" / "data" / "cifar10_sample.parquet")
-    root, track = main_job["root"], ["--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served"]
+    root, track = study_job["root"], ["--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served"]
     runs = str(servers["temp"] / "runs" / "stops")
     if job == "finetune":
         return ["-m", "pipelines.finetune", "--name", name, "--storage_path", runs, "--checkpoint",
-                str(root / "train" / "debug"), "--train.path", sample, "--train.key_prefix", "train/",
+                str(root / "sweep" / "debug@8" / "refit"), "--train.path", sample, "--train.key_prefix", "train/",
                 "--test.path", sample, "--test.key_prefix", "test/", "--space", "", "--max_epochs", "1000",
                 "--patience", "1000", "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32",
                 "--deepspeed.micro_batch", "8", "--optim.global_batch", "8", "--scaling.workers", "1",
@@ -342,17 +339,17 @@ def _stage_argv(servers, main_job, job: str, name: str) -> list[str]:
                 "--pretrain.scaling.workers", "1", "--pretrain.scaling.cpus_per_worker", "0.5",
                 "--pretrain.tracking.tracking_uri", servers["tracking"], "--pretrain.tracking.experiment", "served"]
     return ["-m", "pipelines.probe", "--name", name, "--output_dir", runs, "--features",
-            str(root / "features" / "debug"), "--protocol", "sgd", "--epochs", "1000000", "--no-pixels",
+            str(root / "features" / "debug@8"), "--protocol", "sgd", "--epochs", "1000000", "--no-pixels",
             "--cpus_per_trial", "0.5", *track]
 
 
 @pytest.mark.parametrize("job", ["finetune", "sweep_lr", "probe"])
-def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, main_job, job):
+def test_a_stopped_stage_ends_killed_with_every_run_under_it(servers, study_job, job):
     """``ray job stop`` while the stage waits in Ray Train or Ray Tune's ``fit``: its MLflow run ends KILLED, and
     so does every run under it (a trial's run, a trial's pretraining run), none left RUNNING."""
-    assert main_job["process"].returncode == 0, main_job["process"].stderr[-2000:]
+    assert study_job["second"].returncode == 0, study_job["second"].stderr[-2000:]
     name, job_id = f"stop-{job}", f"igpt-stop-{job.replace('_', '-')}"
-    p = submit(servers, *_stage_argv(servers, main_job, job, name), wait=False, job_id=job_id)
+    p = submit(servers, *_stage_argv(servers, study_job, job, name), wait=False, job_id=job_id)
     assert p.returncode == 0, p.stderr[-2000:]
     client = MlflowClient(servers["tracking"])
     deadline = time.time() + 600
