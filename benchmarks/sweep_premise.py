@@ -79,8 +79,13 @@ def main() -> None:
                     "from pipelines.pretrain import PretrainJobConfig; "
                     "print('RESULT', json.dumps(sweep_lr.pretrain_once(cli.from_dict(PretrainJobConfig, "
                     "json.loads(sys.argv[1])), diverged_ok=True)))", json.dumps(cli.to_dict(pcfg))]
-            done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
-            if done.returncode:
+            for attempt in range(3):  # a local Ray runtime can time out starting on a loaded box: try again
+                done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)  # (a finished run
+                if not done.returncode:  # is read back from its summary.json, not run again)
+                    break
+                print(f"{label} lr={lr:g}: attempt {attempt + 1} failed: {done.stderr.strip().splitlines()[-1]}",
+                      flush=True)
+            else:
                 raise SystemExit(f"{label} lr={lr:g} failed:\n{done.stderr[-3000:]}")
             res = json.loads(next(ln for ln in done.stdout.splitlines() if ln.startswith("RESULT "))[7:])
             losses.setdefault(lr, {})[label] = res["val_loss"]

@@ -290,7 +290,7 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
             out[f"extract{suffix}/{r.label}"] = ExtractJobConfig(
                 name=name, output_dir=str(root / "features"), checkpoint=checkpoint.rstrip("/"), train=train,
                 test=test, holdout=cfg.holdout, transform=eval_transform, random_init=random, seed=cfg.seed,
-                use_gpu=cfg.scaling.use_gpu,
+                use_gpu=cfg.scaling.use_gpu, pixels=cfg.pixels and not random,
                 tracking=TrackingConfig(**store, tags=tags))
             out[f"probe{suffix}/{r.label}"] = ProbeJobConfig(
                 name=name, output_dir=str(root / "probe"), features=str(root / "features" / name),
@@ -466,7 +466,7 @@ def run(cfg: StudyJobConfig) -> dict:
                                f"{next(iter(errors.values()))}); the finished rungs are kept: fix the cause and "
                                f"re-submit --name {cfg.name} to run only the others")
         t = time.perf_counter()
-        comp = compare.run(replace(base["compare"]))
+        comp = compare.run(base["compare"])
         timings["compare"] = time.perf_counter() - t
         report = _report(cfg, rungs, finished, root, job)
     summary = {"name": cfg.name, "rungs": finished, "tracking_uri": track.tracking_uri,

@@ -27,7 +27,7 @@ from .test_pretrain import final_params
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow  # a Ray head, an MLflow server and three submitted jobs: ~6-10 min on 2 cores
+pytestmark = pytest.mark.slow  # a Ray head, an MLflow server, a study (submitted twice) and the stage jobs
 
 
 def listening(port: int) -> set[str]:
