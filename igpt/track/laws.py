@@ -119,9 +119,14 @@ class LawFit:
     notes: list[str] = field(default_factory=list)
     boot: np.ndarray | None = field(default=None, repr=False)  # (n_boot, 3): α, log x₀, L∞ of each resample
     residual_sd: float = 0.0  # of log L, from the fit's residuals (n − p degrees of freedom)
+    log_x0: float | None = None  # log x₀, kept: with α near 0 (losses flat in x) x₀ itself is beyond float range
 
     def predict(self, x, params: np.ndarray | None = None) -> np.ndarray:
-        alpha, log_x0, l_inf = (self.alpha, math.log(self.x0), self.l_inf or 0.0) if params is None else params
+        if params is None:
+            log_x0 = self.log_x0 if self.log_x0 is not None else math.log(self.x0)
+            alpha, l_inf = self.alpha, self.l_inf or 0.0
+        else:
+            alpha, log_x0, l_inf = params
         x = np.asarray(x, float)
         return l_inf + np.exp(alpha * (log_x0 - np.log(x)))
 
@@ -173,8 +178,12 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
     w = np.ones_like(u)
     raw = _fit_raw(u, y, w, floor, _grid(u, y, floor))
     fit = _from_theta(raw.theta, m, floor)
-    out = LawFit(variable, FLOOR_FORM if floor else POWER_FORM, x.tolist(), loss.tolist(), fit[0], math.exp(fit[1]),
-                 fit[2] if floor else None)
+    x0 = math.exp(fit[1]) if fit[1] < 700 else math.inf  # α near 0 (flat losses): x₀ beyond float range
+    out = LawFit(variable, FLOOR_FORM if floor else POWER_FORM, x.tolist(), loss.tolist(), fit[0], x0,
+                 fit[2] if floor else None, log_x0=fit[1])
+    if math.isinf(x0):
+        out.notes.append(f"x₀ is beyond float range (log x₀ = {fit[1]:.3g}, α = {fit[0]:.3g}): the losses barely "
+                         "change with x, so the power law's scale is not determined")
     resid = y - np.log(out.predict(x))
     out.residual_sd = float(math.sqrt((resid**2).sum() / max(1, len(x) - (need - 1))))  # n − parameters
 
