@@ -19,18 +19,17 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from igpt import cli
 from igpt.cli import field_help as _help
-from igpt.config import DeepSpeedConfig, OptimConfig, PaletteConfig, ScalingConfig, StoreConfig
+from igpt.config import DeepSpeedConfig, OptimConfig, ScalingConfig, StoreConfig
 from igpt.model import MODEL_SIZES
 from pipelines import study
-from pipelines.study import DataConfig, StudyJobConfig
+from pipelines.study import StageData, StudyJobConfig
 
 
 @dataclass
-class MainJobConfig:
+class MainJobConfig(StageData):
     """The README's main job, the whole pipeline on the embedded sample: fit the palette -> pretrain (Ray Train +
     DeepSpeed, tokenizing on the fly) -> extract features -> probe sweep (Ray Tune) with refit -> compare, all
     logged to MLflow. Every flag sets something in a stage's own config (``stage_configs``)."""
@@ -41,14 +40,6 @@ class MainJobConfig:
                             default="runs")
     sizes: str = _help("comma-separated model sizes to pretrain and compare (names of the size table)",
                        default="debug")
-    objective: Literal["ar", "bert"] = _help("pretraining objective of every size", default="ar")
-    resolution: int = _help("input resolution of every stage (palette, pretraining, features); 1..64", default=32)
-    recipe: Literal["cifar", "imagenet", "none"] = _help(
-        "the paper's transforms of every stage: cifar (small images: pad-crop-flip when training) or imagenet "
-        "(photographs: random resized crops when training, a centre crop otherwise), box-filtered to the resolution",
-        default="cifar")
-    palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
-    data: DataConfig = field(default_factory=DataConfig)
     steps: int = _help("pretraining optimizer steps of each size; >= 1", default=20)
     seed: int = _help("seed of the initial weights, the data order and the augmentations", default=0)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, global_batch=16, warmup_steps=5))

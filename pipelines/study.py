@@ -141,7 +141,22 @@ class Rung:
 
 
 @dataclass
-class StudyJobConfig:
+class StageData:
+    """What every stage of a study (and of the main job, a one-rate study) reads and how: the objective, the input
+    resolution, the paper's transforms, the palette and the dataset. One definition for both jobs' flags."""
+
+    objective: Literal["ar", "bert"] = _help("pretraining objective of every model", default="ar")
+    resolution: int = _help("input resolution of every stage (palette, pretraining, features); 1..64", default=32)
+    recipe: Literal["cifar", "imagenet", "none"] = _help(
+        "the paper's transforms of every stage: cifar (small images: pad-crop-flip when training) or imagenet "
+        "(photographs: random resized crops when training, a centre crop otherwise), box-filtered to the resolution",
+        default="cifar")
+    palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class StudyJobConfig(StageData):
     """A scaling study: a ladder of sizes, each through the paper's procedure (lr sweep -> refit -> features ->
     probe sweep -> refit -> test), the rungs concurrently through Ray, then L(N) and L(C) fitted with bootstrap
     intervals and a forecast check of the largest rung, all logged to the study's MLflow run."""
@@ -151,14 +166,6 @@ class StudyJobConfig:
     output_dir: str = _help("folder for the study (shared storage on a cluster)", default="runs")
     ladder: str = _help("comma-separated rungs: named sizes (debug, tiny, small, S, M, L, XL) or shapes "
                         "<layers>x<width>[x<heads>], each optionally @<steps>", default="debug,tiny,small")
-    objective: Literal["ar", "bert"] = _help("pretraining objective of every rung", default="ar")
-    resolution: int = _help("input resolution of every stage (palette, pretraining, features); 1..64", default=32)
-    recipe: Literal["cifar", "imagenet", "none"] = _help(
-        "the paper's transforms of every stage: cifar (small images: pad-crop-flip when training) or imagenet "
-        "(photographs: random resized crops when training, a centre crop otherwise), box-filtered to the resolution",
-        default="cifar")
-    palette: PaletteConfig = field(default_factory=lambda: PaletteConfig(sample_pixels=200_000, max_iter=20))
-    data: DataConfig = field(default_factory=DataConfig)
     steps: int = _help("optimizer steps of each rung's model (a rung's @<steps> wins); >= 1", default=20)
     flops: float = _help("instead of steps: training FLOPs per rung (the model's FLOPs per token x tokens), the "
                          "steps of each rung derived from it; 0: use steps", default=0.0)
@@ -416,13 +423,12 @@ def run(cfg: StudyJobConfig) -> dict:
         sources.check(spec)  # a wrong --data.path or split: one error line, before Ray starts
     if cfg.palette.path:
         Palette.load(cfg.palette.path)
-    stage_configs(cfg)  # a bad stage config fails now, before anything runs
+    base = stage_configs(cfg)  # a bad stage config fails now, before anything runs
     root.mkdir(parents=True, exist_ok=True)
     rungs = cfg.rungs()
     finished = {r.label: json.loads(p.read_text()) for r in rungs
                 if (p := root / "rungs" / r.label / "summary.json").exists()}
     init_ray(num_cpus=ray_cpus(cfg, max(1, len(rungs) - len(finished))))
-    base = stage_configs(cfg)
     track = TrackingConfig(tracking_uri=base["palette"].tracking.tracking_uri, experiment=cfg.tracking.experiment)
     params = {"ladder": cfg.ladder, "rungs": len(rungs), "lr_swept": bool(cfg.lr_space),
               # one JSON param each (a rung's label may hold '@', which MLflow refuses in a key)

@@ -428,7 +428,7 @@ def groups(rows: list[Row]) -> dict[tuple, list[Row]]:
 def fits_text(rows: list[Row], n_boot: int = 1000) -> str:
     """L(N) and L(C) per (objective, IR) over its FINISHED rows with a loss (``igpt.track.study_report``'s fit:
     the floor form where 4+ sizes allow it, else the pure power law, else why not), one line each."""
-    from igpt.track.study_report import _fit, fit_line
+    from igpt.track.study_report import fit_best, fit_line
 
     lines = []
     for (objective, ir), sel in groups([r for r in rows if r.final_val_loss and r.status == "FINISHED"]).items():
@@ -437,7 +437,7 @@ def fits_text(rows: list[Row], n_boot: int = 1000) -> str:
                      + ("" if swept else "; rates not swept per size: confounded") + "):")
         for var, key in (("N", "non_embedding_params"), ("C", "compute_flops")):
             have = [r for r in sel if getattr(r, key)]
-            fit, said = _fit([float(getattr(r, key)) for r in have], [r.final_val_loss for r in have], var,
+            fit, said = fit_best([float(getattr(r, key)) for r in have], [r.final_val_loss for r in have], var,
                              n_boot, 0) if have else (None, "no run with this value")
             lines.append("  " + fit_line(var, fit, said))
     return "\n".join(lines)

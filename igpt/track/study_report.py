@@ -44,7 +44,7 @@ class Rung:
         return self.val_loss / math.log(2)
 
 
-def _fit(x, loss, variable: str, n_boot: int, seed: int) -> tuple[laws.LawFit | None, str]:
+def fit_best(x, loss, variable: str, n_boot: int, seed: int) -> tuple[laws.LawFit | None, str]:
     """The floor form where the rungs allow it, else the pure power law, else why not: (fit, what was done)."""
     for floor in (True, False):
         try:
@@ -113,8 +113,8 @@ def build(rungs: list[Rung], folder: Path, *, title: str, n_boot: int = 1000, se
     n = [float(r.non_embedding_params) for r in rungs]
     c = [float(r.compute_flops) for r in rungs]
     loss = [r.val_loss for r in rungs]
-    fit_n, said_n = _fit(n, loss, "N", n_boot, seed)
-    fit_c, said_c = _fit(c, loss, "C", n_boot, seed)
+    fit_n, said_n = fit_best(n, loss, "N", n_boot, seed)
+    fit_c, said_c = fit_best(c, loss, "C", n_boot, seed)
     fc_n, why_n = _forecast(n, loss, "N", n_boot, seed)
     fc_c, why_c = _forecast(c, loss, "C", n_boot, seed)
     out = {"title": title, "rungs": [asdict(r) for r in rungs], "unit": "nats per pixel token",
