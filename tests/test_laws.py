@@ -44,6 +44,22 @@ def test_at_5pct_noise_the_exponent_is_within_005_and_the_intervals_cover_the_tr
     assert cover_floor >= 45, cover_floor
 
 
+def test_four_rungs_get_intervals_of_real_width_from_a_residual_bootstrap():
+    """4 rungs and the 3-parameter form: the only case resample with 4 distinct sizes is the rungs themselves, so a
+    case bootstrap's intervals are zero wide. The residual bootstrap's have width and cover the truth mostly
+    (measured 38 of 50 at 5% noise; bounded at 18 of 30 here); 8 rungs keep the case bootstrap."""
+    x = np.logspace(5, 9, 4)
+    cover = 0
+    for seed in range(30):
+        fit = fit_law(x, noisy(seed, x), n_boot=200, seed=seed)
+        lo, hi = fit.intervals["alpha"]
+        assert fit.bootstrap == "residual" and hi - lo > 1e-3, (seed, lo, hi)
+        cover += lo <= ALPHA <= hi
+    assert cover >= 18, cover
+    assert any("residual bootstrap" in n for n in fit.notes)
+    assert fit_law(N, noisy(0), n_boot=50).bootstrap == "case"
+
+
 def test_too_few_rungs_is_a_clear_message():
     with pytest.raises(TooFewRungs, match="at least 4 rungs of distinct N.*got 3.*pure power law"):
         fit_law(N[:3], law(N[:3]))

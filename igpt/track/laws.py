@@ -14,6 +14,12 @@ The fit (Hoffmann et al. 2022, approach 3, as Besiroglu et al. 2024 replicated i
   (tests/test_laws.py): over 50 seeded replicates the 95% interval of α covered the truth in 100% with 8 rungs,
   but in only 88% with 5 rungs — a case bootstrap of a handful of rungs is optimistic, so read a 4- or 5-rung
   study's intervals as lower bounds on the uncertainty.
+* a case bootstrap of very few rungs can draw only a few different resamples that still hold enough sizes to fit
+  (4 rungs for the 3-parameter form: one, the rungs themselves, so every interval was zero wide in a 4-rung CIFAR
+  study); below 100 different resamples the log-L residuals are resampled about the fit instead (a residual
+  bootstrap, residuals scaled by √(n/(n−p))). Measured on the same synthetic laws (50 replicates, 5% noise): α's
+  interval covered the truth in 76% with 4 rungs (the case bootstrap: 0%, no width), 90% with 5 (case: 88%), 98%
+  with 6 and 96% with 8 (case: 100%, 100%, whose intervals were 40% and 50% wider there, so it stays the default).
 
 What is said plainly instead of a number: fewer rungs than the form has parameters + 1 (:class:`TooFewRungs`);
 an L∞ the rungs do not pin down (its bootstrap interval runs into the edge of what it may be: 0, or the lowest
@@ -28,6 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 HUBER_DELTA = 1e-3
+# Fewer different case resamples than this and the case bootstrap's percentiles are a few repeated values (4 rungs
+# for the floor form: one resample, the rungs themselves): the residual bootstrap is used instead.
+MIN_CASE_RESAMPLES = 100
 FLOOR_FORM = "L∞ + (x₀/x)^α"
 POWER_FORM = "(x₀/x)^α"
 
@@ -120,6 +129,7 @@ class LawFit:
     boot: np.ndarray | None = field(default=None, repr=False)  # (n_boot, 3): α, log x₀, L∞ of each resample
     residual_sd: float = 0.0  # of log L, from the fit's residuals (n − p degrees of freedom)
     log_x0: float | None = None  # log x₀, kept: with α near 0 (losses flat in x) x₀ itself is beyond float range
+    bootstrap: str = "case"  # "case" (rungs resampled) or "residual" (too few rungs for a case bootstrap to vary)
 
     def predict(self, x, params: np.ndarray | None = None) -> np.ndarray:
         if params is None:
@@ -189,20 +199,40 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
 
     rng = np.random.default_rng(seed)
     boots, n = [], len(x)
-    tries = 0
-    while len(boots) < n_boot and tries < 20 * n_boot:
-        tries += 1
-        idx = rng.integers(0, n, size=n)
-        if len(np.unique(x[idx])) < need:  # a resample of too few sizes determines nothing: draw again
-            continue
-        wb = np.bincount(idx, minlength=n).astype(float)
-        # from the full fit's optimum: a resample's optimum is near it (a grid per resample would cost 24 times)
-        rb = _fit_raw(u, y, wb, floor, [raw.theta])
-        boots.append(_from_theta(rb.theta, m, floor))
+    distinct_resamples = _case_resamples(x, need)
+    if distinct_resamples < MIN_CASE_RESAMPLES:
+        # A case bootstrap of so few rungs can draw only a handful of different resamples (4 rungs of 4 needed
+        # sizes: the rungs themselves, every interval zero wide). Resample the residuals of log L about the fit
+        # instead, each scaled by √(n/(n−p)) (the fit's p parameters shrink them), and refit: the intervals then
+        # carry the noise the fit left. With n − p = 1 or 2 that noise is estimated from one or two degrees of
+        # freedom: a rough interval, said so.
+        p = need - 1
+        fitted = np.log(out.predict(x))
+        r = (y - fitted) * math.sqrt(n / max(1, n - p))
+        r = r - r.mean()
+        for _ in range(n_boot):
+            yb = fitted + rng.choice(r, size=n, replace=True)
+            rb = _fit_raw(u, yb, w, floor, [raw.theta])
+            boots.append(_from_theta(rb.theta, m, floor))
+        out.bootstrap = "residual"
+        out.notes.append(f"{n} rungs allow only {distinct_resamples} different case resamples of {need} or more "
+                         f"distinct sizes: the intervals are from a residual bootstrap (log-L residuals resampled "
+                         f"about the fit, {n - p} degree{'s' if n - p != 1 else ''} of freedom for the noise), rough")
+    else:
+        tries = 0
+        while len(boots) < n_boot and tries < 20 * n_boot:
+            tries += 1
+            idx = rng.integers(0, n, size=n)
+            if len(np.unique(x[idx])) < need:  # a resample of too few sizes determines nothing: draw again
+                continue
+            wb = np.bincount(idx, minlength=n).astype(float)
+            # from the full fit's optimum: a resample's optimum is near it (a grid per resample would cost 24 times)
+            rb = _fit_raw(u, y, wb, floor, [raw.theta])
+            boots.append(_from_theta(rb.theta, m, floor))
+        if len(boots) < n_boot:  # few rungs: most resamples repeat a size; the intervals rest on fewer draws
+            out.notes.append(f"only {len(boots)} of {n_boot} bootstrap resamples held {need} distinct sizes "
+                             f"(in {tries} draws); the intervals rest on those")
     out.boot = np.array(boots)
-    if len(boots) < n_boot:  # few rungs: most resamples repeat a size; the intervals rest on fewer draws, said so
-        out.notes.append(f"only {len(boots)} of {n_boot} bootstrap resamples held {need} distinct sizes "
-                         f"(in {tries} draws); the intervals rest on those")
     alpha_ci = np.percentile(out.boot[:, 0], [2.5, 97.5])
     with np.errstate(over="ignore"):  # a resample with α near 0 puts x₀ out of float range: inf, said as such
         x0_ci = np.exp(np.percentile(out.boot[:, 1], [2.5, 97.5]))
@@ -219,6 +249,17 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
                              "enough to tell the irreducible loss from the power law, so α and x₀ are conditional on "
                              "it and their intervals are wide")
     return out
+
+
+def _case_resamples(x: np.ndarray, need: int, cap: int = 10**6) -> int:
+    """How many different case resamples (multisets of n rungs drawn from the n) hold ``need`` or more distinct
+    sizes: what a case bootstrap can tell apart. Counted exactly up to 10 rungs; beyond, far more than needed."""
+    from itertools import combinations_with_replacement
+
+    n = len(x)
+    if n > 10:
+        return cap
+    return sum(len(set(x[list(c)])) >= need for c in combinations_with_replacement(range(n), n))
 
 
 def _from_theta(theta: np.ndarray, m: float, floor: bool) -> tuple[float, float, float]:

@@ -73,7 +73,8 @@ def _fit_dict(fit: laws.LawFit | None, said: str) -> dict:
     return {"fitted": True, "form": fit.form, "alpha": fit.alpha, "alpha_95": list(fit.intervals["alpha"]),
             "x0": fit.x0, "x0_95": list(fit.intervals["x0"]), "l_inf": fit.l_inf if fit.l_inf_identified else None,
             "l_inf_text": fit.l_inf_text(), "l_inf_95": list(fit.intervals.get("l_inf", ())),
-            "residual_sd_log": fit.residual_sd, "notes": fit.notes + ([said] if said else []), "n": len(fit.x)}
+            "residual_sd_log": fit.residual_sd, "bootstrap": fit.bootstrap,
+            "notes": fit.notes + ([said] if said else []), "n": len(fit.x)}
 
 
 def verdict_scale(rungs: list[Rung], pairs: list[dict] | None = None) -> str:
@@ -242,7 +243,7 @@ def markdown(out: dict, law_n: tuple, law_c: tuple, fc_n, fc_c) -> str:
             f"{r['val_loss']:.4f}", f"{r['val_loss'] / math.log(2):.4f}",
             "-" if r["best_layer"] is None else f"{r['best_layer']}/{r['n_layer']}", pct(r["probe_test_accuracy"]),
             pct(r["random_init_test_accuracy"]), pct(r["pixels_test_accuracy"])]) + " |")
-    lines += ["", "## Scaling laws (95% bootstrap intervals over rungs)", "",
+    lines += ["", "## Scaling laws (95% bootstrap intervals: rungs resampled, or residuals where too few rungs)", "",
               "- " + fit_line("N", *law_n), "- " + fit_line("C", *law_c),
               "", "## Forecast check (largest rung held out)", ""]
     for var, fc in (("N", fc_n), ("C", fc_c)):
