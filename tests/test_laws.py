@@ -84,6 +84,14 @@ def test_a_floor_the_rungs_do_not_bend_to_is_reported_unidentified():
     assert any("not identified" in n for n in fit.notes)
 
 
+def test_an_exponent_the_rungs_do_not_determine_is_said_so():
+    """Losses that rise with size (the CIFAR ladder's larger rungs, undertrained): α runs into its bounds."""
+    x = np.array([1.2e4, 5.6e4, 1.5e5, 4.4e5])
+    fit = fit_law(x, np.array([3.191, 3.155, 3.169, 3.278]), n_boot=200)
+    assert any("do not determine the exponent" in n for n in fit.notes), fit.notes
+    assert not any("do not determine the exponent" in n for n in fit_law(N, noisy(0), n_boot=100).notes)
+
+
 def test_the_forecast_of_the_largest_rung_lands_in_its_interval_and_a_broken_law_does_not():
     y = noisy(3)
     fit, fc = forecast_largest(N, y, n_boot=300)

@@ -37,6 +37,7 @@ HUBER_DELTA = 1e-3
 # Fewer different case resamples than this and the case bootstrap's percentiles are a few repeated values (4 rungs
 # for the floor form: one resample, the rungs themselves): the residual bootstrap is used instead.
 MIN_CASE_RESAMPLES = 100
+ALPHA_BOUNDS = (1e-4, 5.0)  # the exponent's search range: α > 0 (loss falls with x), and no law is steeper than 5
 FLOOR_FORM = "L∞ + (x₀/x)^α"
 POWER_FORM = "(x₀/x)^α"
 
@@ -83,10 +84,10 @@ def _fit_raw(u: np.ndarray, y: np.ndarray, w: np.ndarray, floor: bool, starts: l
     y_min = float(y[w > 0].min())
     if floor:
         fn = _objective_floor
-        bounds = [(-50.0, 50.0), (1e-4, 5.0), (y_min - 30.0, y_min)]  # L∞ in (0, the lowest loss]
+        bounds = [(-50.0, 50.0), ALPHA_BOUNDS, (y_min - 30.0, y_min)]  # L∞ in (0, the lowest loss]
     else:
         fn = _objective_power
-        bounds = [(-50.0, 50.0), (1e-4, 5.0)]
+        bounds = [(-50.0, 50.0), ALPHA_BOUNDS]
     best: _Raw | None = None
     for x0 in starts:
         res = minimize(fn, x0, args=(u, y, w), jac=True, method="L-BFGS-B", bounds=bounds,
@@ -215,7 +216,8 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
             rb = _fit_raw(u, yb, w, floor, [raw.theta])
             boots.append(_from_theta(rb.theta, m, floor))
         out.bootstrap = "residual"
-        out.notes.append(f"{n} rungs allow only {distinct_resamples} different case resamples of {need} or more "
+        out.notes.append(f"{n} rungs allow only {distinct_resamples} different case resample"
+                         f"{'s' if distinct_resamples != 1 else ''} of {need} or more "
                          f"distinct sizes: the intervals are from a residual bootstrap (log-L residuals resampled "
                          f"about the fit, {n - p} degree{'s' if n - p != 1 else ''} of freedom for the noise), rough")
     else:
@@ -237,6 +239,10 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
     with np.errstate(over="ignore"):  # a resample with α near 0 puts x₀ out of float range: inf, said as such
         x0_ci = np.exp(np.percentile(out.boot[:, 1], [2.5, 97.5]))
     out.intervals = {"alpha": tuple(map(float, alpha_ci)), "x0": tuple(map(float, x0_ci))}
+    lo_a, hi_a = ALPHA_BOUNDS
+    if alpha_ci[0] <= 1.01 * lo_a or alpha_ci[1] >= 0.99 * hi_a:
+        out.notes.append(f"α's 95% interval [{alpha_ci[0]:.3g}, {alpha_ci[1]:.3g}] reaches the fit's bounds "
+                         f"({lo_a:g} .. {hi_a:g}): these rungs do not determine the exponent")
     if floor:
         lo, hi = map(float, np.percentile(out.boot[:, 2], [2.5, 97.5]))
         out.intervals["l_inf"] = (lo, hi)
