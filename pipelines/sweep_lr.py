@@ -134,16 +134,17 @@ def edge_warning(values: list[float], losses: list[float], stop_reason: str) -> 
     smallest, tried because the list ran out while the loss was still falling (it may be lower). Returns
     ``{"edge", "detail", "next"}`` with the next two rates to try (the grid's own spacing, continued), or None."""
     best = best_index(losses)
-    if best is None or len(values) < 2:
+    grid = sorted(set(values), reverse=True)  # the grid's ends by value: an ordered list need not be sorted
+    if best is None or len(grid) < 2:
         return None
-    ratio = values[0] / values[1] if values[1] else 3.0
-    if best == 0:
-        nxt = [values[0] * ratio, values[0] * ratio**2]
-        return {"edge": "largest", "next": nxt, "detail": f"the best lr {values[0]:g} is the grid's largest: the "
+    top, low = grid[0] / grid[1] if grid[1] else 3.0, grid[-2] / grid[-1] if grid[-1] else 3.0
+    if values[best] == grid[0]:
+        nxt = [grid[0] * top, grid[0] * top**2]
+        return {"edge": "largest", "next": nxt, "detail": f"the best lr {grid[0]:g} is the grid's largest: the "
                 f"optimum may lie above it; try {nxt[0]:g}, {nxt[1]:g} (prepend them to the space's ordered list)"}
-    if best == len(values) - 1 and stop_reason == "exhausted":
-        nxt = [values[-1] / ratio, values[-1] / ratio**2]
-        return {"edge": "smallest", "next": nxt, "detail": f"the best lr {values[-1]:g} is the grid's smallest and "
+    if values[best] == grid[-1] and stop_reason == "exhausted":
+        nxt = [grid[-1] / low, grid[-1] / low**2]
+        return {"edge": "smallest", "next": nxt, "detail": f"the best lr {grid[-1]:g} is the grid's smallest and "
                 f"the loss was still falling: the optimum may lie below it; try {nxt[0]:g}, {nxt[1]:g} (append "
                 "them to the space's ordered list)"}
     return None

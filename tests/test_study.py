@@ -71,6 +71,9 @@ def test_a_best_rate_at_either_end_of_the_grid_is_a_warning_with_the_next_rates(
     assert low["edge"] == "smallest" and np.allclose(low["next"], [0.0003 * 0.3, 0.0003 * 0.09])
     assert sweep_lr.edge_warning(values, [3.4, 3.1, 3.2], "rose") is None  # an interior best
     assert sweep_lr.edge_warning(values, [math.inf, 3.1, 3.2], "rose") is None  # a diverged top is no edge
+    # the ends are the grid's by value, whatever the list's order: 0.003 before a diverging 1e12 is interior
+    assert sweep_lr.edge_warning([0.003, 1e12, 0.001], [3.0, math.inf], "rose") is None
+    assert sweep_lr.edge_warning([0.001, 0.01, 0.003], [3.2, 3.0, 3.1], "exhausted")["edge"] == "largest"
 
 
 def _rungs(alpha=0.3, x0=1e5, l_inf=2.0, swept=True, noise=0.0, n=5, seed=0):

@@ -157,7 +157,7 @@ class LawFit:
             return "not in the form"
         lo, hi = self.intervals["l_inf"]
         if not self.l_inf_identified:
-            return f"unidentified (95% interval [{lo:.3g}, {hi:.3g}] reaches its bound)"
+            return f"unidentified (at or near its bound; 95% interval [{lo:.3g}, {hi:.3g}])"
         return f"{self.l_inf:.4g} [{lo:.4g}, {hi:.4g}]"
 
 
@@ -246,11 +246,15 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
     if floor:
         lo, hi = map(float, np.percentile(out.boot[:, 2], [2.5, 97.5]))
         out.intervals["l_inf"] = (lo, hi)
-        # identified when its interval stays clear of both bounds: 0 (no floor at all) and the lowest loss measured
-        # (the whole curve flat: the rungs did not bend)
-        out.l_inf_identified = lo > 0.01 * float(loss.min()) and hi < 0.99 * float(loss.min())
+        # identified when its estimate and its interval stay clear of both bounds: 0 (no floor at all) and the
+        # lowest loss measured (the whole curve flat: the rungs did not bend). The estimate too: a residual
+        # bootstrap's resamples have lower minima than the rungs, so an estimate pinned to the rungs' lowest loss
+        # can lie above an interval that looks clear of it (the CIFAR ladder: 3.15, interval [0.384, 3.11])
+        floor_lo, floor_hi = 0.01 * float(loss.min()), 0.99 * float(loss.min())
+        out.l_inf_identified = floor_lo < lo and hi < floor_hi and floor_lo < out.l_inf < floor_hi
         if not out.l_inf_identified:
-            out.notes.append(f"L∞ is not identified by these {distinct} rungs: its 95% interval [{lo:.3g}, {hi:.3g}] "
+            out.notes.append(f"L∞ is not identified by these {distinct} rungs: its estimate {out.l_inf:.4g} or its "
+                             f"95% interval [{lo:.3g}, {hi:.3g}] "
                              f"runs into its bounds (0 .. the lowest loss {loss.min():.4g}); the rungs do not bend "
                              "enough to tell the irreducible loss from the power law, so α and x₀ are conditional on "
                              "it and their intervals are wide")
