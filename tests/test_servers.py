@@ -5,6 +5,7 @@ Ray runtime on this machine)."""
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -141,10 +142,16 @@ def test_servers_bind_to_loopback_only(servers):
 STUDY_LADDER = ("debug@8", "1x64@8", "tiny@8")
 
 
+# 0.003 trains; 1e12 diverges (its first update makes the step-3 forward overflow float32: the loss is nan, the
+# trial stops, its val loss is inf), so the loss rose and the sweep stops: 0.001 never runs. (A rate like 1e8 does
+# not diverge: DeepSpeed skips the steps whose gradient norm overflows and the loss stays finite.)
+STUDY_LRS = [0.003, 1e12, 0.001]
+
+
 def _study_argv(servers) -> list[str]:
-    """A 3-rung study on the shipped sample, each rung's rate swept (two rates, half-length trials)."""
+    """A 3-rung study on the shipped sample, each rung's rate swept (half-length trials until the loss rises)."""
     lrs = servers["temp"] / "study_lrs.json"
-    lrs.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": [0.003, 0.001]}}}))
+    lrs.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": STUDY_LRS}}}))
     space = servers["temp"] / "study_probe.json"
     space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
                                  "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
@@ -206,7 +213,10 @@ def study_job(servers):
 def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_and_fits_a_law(servers, study_job):
     """One submission, three rungs as Ray tasks on the shared head, two at once (what its 3 CPUs hold): stopped
     once its first rung has finished (everything of it ends KILLED), re-submitted under the same name (the
-    finished rung is read back, not run again), and finished with the law fitted on its MLflow run."""
+    finished rung is read back, not run again), and finished with the law fitted on its MLflow run. Each rung's
+    sweep is the paper's: trials in order until the validation loss rises (here at a diverging rate), the best
+    refitted on train + held-out; the sweep's own checks live here, on the study's sweeps, not in a sweep of
+    their own."""
     assert study_job["first"].returncode == 0, study_job["first"].stderr[-2000:]
     assert "error" not in study_job, study_job.get("error")
     assert study_job["stopped"] == "STOPPED", study_job["stop_cli"]
@@ -214,7 +224,9 @@ def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_a
     assert 1 <= len(done) < len(STUDY_LADDER), f"the stop came after every rung finished: {list(done)}"
     assert study_job["study_after_stop"].info.status == "KILLED"
     tree = study_job["tree_after_stop"]
-    assert tree and {r.info.status for r in tree} <= {"KILLED", "FINISHED"}, \
+    diverged = [r for r in tree if float(r.data.params.get("optim.lr", 0)) == 1e12]  # a trial's run: FAILED
+    assert {r.info.status for r in diverged} <= {"FAILED", "KILLED"}
+    assert tree and {r.info.status for r in tree if r not in diverged} <= {"KILLED", "FINISHED"}, \
         [(r.info.run_name, r.info.status) for r in tree]
     # rungs at the same time: the first two rungs' sweeps ran at once (both started before either ended)
     assert study_job["study_after_stop"].data.tags["study.concurrent_rungs"].startswith("2 (the cluster's 3 CPUs")
@@ -236,8 +248,40 @@ def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_a
     assert [r["label"] for r in fits["rungs"]] == ["1x64@8", "debug@8", "tiny@8"]  # by N
     assert fits["fits"]["N"]["fitted"] and fits["fits"]["N"]["form"] == "(x₀/x)^α"  # 3 rungs: no L∞
     assert "alpha" in study.data.tags["fit.N"] and "fit/N/alpha" in study.data.metrics
-    assert all(r["lr_swept"] and r["lr"] in (0.003, 0.001) for r in fits["rungs"])
+    assert all(r["lr_swept"] and r["lr"] == 0.003 for r in fits["rungs"])
     assert len(fits["pairs"]) == 2 and all("diff_95" in pr["loss"] and "p" in pr["probe"] for pr in fits["pairs"])
+
+    # each rung's sweep, through the stop and the resubmission: in order until the loss rose, each trial once
+    for rung in STUDY_LADDER:
+        summary = json.loads((study_job["root"] / "rungs" / rung / "summary.json").read_text())
+        sweep, trials = summary["sweep"], summary["sweep"]["trials"]
+        assert [(t["lr"], t["diverged"]) for t in trials] == [(0.003, False), (1e12, True)], (rung, sweep)
+        assert math.isfinite(trials[0]["val_loss"]) and trials[1]["val_loss"] == math.inf
+        assert sweep["stop_reason"] == "rose" and sweep["best_lr"] == 0.003
+        assert sweep["edge_warning"] is None  # 0.003 is interior by value: 1e12 is the grid's largest
+        sweep_dir = study_job["root"] / "sweep" / rung
+        assert sorted(p.name for p in sweep_dir.glob("lr_*")) == ["lr_0.003", "lr_1e+12"]
+        assert (sweep_dir / "lr_1e+12" / "nonfinite_loss").read_text().startswith("loss nan at step")
+        assert not (sweep_dir / "lr_0.003" / "nonfinite_loss").exists()
+        parent = client.get_run(sweep["parent_run_id"])
+        assert parent.info.status == "FINISHED" and parent.data.tags["igpt.job"] == "sweep_lr"
+        assert json.loads(parent.data.params["order"]) == STUDY_LRS
+        assert parent.data.tags["sweep.stop_reason"] == "rose" and parent.data.tags["sweep.best_lr"] == "0.003"
+        hist = sorted(client.get_metric_history(parent.info.run_id, "sweep/lr"), key=lambda m: m.step)
+        assert [(m.step, m.value) for m in hist] == [(0, 0.003), (1, 1e12)]
+        assert [m.value for m in sorted(client.get_metric_history(parent.info.run_id, "sweep/diverged"),
+                                        key=lambda m: m.step)] == [0.0, 1.0]
+        for t in trials:  # a trial's pretraining run: a child of the sweep's run at its lr, on the rest
+            child = client.get_run(t["run_id"])
+            assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            assert float(child.data.params["optim.lr"]) == t["lr"] and child.data.params["train.part"] == "rest"
+            assert child.info.status == ("FAILED" if t["diverged"] else "FINISHED")
+            assert child.data.metrics.get("train/nonfinite_loss", 0.0) == (1.0 if t["diverged"] else 0.0)
+        refit = client.get_run(parent.data.tags["sweep.refit_run_id"])
+        assert refit.info.run_id == summary["pretrain_run_id"]  # the rung's model is the refit
+        assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id and refit.info.status == "FINISHED"
+        assert float(refit.data.params["optim.lr"]) == 0.003 and refit.data.params["train.part"] == "all"
+        assert parent.data.metrics["refit/val_loss"] == pytest.approx(summary["val_loss"])
     assert {"loss_vs_N.png", "probe_vs_loss.png"} <= {
         Path(a.path).name for a in client.list_artifacts(study_id, "report/plots")}
 
@@ -471,83 +515,69 @@ def worker_node(servers):
     assert not _pids_under(temp)
 
 
-def test_a_lost_worker_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(servers, worker_node, s3, tmp_path):
-    """Two nodes, the workers spread over them (``--scaling.placement SPREAD``), the run kept on S3 (a moto server
-    on 127.0.0.1), jobs submitted with ``ray job submit``, metrics on the MLflow server. The worker node is killed
-    once the step-4 checkpoint is complete; Ray Train restarts the worker group on what is left, which resumes
-    from the newest complete checkpoint in the bucket and ends with the losses, to the bit, of a run that lost
-    nothing; MLflow has every step once."""
-    storage = f"{s3}/two-nodes"
-    argv = ["--storage_path", storage, "--steps", "14", "--checkpoint.every_steps", "4", "--checkpoint.max_failures",
-            "3", "--scaling.placement", "SPREAD", "--model.resolution", "16", "--optim.warmup_steps", "3"]
-    clean = submit(servers, *_pretrain_argv(servers, "spread-clean", *argv), job_id="igpt-spread-clean")
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
-
-    lost = submit(servers, *_pretrain_argv(servers, "spread-lost", *argv), job_id="igpt-spread-lost", wait=False)
-    assert lost.returncode == 0, lost.stderr
-    marker, t0 = Loc(storage) / "spread-lost" / "step_00000004" / MARKER, time.time()
-    killed_at = _kill_the_worker_node_at(servers, worker_node, "igpt-spread-lost", marker, t0)
-    while job_status(servers, "igpt-spread-lost") in ("PENDING", "RUNNING"):
-        assert time.time() - t0 < 1200, "the job did not end after the node was lost"
-        time.sleep(2)
-    assert job_status(servers, "igpt-spread-lost") == "SUCCEEDED", _logs(servers, "igpt-spread-lost")[-3000:]
-
-    client = MlflowClient(servers["tracking"])
-    runs = {n: _run_of(servers, n) for n in ("spread-clean", "spread-lost")}
-    assert runs["spread-lost"].info.status == "FINISHED"
-    hist = {n: {k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: (m.step, m.timestamp))
-                for k in ("train/loss", "train/seconds_to_first_step", "val/loss")} for n, r in runs.items()}
-    firsts = [m.step for m in hist["spread-lost"]["train/seconds_to_first_step"]]
-    # a worker was on the lost node: a second attempt started, from a complete checkpoint (step 4, or a later
-    # one written before the workers noticed)
-    assert len(firsts) == 2 and firsts[0] == 1 and firsts[1] in (5, 9, 13), firsts
-    assert [m.step for m in hist["spread-lost"]["train/loss"]] == list(range(1, 15))  # nothing lost or doubled
-    assert [m.value for m in hist["spread-lost"]["train/loss"]] == [m.value for m in hist["spread-clean"]["train/loss"]]
-    assert hist["spread-lost"]["val/loss"][-1].value == hist["spread-clean"]["val/loss"][-1].value
-    # the parameters too, bit for bit (both runs' newest checkpoints, copied down from the bucket)
-    a, b = (final_params(f"{storage}/{n}", tmp_path / n) for n in ("spread-clean", "spread-lost"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    print(f"\nworker node killed {killed_at:.0f} s after submission (step-4 checkpoint complete); resumed from "
-          f"step {firsts[1] - 1}; final loss {hist['spread-lost']['train/loss'][-1].value:.6f}, uninterrupted "
-          f"{hist['spread-clean']['train/loss'][-1].value:.6f}")
-
-
-def test_a_sweep_trial_on_a_lost_node_resumes_and_the_sweep_finishes(servers, worker_node, s3):
-    """A one-trial learning-rate sweep kept on S3, the trial's two workers spread over both nodes (the node is back
-    after the test above); the worker node is lost once the trial's step-2 checkpoint is in the bucket. The trial
-    resumes from the bucket (Ray Train restarts its workers, or Tune the trial) and the sweep finishes, every step
-    of the trial once in MLflow."""
-    worker_node["start"]()
-    storage, name = f"{s3}/two-nodes", "sweep-lost"
+def _sweep_argv(servers, storage: str, name: str) -> list[str]:
+    """A one-trial learning-rate sweep (lr 0.005, 14 steps, a checkpoint every 4), kept on S3, its trial's two
+    workers spread over both nodes (``--pretrain.scaling.placement SPREAD``), metrics on the MLflow server."""
     space = servers["temp"] / "lost_space.json"
     space.write_text(json.dumps({"_comment": "lost node", "job": "sweep_lr", "params": {"lr": {"ordered": [0.005]}}}))
     sample = str(ROOT / "igpt" / "data" / "cifar10_sample.parquet")
-    argv = ["-m", "pipelines.sweep_lr", "--name", name, "--storage_path", storage, "--space", str(space),
+    return ["-m", "pipelines.sweep_lr", "--name", name, "--storage_path", storage, "--space", str(space),
             "--holdout", "0.2", "--cpus_per_trial", "0.2", "--trial_fraction", "1", "--no-refit", "--max_failures", "2",
             "--pretrain.palette_path", str(servers["temp"] / "palette.npy"),
             "--pretrain.train.path", sample, "--pretrain.train.key_prefix", "train/",
             "--pretrain.val.path", sample, "--pretrain.val.key_prefix", "test/", "--pretrain.completions", "0",
             "--pretrain.val_images", "16", "--pretrain.model.size", "debug", "--pretrain.model.resolution", "16",
-            "--pretrain.deepspeed.preset", "cpu", "--pretrain.deepspeed.precision", "fp32",
-            "--pretrain.deepspeed.micro_batch", "8", "--pretrain.optim.global_batch", "16", "--pretrain.steps", "12",
-            "--pretrain.optim.warmup_steps", "2", "--pretrain.checkpoint.every_steps", "2",
-            "--pretrain.checkpoint.max_failures", "3", "--pretrain.scaling.workers", "2",
-            "--pretrain.scaling.cpus_per_worker", "0.4", "--pretrain.scaling.placement", "SPREAD",
+            "--pretrain.deepspeed.preset", "cpu", "--pretrain.deepspeed.zero_stage", "2",
+            "--pretrain.deepspeed.precision", "fp32", "--pretrain.deepspeed.micro_batch", "4",
+            "--pretrain.optim.global_batch", "8", "--pretrain.steps", "14", "--pretrain.optim.warmup_steps", "3",
+            "--pretrain.checkpoint.every_steps", "4", "--pretrain.checkpoint.max_failures", "3",
+            "--pretrain.scaling.workers", "2", "--pretrain.scaling.cpus_per_worker", "0.4",
+            "--pretrain.scaling.placement", "SPREAD",
             "--pretrain.tracking.tracking_uri", servers["tracking"], "--pretrain.tracking.experiment", "served"]
-    p = submit(servers, *argv, job_id="igpt-sweep-lost", wait=False)
-    assert p.returncode == 0, p.stderr
-    marker, t0 = Loc(storage) / name / "lr_0.005" / "step_00000002" / MARKER, time.time()
-    _kill_the_worker_node_at(servers, worker_node, "igpt-sweep-lost", marker, t0)
+
+
+def test_a_sweep_trial_on_a_lost_node_resumes_from_s3_and_ends_as_an_uninterrupted_run(servers, worker_node, s3,
+                                                                                      tmp_path):
+    """Two nodes, a one-trial sweep submitted twice with ``ray job submit``: once untouched, once losing the worker
+    node the moment its trial's step-4 checkpoint is complete in the bucket (a moto S3 server on 127.0.0.1). Ray
+    Train restarts the worker group on what is left (or Tune the trial, when its own process was on the lost
+    node); it resumes from the newest complete checkpoint in the bucket, the sweep finishes, and the trial ends
+    with the losses and parameters, to the bit, of the run that lost nothing; MLflow has every step once. (One
+    test for the lost node, of the sweep: a trial is a pretraining run inside a Tune trial, so the pretraining
+    run's resume is checked with it.)"""
+    storage = f"{s3}/two-nodes"
+    clean = submit(servers, *_sweep_argv(servers, storage, "sweep-clean"), job_id="igpt-sweep-clean")
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+
+    lost = submit(servers, *_sweep_argv(servers, storage, "sweep-lost"), job_id="igpt-sweep-lost", wait=False)
+    assert lost.returncode == 0, lost.stderr
+    marker, t0 = Loc(storage) / "sweep-lost" / "lr_0.005" / "step_00000004" / MARKER, time.time()
+    killed_at = _kill_the_worker_node_at(servers, worker_node, "igpt-sweep-lost", marker, t0)
     while job_status(servers, "igpt-sweep-lost") in ("PENDING", "RUNNING"):
         assert time.time() - t0 < 1200, "the sweep did not end after the node was lost"
         time.sleep(2)
     assert job_status(servers, "igpt-sweep-lost") == "SUCCEEDED", _logs(servers, "igpt-sweep-lost")[-3000:]
-    summary = json.loads((Loc(storage) / name / "summary.json").read_text())
-    assert summary["stop_reason"] == "exhausted" and summary["best_lr"] == 0.005
+
     client = MlflowClient(servers["tracking"])
-    trial_run = summary["trials"][0]["run_id"]
-    assert sorted(m.step for m in client.get_metric_history(trial_run, "train/loss")) == list(range(1, 13))
-    firsts = sorted(m.step for m in client.get_metric_history(trial_run, "train/seconds_to_first_step"))
-    assert len(firsts) == 2 and firsts[0] == 1 and firsts[1] > 2, firsts  # resumed from a checkpoint after step 2
-    assert client.get_run(summary["parent_run_id"]).info.status == "FINISHED"
-    print(f"\nsweep trial: node lost after its step-2 checkpoint; resumed at step {firsts[1]}")
+    summaries = {n: json.loads((Loc(storage) / n / "summary.json").read_text()) for n in ("sweep-clean", "sweep-lost")}
+    for sm in summaries.values():
+        assert sm["stop_reason"] == "exhausted" and sm["best_lr"] == 0.005
+        assert client.get_run(sm["parent_run_id"]).info.status == "FINISHED"
+    runs = {n: client.get_run(sm["trials"][0]["run_id"]) for n, sm in summaries.items()}
+    assert runs["sweep-lost"].info.status == "FINISHED"
+    hist = {n: {k: sorted(client.get_metric_history(r.info.run_id, k), key=lambda m: (m.step, m.timestamp))
+                for k in ("train/loss", "train/seconds_to_first_step", "val/loss")} for n, r in runs.items()}
+    firsts = [m.step for m in hist["sweep-lost"]["train/seconds_to_first_step"]]
+    # a worker was on the lost node: a second attempt started, from a complete checkpoint (step 4, or a later
+    # one written before the workers noticed)
+    assert len(firsts) == 2 and firsts[0] == 1 and firsts[1] in (5, 9, 13), firsts
+    assert [m.step for m in hist["sweep-lost"]["train/loss"]] == list(range(1, 15))  # nothing lost or doubled
+    assert [m.value for m in hist["sweep-lost"]["train/loss"]] == [m.value for m in hist["sweep-clean"]["train/loss"]]
+    assert hist["sweep-lost"]["val/loss"][-1].value == hist["sweep-clean"]["val/loss"][-1].value
+    assert summaries["sweep-lost"]["trials"][0]["val_loss"] == summaries["sweep-clean"]["trials"][0]["val_loss"]
+    # the parameters too, bit for bit (both trials' newest checkpoints, copied down from the bucket)
+    a, b = (final_params(f"{storage}/{n}/lr_0.005", tmp_path / n) for n in ("sweep-clean", "sweep-lost"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    print(f"\nworker node killed {killed_at:.0f} s after submission (step-4 checkpoint complete); resumed from "
+          f"step {firsts[1] - 1}; final loss {hist['sweep-lost']['train/loss'][-1].value:.6f}, uninterrupted "
+          f"{hist['sweep-clean']['train/loss'][-1].value:.6f}")
