@@ -17,10 +17,10 @@ final validation loss) is then refitted on train + held-out (``part=all``) as ``
 **Shortened trials.** Each trial runs ``--trial_fraction`` of the run it stands for: the schedule that
 ``pipelines.pretrain`` resolves for the trial's split (the size's recipe, one-epoch warm-up) with its total and its
 warm-up both scaled by the fraction, so a trial still warms up for the same share of its steps and decays to 0
-(``igpt.train.schedule``). The refit runs the whole schedule. Why this should rank learning rates as full runs would is
-an assumption, not a measurement here: the rates are a factor ~3 apart, and what separates them (divergence or
-slow progress early, how far the annealed loss gets) shows in a complete warm-up-and-decay cycle of any length;
-a trial cut off mid-schedule instead (the old way) would compare losses at a high, undecayed learning rate.
+(``igpt.train.schedule``). The refit runs the whole schedule. That 0.1-length trials rank rates as full runs do is
+measured once, for one size (``debug`` at 16x16, 300 steps, rates 0.01/0.003/0.001: same order, Kendall tau +1,
+``benchmarks/sweep_premise.py``, BENCHMARKS.md); for other sizes it is an assumption. A trial cut off
+mid-schedule instead would compare losses at a high, undecayed learning rate.
 
 **Diverged trials.** A trial whose loss becomes nan/inf (pretraining stops it and leaves its ``nonfinite_loss``
 marker), or whose final validation loss is not finite, has val loss = inf. It is not retried: the same rate on the
