@@ -156,7 +156,8 @@ def _study_argv(servers) -> list[str]:
     space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
                                  "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
     return ["-m", "pipelines.study", "--name", "ladder", "--output_dir", str(servers["temp"] / "runs"),
-            "--ladder", ",".join(STUDY_LADDER), "--lr_space", str(lrs), "--trial_fraction", "0.5",
+            # 16x16: a quarter of 32x32's tokens, and every stage's start-up is the same
+            "--ladder", ",".join(STUDY_LADDER), "--resolution", "16", "--lr_space", str(lrs), "--trial_fraction", "0.5",
             "--optim.global_batch", "8", "--optim.warmup_steps", "1", "--scaling.workers", "1",
             # 0.05 + 0.05 + 0.2 + 1 for Ray Data = 1.3 CPUs a rung: two at once on the 3-CPU head
             "--scaling.cpus_per_worker", "0.2", "--cpus_per_rung", "0.05", "--cpus_per_trial", "0.05",
@@ -375,7 +376,8 @@ def _stage_argv(servers, study_job, job: str, name: str) -> list[str]:
         return ["-m", "pipelines.finetune", "--name", name, "--storage_path", runs, "--checkpoint",
                 str(root / "sweep" / "debug@8" / "refit"), "--train.path", sample, "--train.key_prefix", "train/",
                 "--test.path", sample, "--test.key_prefix", "test/", "--space", "", "--max_epochs", "1000",
-                "--patience", "1000", "--deepspeed.preset", "cpu", "--deepspeed.precision", "fp32",
+                "--patience", "1000", "--transform.resolution", "16", "--deepspeed.preset", "cpu",
+                "--deepspeed.precision", "fp32",
                 "--deepspeed.micro_batch", "8", "--optim.global_batch", "8", "--scaling.workers", "1",
                 "--scaling.cpus_per_worker", "0.5", "--cpus_per_trial", "0.2", *track]
     if job == "sweep_lr":
