@@ -252,9 +252,12 @@ def run(cfg: ProbeJobConfig) -> dict:
             pspace = {**space, "layer": "pixels"}
             pbest, pdf = sweep(cfg, pspace, "pixels", uri, experiment, parent)
             warn("pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
-            pres = refit_and_test(cfg, pbest)[0]
+            pres, prefit, pxt = refit_and_test(cfg, pbest)
             pixels_val = float(pdf["val_accuracy"].max())
-            result["pixels"] = {"best": pbest, "val_accuracy": pixels_val, **pres}
+            np.savez(out / "pixels_test_predictions.npz", keys=kt, correct=prefit.predict(pxt) == yt)
+            mlflow.log_artifact(str(out / "pixels_test_predictions.npz"))
+            result["pixels"] = {"best": pbest, "val_accuracy": pixels_val, **pres,
+                                "test_predictions": str(out / "pixels_test_predictions.npz")}
             mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"],
                                 "baseline/pixels_val_accuracy": pixels_val})
         plot_by_layer(df, out / "val_accuracy_by_layer.png", pixels_val, n_layer)

@@ -126,6 +126,11 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     assert res["best_val_accuracy"] == max(res["val_accuracy_by_layer"].values())
     assert res["test_accuracy"] > 0.2, res  # chance is 0.1 (200-300 test images: a clear margin)
     assert 0.1 < res["pixels"]["test_accuracy"] < 1.0
+    # both probes' per-image results, on the same test images (what a paired test of the two reads)
+    z, zp = np.load(res["test_predictions"]), np.load(res["pixels"]["test_predictions"])
+    assert list(z["keys"]) == list(zp["keys"]) and len(z["keys"]) == res["test_images"]
+    assert z["correct"].mean() == pytest.approx(res["test_accuracy"])
+    assert zp["correct"].mean() == pytest.approx(res["pixels"]["test_accuracy"])
     client = MlflowClient(summary["tracking_uri"])
     parent = client.get_run(res["run_id"])
     assert parent.info.status == "FINISHED" and \
