@@ -127,8 +127,8 @@ def small_cifar(tmp_path_factory):
 
 def pretrained(tmp, palette, objective, steps):
     """A debug model pretrained a few steps at 16x16 (its checkpoint is what fine-tuning starts from)."""
-    return pretrain.run(job(tmp, palette, objective, 2, max_steps=steps, **{
-        "model.objective": objective, "model.resolution": RES, "transform.resolution": RES,
+    return pretrain.run(job(tmp, palette, objective, 2, max_steps=steps, resolution=RES, **{
+        "model.objective": objective,
         "checkpoint.every_steps": steps, "completions": 0, "val_images": 16}))
 
 

@@ -19,6 +19,8 @@ from pipelines.probe import ProbeJobConfig
 from .conftest import SAMPLE, SHARED_CIFAR
 from .test_pretrain import job, palette_path  # noqa: F401  (the module-scoped palette fixture)
 
+RES = 16
+
 
 def data_args(prefix_train="--train", prefix_test="--test"):
     shared = (SHARED_CIFAR / "train-00000-of-00005.parquet").exists()
@@ -32,8 +34,9 @@ def data_args(prefix_train="--train", prefix_test="--test"):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, palette_path, ray_local):  # noqa: F811
     tmp = tmp_path_factory.mktemp("probe")
-    summary = pretrain.run(job(tmp, palette_path, "ar", 2, max_steps=40, **{"checkpoint.every_steps": 40,
-                                                                            "completions": 0}))
+    # at 16x16: a quarter of 32x32's tokens for the pretraining and both extractions; what is checked is the same
+    summary = pretrain.run(job(tmp, palette_path, "ar", 2, max_steps=40, resolution=RES,
+                               **{"checkpoint.every_steps": 40, "completions": 0}))
     return tmp, summary
 
 
@@ -70,7 +73,7 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
             assert x.shape == (n[split], 1, 64) and x.dtype == np.float32 and np.isfinite(x).all()
             assert y.shape == (n[split],) and set(y) <= set(range(10))
         px, _, _ = features.load(root, split, "pixels")
-        assert px.shape == (n[split], 1, 32 * 32 * 3) and px.min() >= 0 and px.max() <= 1
+        assert px.shape == (n[split], 1, RES * RES * 3) and px.min() >= 0 and px.max() <= 1
     # train and val partition the training split by key; test keys are apart
     tr, va = features.load(root, "train", 0)[2], features.load(root, "val", 0)[2]
     assert not set(tr) & set(va) and len(set(tr)) == len(tr)
@@ -87,7 +90,7 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
     src = SHARED_CIFAR / "test-00000-of-00001.parquet"
     table = pq.read_table(src if src.exists() else SAMPLE).to_pylist()
     rows = {r["key"]: r for r in table}
-    t = TransformSpec("cifar", 32, False)
+    t = TransformSpec("cifar", RES, False)
     tok = torch.from_numpy(np.stack([pal.quantize(record_pixels(rows[k]["image"], 0, k, t)).reshape(-1)
                                      for k in k0[:4]]).astype(np.int64))
     np.testing.assert_allclose(model.features(tok, [1])[1].numpy(), x0[:4, 0], rtol=1e-4, atol=1e-5)

@@ -172,8 +172,10 @@ def sweep_job(tmp_path, palette_path, space: Path, *extra: str, name="s") -> Swe
             "--pretrain.deepspeed.preset", "cpu", "--pretrain.deepspeed.precision", "fp32",
             "--pretrain.deepspeed.micro_batch", "8", "--pretrain.optim.global_batch", "16",
             "--pretrain.optim.warmup_steps", "1", "--pretrain.steps", "5", "--trial_fraction", "1",
-            # 2 workers x 0.4 + the trial's 0.2 leave one whole CPU of the 2 for Ray Data
-            "--pretrain.scaling.workers", "2", "--pretrain.scaling.cpus_per_worker", "0.4", *extra]
+            # 16x16 and one worker: each attempt's cost is its start-up; what is checked is the same
+            "--pretrain.model.resolution", "16", "--pretrain.transform.resolution", "16",
+            # 1 worker x 0.8 + the trial's 0.2 leave one whole CPU of the 2 for Ray Data
+            "--pretrain.scaling.workers", "1", "--pretrain.scaling.cpus_per_worker", "0.8", *extra]
     return cli.parse(SweepLRJobConfig, argv)
 
 
@@ -195,7 +197,7 @@ def test_a_failed_trial_is_retried_from_its_checkpoint_and_a_failed_sweep_resume
 
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"_comment": "test", "job": "sweep_lr", "params": {"lr": {"ordered": [0.005]}}}))
-    monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 4}))  # test faults: never a user's flag
+    monkeypatch.setenv("IGPT_FAULTS", json.dumps({"fail_at_step": 4, "fail_rank": 0}))  # test faults, not flags
     faults = ["--no-refit", "--pretrain.checkpoint.every_steps", "2", "--storage_path", f"{s3}/{tmp_path.name}",
               "--pretrain.tracking.tracking_uri", f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"]
     with pytest.raises(RuntimeError, match=r"trial 0 \(lr=0.005\) failed after its retries.*re-submit"):
