@@ -19,7 +19,7 @@ orchestrator for the main job, this and a cluster study) and a findings table re
 The paper's other axis of that relation, the checkpoints of one run, is not measured here: a study probes each
 rung's final model only (one more feature set and probe sweep per checkpoint would double the probes' time).
 
-Outputs under ``--output_dir``: ``ar/`` and ``bert/`` (each a study's folder), ``mlflow.db`` + ``mlartifacts/``
+Outputs under ``--storage_path``: ``ar/`` and ``bert/`` (each a study's folder), ``mlflow.db`` + ``mlartifacts/``
 (one store for both studies), ``findings.json`` and ``reproduce.md`` (also logged to the AR study's MLflow run,
 ``reproduce/``).
 """
@@ -57,7 +57,7 @@ ALPHA = 0.05  # a paired test's level
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--output_dir", default="/tmp/igpt-reproduce")
+    ap.add_argument("--storage_path", default="/tmp/igpt-reproduce")
     ap.add_argument("--data", default=str(scaling_study.DATA))
     ap.add_argument("--ladder", default=scaling_study.LADDER, help="the AR rungs")
     ap.add_argument("--bert_ladder", default="2x48,4x96", help="the BERT rungs: rungs of --ladder")
@@ -77,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def study_argv(a: argparse.Namespace, objective: str) -> list[str]:
     ns = argparse.Namespace(**{**vars(a), "name": objective, "ladder": a.ladder if objective == "ar" else
                                a.bert_ladder})
-    argv = scaling_study.study_argv(ns) + ["--tracking.tracking_uri", f"sqlite:///{Path(a.output_dir) / 'mlflow.db'}"]
+    argv = scaling_study.study_argv(ns) + ["--tracking.tracking_uri", f"sqlite:///{Path(a.storage_path) / 'mlflow.db'}"]
     if objective == "ar":
         return argv + ["--random_init"]
     # BERT: the AR study's palette (the same tokens); the raw pixels are the AR study's already
@@ -85,14 +85,14 @@ def study_argv(a: argparse.Namespace, objective: str) -> list[str]:
 
 
 def palette_of(a: argparse.Namespace) -> str:
-    kept = Path(a.output_dir) / "ar" / "palette" / "summary.json"
+    kept = Path(a.storage_path) / "ar" / "palette" / "summary.json"
     return json.loads(kept.read_text())["palette"] if kept.exists() else "<the AR study's palette>"
 
 
 # ------------------------------------------------------------------------------------------------ records
 def records(a: argparse.Namespace, name: str) -> dict:
     """A study's rungs as its records hold them: the rung's summary, its probe's result, the twin's."""
-    root = Path(a.output_dir) / name
+    root = Path(a.storage_path) / name
     out = {}
     for label in (a.ladder if name == "ar" else a.bert_ladder).split(","):
         s = json.loads((root / "rungs" / label / "summary.json").read_text())
@@ -274,15 +274,15 @@ def run_study(a: argparse.Namespace, objective: str) -> float:
 def log_to_mlflow(a: argparse.Namespace, files: list[Path]) -> None:
     from mlflow.tracking import MlflowClient
 
-    run_id = (Path(a.output_dir) / "ar" / "mlflow_run_id").read_text().strip()
-    client = MlflowClient(f"sqlite:///{Path(a.output_dir) / 'mlflow.db'}")
+    run_id = (Path(a.storage_path) / "ar" / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(f"sqlite:///{Path(a.storage_path) / 'mlflow.db'}")
     for p in files:
         client.log_artifact(run_id, str(p), "reproduce")
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
-    out = Path(a.output_dir)
+    out = Path(a.storage_path)
     if a.dry_run:
         for objective in ("ar", "bert"):
             print(shlex.join([sys.executable, "-m", "pipelines.study", *study_argv(a, objective)]))

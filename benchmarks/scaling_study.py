@@ -27,7 +27,7 @@ LADDER = "1x32,2x48,3x64,4x96"
 
 
 def study_argv(args) -> list[str]:
-    return ["--name", args.name, "--output_dir", args.output_dir, "--ladder", args.ladder, "--resolution", "16",
+    return ["--name", args.name, "--storage_path", args.storage_path, "--ladder", args.ladder, "--resolution", "16",
             "--data.path", str(args.data), "--data.max_images", str(args.train_images),
             "--data.test_max_images", str(args.test_images), "--steps", str(args.steps),
             "--optim.global_batch", "32", "--optim.warmup_steps", str(args.steps // 10),
@@ -40,7 +40,7 @@ def study_argv(args) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--name", default="cifar-ladder")
-    ap.add_argument("--output_dir", default="/tmp/scaling-study")
+    ap.add_argument("--storage_path", default="/tmp/scaling-study")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--ladder", default=LADDER)
     ap.add_argument("--steps", type=int, default=300)

@@ -39,9 +39,9 @@ def main() -> None:
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from igpt import cli
-    from pipelines import sweep_lr
-    from pipelines.pretrain import PretrainJobConfig
-    from pipelines.sweep_lr import SweepLRJobConfig
+    from igpt.train import sweep_lr_job as sweep_lr
+    from igpt.train.pretrain_job import PretrainJobConfig
+    from igpt.train.sweep_lr_job import SweepLRJobConfig
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -50,7 +50,7 @@ def main() -> None:
     t0 = time.time()
     palette = out / "palette" / "palette.npy"
     if not palette.exists():
-        subprocess.run([sys.executable, "-m", "pipelines.fit_palette", "--name", "palette", "--output_dir", str(out),
+        subprocess.run([sys.executable, "-m", "pipelines.fit_palette", "--name", "palette", "--storage_path", str(out),
                         "--data.path", args.data, "--data.split", "train", "--data.max_images", "5000",
                         "--transform.resolution", str(args.resolution), "--palette.sample_pixels", "100000",
                         "--palette.max_iter", "10"], cwd=ROOT, env=env, check=True, capture_output=True)
@@ -75,8 +75,9 @@ def main() -> None:
         t = time.time()
         for lr in rates:
             pcfg = sweep_lr.pretrain_config(cfg, lr, None)
-            argv = [sys.executable, "-c", "import sys, json; from igpt import cli; from pipelines import sweep_lr; "
-                    "from pipelines.pretrain import PretrainJobConfig; "
+            argv = [sys.executable, "-c", "import sys, json; from igpt import cli; "
+                    "from igpt.train import sweep_lr_job as sweep_lr; "
+                    "from igpt.train.pretrain_job import PretrainJobConfig; "
                     "print('RESULT', json.dumps(sweep_lr.pretrain_once(cli.from_dict(PretrainJobConfig, "
                     "json.loads(sys.argv[1])), diverged_ok=True)))", json.dumps(cli.to_dict(pcfg))]
             for attempt in range(3):  # a local Ray runtime can time out starting on a loaded box: try again

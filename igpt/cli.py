@@ -15,12 +15,9 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+from igpt.fields import PathStr
+
 T = TypeVar("T")
-
-
-def field_help(text: str, **kw) -> Any:
-    """A config field whose ``help`` (its meaning and the invariant ``__post_init__`` enforces) is its flag's help."""
-    return dataclasses.field(metadata={"help": text}, **kw)
 
 
 def _base_type(tp: Any) -> Any:
@@ -47,6 +44,8 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, prefix: str, default
             parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kw)
         elif get_origin(tp) is Literal:
             parser.add_argument(f"--{name}", choices=list(get_args(tp)), **kw)
+        elif tp is PathStr:
+            parser.add_argument(f"--{name}", type=str, metavar="PATH", **kw)
         elif tp in (int, float, str):
             parser.add_argument(f"--{name}", type=tp, metavar=tp.__name__.upper(), **kw)
         else:
@@ -127,9 +126,9 @@ def parse(cls: type[T], argv: list[str] | None = None, prog: str | None = None) 
 def absolute_path(path: str) -> str:
     """A local path made absolute (URIs and empty strings kept): drivers do this before handing configs to Ray
     Tune, which runs each trial in its own working directory."""
-    from pathlib import Path
+    from igpt.storage import is_remote, local_path
 
-    return path if not path or "://" in path else str(Path(path).resolve())
+    return path if not path or is_remote(path) else local_path(path)
 
 
 def main(run: Any, cls: type[T], argv: list[str] | None = None, prog: str | None = None) -> Any:
@@ -150,23 +149,19 @@ def main(run: Any, cls: type[T], argv: list[str] | None = None, prog: str | None
         raise SystemExit(2) from None
 
 
-# fields that hold a local path (or a URI, kept as is); a DeepSpeed preset is a path when it names a .json file
-PATH_FIELDS = frozenset({"path", "labels_file", "storage_path", "output_dir", "checkpoint", "palette_path",
-                         "features"})
-
-
 def absolute_paths(cfg: T) -> T:
-    """The config tree with every local path made absolute: drivers do this before handing a config to Ray Tune,
-    which runs each trial in its own working directory."""
+    """The config tree with every local path (each field typed :data:`igpt.fields.PathStr`) made absolute: drivers
+    do this before handing a config to Ray Tune, which runs each trial in its own working directory."""
 
-    def walk(d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v)
-            elif isinstance(v, str) and (k in PATH_FIELDS or (k == "preset" and v.endswith(".json"))):
-                d[k] = absolute_path(v)
+    def walk(node: Any, d: dict[str, Any]) -> None:
+        hints = get_type_hints(type(node))
+        for f in dataclasses.fields(node):
+            v = getattr(node, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, d[f.name])
+            elif _base_type(hints[f.name]) is PathStr and isinstance(v, str):
+                d[f.name] = absolute_path(v)
 
     d = to_dict(cfg)
-    walk(d)
+    walk(cfg, d)
     return from_dict(type(cfg), d)
-

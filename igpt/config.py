@@ -11,14 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from igpt.cli import field_help as _help
 from igpt.data.images import DEFAULT_MAX_PIXELS, PIL_HARD_LIMIT
+from igpt.fields import PathStr
+from igpt.fields import field_help as _help
 from igpt.model.config import MODEL_SIZES, PAPER_PARAMS_M, ModelConfig  # noqa: F401 (the config tree's model)
 
 
 @dataclass
 class PaletteConfig:
-    path: str | None = _help("load this palette (.npy, (K, 3) float32 in [-1, 1]) instead of fitting one", default=None)
+    path: PathStr | None = _help("load this palette (.npy, (K, 3) float32 in [-1, 1]) instead of fitting one",
+                                 default=None)
     sample_pixels: int = _help("pixels sampled for k-means; >= n_colors", default=1_000_000)
     max_iter: int = _help("k-means iterations (Lloyd); >= 1", default=100)
     seed: int = _help("k-means and sampling seed", default=0)
@@ -158,7 +160,9 @@ class DeepSpeedConfig:
         if self.micro_batch is not None and self.micro_batch < 1:
             raise ValueError("deepspeed.micro_batch must be >= 1")
         if self.preset:
-            preset_path(self.preset)  # fails now if it does not exist
+            found = preset_path(self.preset)  # fails now if it does not exist
+            if self.preset.endswith(".json"):  # a file of the user's: absolute, for Tune trials in other folders
+                self.preset = str(found.resolve())
 
 
 def preset_path(name: str) -> Path:

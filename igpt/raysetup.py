@@ -22,6 +22,40 @@ def init_ray(num_cpus: int | None = None) -> None:
     configure_data()
 
 
+def local_cpus(per_unit: float, units: int = 1, spare: int = 1) -> int:
+    """Logical CPUs for a local runtime: ``units`` things at once (trials, rungs) of ``per_unit`` CPUs each, and
+    ``spare`` whole CPUs left for Ray Data's tasks; never fewer than the machine has."""
+    import math
+
+    return max(os.cpu_count() or 1, math.ceil(units * per_unit) + spare)
+
+
+def torch_trainer(loop, loop_config: dict, scaling, name: str, storage_path: str, datasets: dict, *,
+                  split: tuple[str, ...] = (), max_failures: int = 0, preserve_order: bool = False):
+    """The one Ray Train ``TorchTrainer`` of igpt's runs (pretraining, fine-tuning): ``scaling`` is the job's
+    ``igpt.config.ScalingConfig``; ``split``: the datasets Ray Train shards over the workers (the others each
+    worker gets whole); ``max_failures``: Ray Train's restarts of the worker group from the newest checkpoint.
+    Checkpoints are pruned by the workers (``igpt.train.checkpoints.prune``): Ray's own count forgets what a
+    stopped attempt left, and would delete folders by its own list."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from igpt.storage import Loc
+
+    opts = ExecutionOptions()
+    opts.preserve_order = preserve_order  # the same batches to the same workers on every run of the same job
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=scaling.workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker},
+                                     placement_strategy=scaling.placement),
+        run_config=RunConfig(name=name, storage_path=Loc(storage_path).uri,
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)),
+        datasets=datasets, dataset_config=DataConfig(datasets_to_split=list(split), execution_options=opts))
+
+
 def configure_data() -> None:
     """Ray Data settings for our pipelines (one read + one map per record stream).
 

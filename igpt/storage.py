@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import shutil
 from pathlib import Path
 
@@ -26,11 +27,19 @@ import pyarrow.fs as pafs
 
 from igpt.errors import UserError
 
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "abfs://", "abfss://")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def is_remote(path: str | Path | Loc) -> bool:
-    return str(path).startswith(REMOTE_SCHEMES)
+    """The one test of remoteness: a URI (``s3://``, ``gs://``, ``hdfs://``, ...) that pyarrow's file systems open,
+    not a local path (``file://`` URIs are local paths)."""
+    m = _SCHEME.match(str(path))
+    return m is not None and m.group(1).lower() != "file"
+
+
+def local_path(path: str | Path) -> str:
+    """A local path as a plain absolute path (a ``file://`` URI's path)."""
+    return str(Path(str(path).removeprefix("file://")).resolve())
 
 
 class Loc:
@@ -48,7 +57,7 @@ class Loc:
                 raise UserError(f"cannot open {where}: {e}") from None
             self.uri = where.rstrip("/")
         else:
-            self.fs, self.path = pafs.LocalFileSystem(), str(Path(where).resolve())
+            self.fs, self.path = pafs.LocalFileSystem(), local_path(where)
             self.uri = self.path
 
     # ---- naming --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import re
 import shlex
 from pathlib import Path
@@ -25,10 +24,10 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 from igpt import cli
 from igpt.config import DeepSpeedConfig, ModelConfig, OptimConfig
+from igpt.recipes import recipe
 from igpt.train import deepspeed_config
 from igpt.train.plan import PlanInput, plan
-from igpt.train.recipes import recipe
-from pipelines.pretrain import PretrainJobConfig
+from igpt.train.pretrain_job import PretrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -300,9 +299,8 @@ def test_kuberay_rayjob_runs_pretraining_that_fits_its_workers():
 
 def test_readme_cluster_commands_use_the_pipelines_flags():
     """Each `ray job submit ... -- python -m pipelines.<stage>` line of "Run on a cluster" parses with the parser
-    that stage builds (its `cli.parse(<Config>, ...)`; flags only: the paths live on the cluster). Stages not
-    written yet are left out."""
-    import igpt.track.compare
+    that stage builds (its config class, ``pipelines.JOBS``; flags only: the paths live on the cluster)."""
+    from pipelines import JOBS
 
     section = (ROOT / "README.md").read_text().split("## Run on a cluster", 1)[1].split("\n## ", 1)[0]
     shell_vars: dict[str, str] = {}
@@ -315,17 +313,8 @@ def test_readme_cluster_commands_use_the_pipelines_flags():
         command = re.sub(r"\$([A-Z])\b", lambda m: shell_vars[m.group(1)], command)
         argv = shlex.split(command.split(" -- ", 1)[1])
         assert argv[:2] == ["python", "-m"] and argv[2].startswith("pipelines."), command
-        source = ROOT / (argv[2].replace(".", "/") + ".py")
-        if not source.exists():
-            continue
-        parses = re.compile(r"cli\.(?:parse|main)\((?:run, )?(\w+JobConfig)")
-        found = parses.search(source.read_text())
-        if found is None:  # a thin entry point (pipelines/compare.py) parses in the igpt module it calls
-            module = importlib.import_module(argv[2])
-            found = next(m for obj in vars(module).values() if inspect.ismodule(obj)
-                         and obj.__name__.startswith("igpt.") and (m := parses.search(inspect.getsource(obj))))
-        config_class = next(getattr(m, found.group(1)) for m in (importlib.import_module(argv[2]), igpt.track.compare)
-                            if hasattr(m, found.group(1)))
+        module_name, config = JOBS[argv[2].split(".", 1)[1]]  # the job's config class, from the dispatcher
+        config_class = getattr(importlib.import_module(module_name), config)
         cli.build_parser(config_class).parse_args(argv[3:])  # SystemExit on an unknown flag or a bad value
         checked.add(argv[2].split(".", 1)[1])
     assert {"fit_palette", "quantize", "pretrain", "study"} <= checked

@@ -10,6 +10,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from igpt.config import ModelConfig, TrackingConfig
+from igpt.model import config as model_config
 from igpt.track import compare
 from igpt.track.compare import CompareJobConfig
 from igpt.track.tracking import default_tracking_uri, ensure_experiment
@@ -86,7 +87,7 @@ def store(tmp_path_factory):
 
 
 def _cfg(store, name="all", **kw):
-    return CompareJobConfig(name=name, output_dir=str(store["root"]),
+    return CompareJobConfig(name=name, storage_path=str(store["root"]),
                             tracking=TrackingConfig(tracking_uri=store["uri"]), **kw)
 
 
@@ -202,14 +203,14 @@ def test_filters_select_runs(store, capsys):
     from igpt.__main__ import main as igpt_main
     from pipelines.compare import main as job_main
 
-    igpt_main(["compare", "--name", "cli", "--output_dir", str(store["root"]), "--name_like", "tiny%",
+    igpt_main(["compare", "--name", "cli", "--storage_path", str(store["root"]), "--name_like", "tiny%",
                "--tracking.tracking_uri", store["uri"]])
     printed = capsys.readouterr().out
     assert "tiny-bert" in printed and "debug-ar" not in printed
     assert "attributes.run_name LIKE 'tiny%'" in printed
     with open(store["root"] / "cli" / "table.csv") as fh:
         assert [r["name"] for r in csv.DictReader(fh)] == ["tiny-bert"]
-    out = job_main(["--name", "job", "--output_dir", str(store["root"]), "--tag", "team=a",
+    out = job_main(["--name", "job", "--storage_path", str(store["root"]), "--tag", "team=a",
                     "--tracking.tracking_uri", store["uri"]])
     assert [r.name for r in out["rows"]] == ["debug-ar"]
     assert client.get_run(out["run_id"]).data.params["tag"] == "team=a"
@@ -218,7 +219,7 @@ def test_filters_select_runs(store, capsys):
 def test_clear_errors(store, tmp_path, capsys):
     client, exp = store["client"], store["exp"]
     with pytest.raises(ValueError, match=r"experiment 'nope' not found .*'igpt'.*'other'"):
-        compare.run(CompareJobConfig(name="x", output_dir=str(store["root"]),
+        compare.run(CompareJobConfig(name="x", storage_path=str(store["root"]),
                                      tracking=TrackingConfig(tracking_uri=store["uri"], experiment="nope")))
     with pytest.raises(ValueError, match=r"MLflow rejected the search filter .*params.x ~ 1"):
         compare.collect(client, exp, extra_filter="params.x ~ 1")
@@ -226,7 +227,7 @@ def test_clear_errors(store, tmp_path, capsys):
         compare.run(_cfg(store, name="none", name_like="zzz%"))
     assert not (store["root"] / "none").exists()
     with pytest.raises(ValueError, match="no MLflow store at"):
-        compare.run(CompareJobConfig(output_dir=str(tmp_path)))
+        compare.run(CompareJobConfig(storage_path=str(tmp_path)))
     assert not (tmp_path / "mlflow.db").exists()
     with pytest.raises(ValueError, match="tag: expected key=value"):
         CompareJobConfig(tag="team")
@@ -240,7 +241,7 @@ def test_clear_errors(store, tmp_path, capsys):
         job_main(["--tag", "team", "--tracking.tracking_uri", store["uri"]])
     assert e.value.code == 2 and "tag: expected key=value" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        job_main(["--output_dir", str(store["root"]), "--filter", "metrics.x = 'a'",
+        job_main(["--storage_path", str(store["root"]), "--filter", "metrics.x = 'a'",
                   "--tracking.tracking_uri", store["uri"]])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: MLflow rejected the search filter")
@@ -268,7 +269,8 @@ def test_unfinished_runs_are_listed_with_their_status_and_left_out_of_the_plots(
     monkeypatch.setattr(compare, "_scatter_loss", lambda rows, *a: (plotted.append([r.name for r in rows]),
                                                                     real(rows, *a)))
 
-    out = compare.run(CompareJobConfig(name="st", output_dir=str(tmp_path), tracking=TrackingConfig(tracking_uri=uri)))
+    cfg = CompareJobConfig(name="st", storage_path=str(tmp_path), tracking=TrackingConfig(tracking_uri=uri))
+    out = compare.run(cfg)
     assert {r.name: r.status for r in out["rows"]} == {"done": "FINISHED", "broken": "FAILED", "going": "RUNNING"}
     assert out["plotted"] == [ids["done"]] and plotted == [["done"], ["done"]]
     assert [r.name for r in compare.plotted_rows(out["rows"])] == ["done"]
@@ -286,7 +288,7 @@ def test_unfinished_runs_are_listed_with_their_status_and_left_out_of_the_plots(
     plotted.clear()
     from pipelines.compare import main as job_main
 
-    out = job_main(["--name", "all", "--output_dir", str(tmp_path), "--include_unfinished",
+    out = job_main(["--name", "all", "--storage_path", str(tmp_path), "--include_unfinished",
                     "--tracking.tracking_uri", uri])
     assert sorted(out["plotted"]) == sorted(ids.values())
     assert [sorted(p) for p in plotted] == [["broken", "done", "going"]] * 2
@@ -313,11 +315,11 @@ def test_compute_is_flops_per_token_times_tokens_for_every_size():
 
     for size in MODEL_SIZES:
         cfg = ModelConfig.from_name(size)
-        tokens, flops = compare.train_compute(cfg.n_layer, cfg.d_model, cfg.resolution, 100, 64, cfg.n_colors)
+        tokens, flops = model_config.train_compute(cfg.n_layer, cfg.d_model, cfg.resolution, 100, 64, cfg.n_colors)
         assert tokens == 100 * 64 * cfg.resolution**2
         assert flops == cfg.train_flops_per_token() * tokens
         assert compare.non_embedding_params(cfg.n_layer, cfg.d_model) == cfg.non_embedding_params()
         # what is left out of N is exactly the vocabulary and position matrices
         assert cfg.param_count() - cfg.non_embedding_params() == (cfg.vocab_size + cfg.n_ctx + cfg.n_colors) * \
             cfg.d_model
-    assert compare.train_compute(None, 64, 32, 1, 1) == (None, None)
+    assert model_config.train_compute(None, 64, 32, 1, 1) == (None, None)

@@ -5,8 +5,8 @@ import pytest
 
 from igpt import cli
 from igpt.config import MODEL_SIZES, ModelConfig, OptimConfig
-from pipelines.main import MainJobConfig
-from pipelines.pretrain import PretrainJobConfig
+from igpt.study.main_job import MainJobConfig
+from igpt.train.pretrain_job import PretrainJobConfig
 
 
 def test_from_name_fills_the_table_and_keeps_overrides():
@@ -95,7 +95,7 @@ def test_config_round_trips_through_a_dict():
 
 
 def test_nested_defaults_of_a_parent_survive_partial_overrides():
-    from pipelines.pretrain import PretrainJobConfig
+    from igpt.train.pretrain_job import PretrainJobConfig
 
     cfg = cli.parse(PretrainJobConfig, ["--val.path", "x", "--model.size", "tiny"])
     assert cfg.val.split == "test" and cfg.val.path == "x"  # the parent's default for val, not DatasetSpec()'s
@@ -104,7 +104,7 @@ def test_nested_defaults_of_a_parent_survive_partial_overrides():
 
 
 def test_abbreviated_flags_are_refused(capsys):
-    from pipelines.pretrain import PretrainJobConfig
+    from igpt.train.pretrain_job import PretrainJobConfig
 
     with pytest.raises(SystemExit):
         cli.parse(PretrainJobConfig, ["--model.si", "S"])  # argparse would take it as --model.size
@@ -117,7 +117,7 @@ def test_abbreviated_flags_are_refused(capsys):
 
 def _changed(flag: str, value, tmp: Path) -> list[str]:
     """One valid value other than the default for each flag of the main job."""
-    strings = {"name": "other", "output_dir": str(tmp / "elsewhere"), "sizes": "debug,tiny",
+    strings = {"name": "other", "storage_path": str(tmp / "elsewhere"), "sizes": "debug,tiny",
                "data.path": str(tmp / "copy.parquet"), "data.train_prefix": "test/", "data.test_prefix": "train/",
                "data.format": "webdataset", "data.train_split": "val", "data.test_split": "val",
                "data.labels_file": "labels.txt", "recipe": "imagenet",
@@ -146,7 +146,7 @@ def test_every_main_job_flag_changes_some_stage_config(tmp_path):
     import numpy as np
 
     from igpt.config import DEFAULT_DATA
-    from pipelines.main import stage_configs
+    from igpt.study.main_job import stage_configs
 
     shutil.copy(DEFAULT_DATA, tmp_path / "copy.parquet")
     np.save(tmp_path / "palette.npy", np.linspace(-1, 1, 512 * 3).reshape(512, 3).astype(np.float32))
@@ -170,7 +170,7 @@ def test_the_main_job_reads_an_image_folder_as_every_stage_does(tmp_path):
     """Any layout, not Parquet only: an ImageNet-style folder's train/ and flat val/ (with its labels file) become
     every stage's splits, photographs get the imagenet transforms, and Parquet key prefixes are refused there."""
     from igpt.data import sources
-    from pipelines.main import stage_configs
+    from igpt.study.main_job import stage_configs
 
     from . import fixtures
 

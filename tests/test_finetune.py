@@ -18,9 +18,10 @@ from igpt.data.sources import DatasetSpec, in_part
 from igpt.eval.ensemble import eval_masks, modal
 from igpt.model import IGPT
 from igpt.train import checkpoints
+from igpt.train import finetune_job as finetune
+from igpt.train import pretrain_job as pretrain
+from igpt.train.finetune_job import FinetuneJobConfig
 from igpt.train.finetune_loop import Classifier, load_classifier, predict
-from pipelines import finetune, pretrain
-from pipelines.finetune import FinetuneJobConfig
 
 from .conftest import SAMPLE
 from .test_pretrain import job, palette_path  # noqa: F401  (the module-scoped palette fixture)

@@ -261,23 +261,25 @@ def test_an_imported_hf_model_is_extracted_and_probed_like_our_own(tmp_path, cap
 
     from mlflow.tracking import MlflowClient
 
-    from pipelines import extract, probe
+    from igpt import cli
+    from igpt.eval import extract_job, probe_job
     from tests.conftest import SAMPLE
 
     src, ckpt = hf_folder(tmp_path / "hf", random_hf(n_layer=2, n_embd=32, n_head=2), random_centres()), \
         tmp_path / "imported"
     main(["import-hf", "--hf", str(src), "--out", str(ckpt)])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    extract.main(["--name", "hf-small", "--output_dir", str(tmp_path / "features"), "--checkpoint", str(ckpt),
-                  "--train.path", str(SAMPLE), "--train.key_prefix", "train/",  # (sorted by class: no max_images)
-                  "--test.path", str(SAMPLE), "--test.key_prefix", "test/", "--holdout", "0.2", "--no-pixels",
-                  "--tracking.tracking_uri", uri])
+    extract_job.run(cli.parse(extract_job.ExtractJobConfig, [
+        "--name", "hf-small", "--storage_path", str(tmp_path / "features"), "--checkpoint", str(ckpt),
+        "--train.path", str(SAMPLE), "--train.key_prefix", "train/",  # (sorted by class: no max_images)
+        "--test.path", str(SAMPLE), "--test.key_prefix", "test/", "--holdout", "0.2", "--no-pixels",
+        "--tracking.tracking_uri", uri]))
     space = tmp_path / "space.json"
     space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": "all"},
                                                                    "C": {"grid_search": [1.0]}}}))
-    probe.main(["--name", "hf-small", "--output_dir", str(tmp_path / "probe"), "--features",
-                str(tmp_path / "features" / "hf-small"), "--space", str(space), "--no-pixels",
-                "--tracking.tracking_uri", uri])
+    probe_job.run(cli.parse(probe_job.ProbeJobConfig, [
+        "--name", "hf-small", "--storage_path", str(tmp_path / "probe"), "--features",
+        str(tmp_path / "features" / "hf-small"), "--space", str(space), "--no-pixels", "--tracking.tracking_uri", uri]))
     printed = capsys.readouterr().out
     print(printed)  # the note quotes these lines
     assert "imported " in printed and "2 layers, d_model 32, 8x8, 512 colours, objective ar" in printed

@@ -13,13 +13,14 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from igpt.config import IngestLimits, PaletteConfig, TransformConfig
+from igpt.data import fit_palette_job as fit_palette
 from igpt.data import ingest, sources
+from igpt.data import quantize_job as quantize
+from igpt.data.fit_palette_job import FitPaletteJobConfig
 from igpt.data.images import decode_rgb
 from igpt.data.palette import Palette
+from igpt.data.quantize_job import QuantizeJobConfig
 from igpt.data.sources import DatasetSpec
-from pipelines import fit_palette, quantize
-from pipelines.fit_palette import FitPaletteJobConfig
-from pipelines.quantize import QuantizeJobConfig
 
 from . import fixtures
 from .conftest import SAMPLE
@@ -29,7 +30,7 @@ from .conftest import SAMPLE
 def palette_file(tmp_path_factory, ray_local):
     """A palette fitted by the fit_palette job on the real CIFAR-10 sample (train split)."""
     out = tmp_path_factory.mktemp("pal")
-    cfg = FitPaletteJobConfig(name="pal", output_dir=str(out),
+    cfg = FitPaletteJobConfig(name="pal", storage_path=str(out),
                               data=DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/"),
                               palette=PaletteConfig(sample_pixels=100_000, max_iter=10))
     summary = fit_palette.run(cfg)
@@ -72,7 +73,7 @@ def bad_shard(path: Path) -> dict:
 
 
 def quantize_cfg(palette_path, data_path, out, **kw):
-    return QuantizeJobConfig(name="tok", output_dir=str(out), palette_path=str(palette_path),
+    return QuantizeJobConfig(name="tok", storage_path=str(out), palette_path=str(palette_path),
                              data=DatasetSpec(str(data_path), "parquet", "train"), rows_per_shard=17,
                              limits=IngestLimits(max_error_rate=kw.pop("max_error_rate", 0.5), min_records=10,
                                                  max_pixels=kw.pop("max_pixels", IngestLimits.max_pixels)), **kw)

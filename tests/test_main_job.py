@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_main_job_runs_the_whole_pipeline_and_records_every_stage(tmp_path):
     out = tmp_path / "runs"
-    # a relative --output_dir, as the README's command uses: the probe's Tune trials run in their own working
+    # a relative --storage_path, as the README's command uses: the probe's Tune trials run in their own working
     # directories, so the job must hand them absolute paths
     rel = os.path.relpath(out, ROOT)
     space = tmp_path / "probe.json"  # every layer, one C: 3 trials and 1 on raw pixels (the default has 12)
     space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
                                  "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
     # at 16x16 (a quarter of the default's tokens: every stage the same, each faster); CI runs the default too
-    cmd = [sys.executable, "-m", "pipelines.main", "--output_dir", rel, "--name", "t1", "--resolution", "16",
+    cmd = [sys.executable, "-m", "pipelines.main", "--storage_path", rel, "--name", "t1", "--resolution", "16",
            "--steps", "12", "--palette.max_iter", "5", "--palette.sample_pixels", "50000", "--probe_space", str(space)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 from igpt import cli
 from igpt.errors import Conflict
 from igpt.train import checkpoints
+from igpt.train import pretrain_job as pretrain
 from igpt.train.checkpoints import MARKER, newest_complete, read_marker
-from pipelines import pretrain
-from pipelines.pretrain import PretrainJobConfig
+from igpt.train.pretrain_job import PretrainJobConfig
 
 from .conftest import ROOT, SAMPLE, SHARED_CIFAR
 

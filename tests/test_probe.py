@@ -9,12 +9,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from igpt import cli
-from igpt.eval import features, probe
+from igpt.eval import extract_job as extract
+from igpt.eval import features, probe, probe_job
+from igpt.eval.extract_job import ExtractJobConfig
+from igpt.eval.probe_job import ProbeJobConfig
 from igpt.storage import Loc
-from pipelines import extract, pretrain
-from pipelines import probe as probe_job
-from pipelines.extract import ExtractJobConfig
-from pipelines.probe import ProbeJobConfig
+from igpt.train import pretrain_job as pretrain
 
 from .conftest import SAMPLE, SHARED_CIFAR
 from .test_pretrain import job, palette_path  # noqa: F401  (the module-scoped palette fixture)
@@ -41,7 +41,7 @@ def pretrained(tmp_path_factory, palette_path, ray_local):  # noqa: F811
 
 
 def extract_cfg(tmp, summary, name, *extra):
-    return cli.parse(ExtractJobConfig, ["--name", name, "--output_dir", str(tmp / "features"),
+    return cli.parse(ExtractJobConfig, ["--name", name, "--storage_path", str(tmp / "features"),
                                         "--checkpoint", summary["run_dir"], *data_args(), "--holdout", "0.2",
                                         "--tracking.tracking_uri", summary["tracking_uri"], *extra])
 
@@ -53,7 +53,7 @@ def feature_sets(pretrained, s3):
     tmp, summary = pretrained
     trained = extract.run(extract_cfg(tmp, summary, "trained"))
     twin = extract.run(extract_cfg(tmp, summary, "random", "--random_init", "--no-pixels",
-                                   "--output_dir", f"{s3}/{tmp.name}/features"))
+                                   "--storage_path", f"{s3}/{tmp.name}/features"))
     twin["at"] = f"{s3}/{tmp.name}/features/random"
     return tmp, summary, trained, twin
 
@@ -118,7 +118,7 @@ def test_extraction_writes_every_layer_of_every_split(feature_sets):
 @pytest.mark.slow
 def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     tmp, summary, man, twin_set = feature_sets  # the twin's features are on S3
-    argv = ["--name", "probe-trained", "--output_dir", str(tmp / "probe"), "--features",
+    argv = ["--name", "probe-trained", "--storage_path", str(tmp / "probe"), "--features",
             str(tmp / "features" / "trained"), "--tracking.tracking_uri", summary["tracking_uri"]]
     space = tmp / "space.json"
     space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": "all"},
@@ -153,7 +153,7 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     assert {c.data.params["layer"] for c in layer_children} == {"0", "1", "2"}
 
     # the random-init twin, probed the same way, for the record beside it
-    twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--output_dir", str(tmp / "probe"),
+    twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--storage_path", str(tmp / "probe"),
                                                    "--features", twin_set["at"], "--space",
                                                    str(space), "--tracking.tracking_uri", summary["tracking_uri"]]))
     print(f"\nprobe test accuracy: trained {res['test_accuracy']:.3f} (layer {res['best']['layer']}), "
@@ -174,7 +174,7 @@ def test_low_data_protocol_uses_balanced_subsets_and_reports_mean_and_std(featur
     space.write_text(json.dumps({"job": "probe_lbfgs", "params": {"layer": {"grid_search": [1]},
                                                                  "C": {"grid_search": [0.1]}}}))
     res = probe_job.run(cli.parse(ProbeJobConfig, [
-        "--name", "low", "--output_dir", str(tmp / "probe"), "--features", str(tmp / "features" / "trained"),
+        "--name", "low", "--storage_path", str(tmp / "probe"), "--features", str(tmp / "features" / "trained"),
         "--space", str(space), "--no-pixels", "--low_data", "20,40", "--low_data_seeds", "3",
         "--tracking.tracking_uri", summary["tracking_uri"]]))
     assert set(res["low_data"]) == {20, 40}
@@ -241,7 +241,7 @@ def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
     _shard(root, "val", ["train/3", "train/4"], [0, 2])
     _shard(root, "test", ["test/0", "train/1"], [1, 0])  # one test image is a training image
     assert [list(a) for a in features.labels_and_keys(root, "val")] == [[0, 2], ["train/3", "train/4"]]
-    cfg = ProbeJobConfig(features=str(root), output_dir=str(tmp_path))
+    cfg = ProbeJobConfig(features=str(root), storage_path=str(tmp_path))
     uri = default_tracking_uri(tmp_path)
     run_ = JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {}, fluent=True)
     found = {}

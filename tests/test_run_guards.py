@@ -107,7 +107,7 @@ def test_an_unreachable_tracking_server_fails_in_seconds():
 def _plan_job(tmp_path, *extra):
     from igpt import cli
     from igpt.data.palette import Palette
-    from pipelines.pretrain import PretrainJobConfig
+    from igpt.train.pretrain_job import PretrainJobConfig
 
     from .conftest import SAMPLE
 
@@ -124,7 +124,7 @@ def test_a_run_the_plan_says_will_not_fit_is_refused_before_data_or_tracking(tmp
     """XL on two 16 GiB CPU workers: refused in seconds from the plan, naming what it needs and the ways out; no run
     folder, no MLflow store. --scaling.ignore_plan lets it through the check."""
     from igpt.errors import UserError
-    from pipelines import pretrain
+    from igpt.train import pretrain_job as pretrain
 
     cfg = _plan_job(tmp_path, "--model.size", "XL", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8",
                     "--scaling.worker_mem_gib", "16")
@@ -153,7 +153,7 @@ def test_worker_memory_is_measured_on_the_cluster(tmp_path, ray_local):
 
     from igpt.errors import UserError
     from igpt.raysetup import worker_memory_gib
-    from pipelines import pretrain
+    from igpt.train import pretrain_job as pretrain
 
     node = min(n["Resources"]["memory"] for n in ray.nodes() if n["Alive"]) / 1024**3
     gib, how = worker_memory_gib(2, False, 0.5)
@@ -172,7 +172,7 @@ def test_gpu_workers_get_the_largest_micro_batch_the_plan_fits(tmp_path):
     (S, 8 x 80 GiB, the S preset); a given one is kept, and CPU workers keep the recipe's."""
     from igpt.model.config import ModelConfig
     from igpt.train import plan as memplan
-    from pipelines import pretrain
+    from igpt.train import pretrain_job as pretrain
 
     def chosen(*extra):
         cfg = _plan_job(tmp_path, "--model.size", "S", "--deepspeed.preset", "S", "--deepspeed.precision", "bf16",
@@ -186,6 +186,6 @@ def test_gpu_workers_get_the_largest_micro_batch_the_plan_fits(tmp_path):
     assert best is not None and best > 1
     assert chosen("--scaling.use_gpu") == best
     assert chosen("--scaling.use_gpu", "--deepspeed.micro_batch", "2") == 2
-    from igpt.train.recipes import recipe
+    from igpt.recipes import recipe
 
     assert chosen() == recipe("S").micro_batch  # CPU workers: the recipe's

@@ -187,7 +187,7 @@ def test_sample_command_writes_the_png_and_logs_it_to_mlflow(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "pics" / "samples.png"
     main(["sample", "--checkpoint", str(weights), "--n", "3", "--completions", "2", "--images", str(SAMPLE),
-          "--key_prefix", "test/", "--out", str(out), "--tracking_uri", uri])
+          "--key_prefix", "test/", "--out", str(out), "--tracking.tracking_uri", uri])
     msg = capsys.readouterr().out
     pic = np.asarray(Image.open(out))
     # 3 images x (original + 2 completions), then 3 samples in one row of 3: 4 x 3 cells
@@ -210,7 +210,8 @@ def test_sample_reads_images_of_any_dataset_format(tmp_path, capsys, fmt):
     from PIL import Image
 
     from igpt import cli
-    from igpt.__main__ import main, read_images
+    from igpt.__main__ import main
+    from igpt.commands import read_images
     from igpt.data.sources import DatasetSpec
     from igpt.data.transforms import apply
     from igpt.train import checkpoints

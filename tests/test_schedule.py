@@ -9,14 +9,14 @@ import pytest
 import torch
 from deepspeed.runtime.config import DeepSpeedConfig as DSParsed
 
-from igpt import cli
+from igpt import cli, recipes
 from igpt.config import MODEL_SIZES, DeepSpeedConfig, ModelConfig, OptimConfig, preset_path
 from igpt.model import IGPT
-from igpt.train import deepspeed_config, recipes
+from igpt.train import deepspeed_config
 from igpt.train.plan import PlanInput, plan
+from igpt.train.pretrain_job import PretrainJobConfig
 from igpt.train.schedule import resolve
 from igpt.train.train_loop import bert_mask
-from pipelines.pretrain import PretrainJobConfig
 
 from .conftest import ROOT, SAMPLE
 
@@ -138,7 +138,7 @@ def test_bert_masks_differ_between_ranks_and_repeat_on_resume():
 
 
 def test_sweep_trials_run_a_shrunk_schedule_and_the_refit_the_whole_one():
-    from pipelines.sweep_lr import SweepLRJobConfig, pretrain_config
+    from igpt.train.sweep_lr_job import SweepLRJobConfig, pretrain_config
 
     sweep = cli.parse(SweepLRJobConfig, ["--pretrain.train.path", str(SAMPLE), "--pretrain.train.key_prefix",
                                          "train/", "--pretrain.optim.global_batch", "16", "--pretrain.steps", "400",

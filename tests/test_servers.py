@@ -155,7 +155,7 @@ def _study_argv(servers) -> list[str]:
     space = servers["temp"] / "study_probe.json"
     space.write_text(json.dumps({"_comment": "test", "job": "probe_lbfgs",
                                  "params": {"layer": {"grid_search": "all"}, "C": {"grid_search": [1.0]}}}))
-    return ["-m", "pipelines.study", "--name", "ladder", "--output_dir", str(servers["temp"] / "runs"),
+    return ["-m", "pipelines.study", "--name", "ladder", "--storage_path", str(servers["temp"] / "runs"),
             # 16x16: a quarter of 32x32's tokens, and every stage's start-up is the same
             "--ladder", ",".join(STUDY_LADDER), "--resolution", "16", "--lr_space", str(lrs), "--trial_fraction", "0.5",
             "--optim.global_batch", "8", "--optim.warmup_steps", "1", "--scaling.workers", "1",
@@ -373,7 +373,7 @@ def _stage_argv(servers, study_job, job: str, name: str) -> list[str]:
                 "--pretrain.optim.warmup_steps", "10", "--pretrain.checkpoint.every_steps", "100000",
                 "--pretrain.scaling.workers", "1", "--pretrain.scaling.cpus_per_worker", "0.5",
                 "--pretrain.tracking.tracking_uri", servers["tracking"], "--pretrain.tracking.experiment", "served"]
-    return ["-m", "pipelines.probe", "--name", name, "--output_dir", runs, "--features",
+    return ["-m", "pipelines.probe", "--name", name, "--storage_path", runs, "--features",
             str(root / "features" / "debug@8"), "--protocol", "sgd", "--epochs", "1000000", "--no-pixels",
             "--cpus_per_trial", "0.5", *track]
 

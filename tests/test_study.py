@@ -9,9 +9,9 @@ import pytest
 
 from igpt import cli
 from igpt.model import ModelConfig
+from igpt.study.study_job import StudyJobConfig, stage_configs
 from igpt.track import study_report
-from pipelines import sweep_lr
-from pipelines.study import StudyJobConfig, stage_configs
+from igpt.train import sweep_lr_job as sweep_lr
 
 
 def test_rungs_are_named_sizes_or_shapes_with_their_own_length():
@@ -43,7 +43,7 @@ def test_a_compute_budget_gives_each_rung_the_steps_its_flops_per_token_allow():
 
 
 def test_every_rung_gets_the_papers_stages_tagged_with_the_study(tmp_path):
-    cfg = cli.parse(StudyJobConfig, ["--ladder", "debug,4x96", "--output_dir", str(tmp_path), "--name", "lad",
+    cfg = cli.parse(StudyJobConfig, ["--ladder", "debug,4x96", "--storage_path", str(tmp_path), "--name", "lad",
                                      "--random_init"])
     stages = stage_configs(cfg, "p.npy", "RID")
     assert set(stages) == {"palette", "compare"} | {f"{s}/{r}" for s in ("sweep", "extract", "probe",
@@ -237,7 +237,7 @@ def test_two_sweeps_of_one_trial_function_keep_their_own_parameters(ray_local, t
 
 
 def test_rungs_run_at_once_only_as_far_as_the_cluster_holds_them_whole():
-    from pipelines.study import concurrent_rungs, rung_cpus
+    from igpt.study.study_job import concurrent_rungs, rung_cpus
 
     cfg = cli.parse(StudyJobConfig, ["--scaling.workers", "2", "--scaling.cpus_per_worker", "0.5"])
     assert rung_cpus(cfg) == pytest.approx(0.1 + 0.1 + 1.0 + 1)  # task, trial, workers, Ray Data

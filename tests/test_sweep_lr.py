@@ -11,9 +11,9 @@ from ray.tune.search import Searcher
 
 from igpt import cli
 from igpt.storage import Loc
+from igpt.train import sweep_lr_job as sweep_lr
 from igpt.train.checkpoints import checkpoint_dirs
-from pipelines import sweep_lr
-from pipelines.sweep_lr import OrderedSearcher, SweepLRJobConfig, decide
+from igpt.train.sweep_lr_job import OrderedSearcher, SweepLRJobConfig, decide
 
 from .conftest import SAMPLE
 

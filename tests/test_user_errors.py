@@ -13,7 +13,7 @@ SAMPLE = ROOT / "igpt" / "data" / "cifar10_sample.parquet"
 
 def test_a_wrong_data_path_of_the_main_job_is_one_error_line_and_exit_2(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pipelines.main", "--data.path", str(tmp_path / "nope"),
-                        "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                        "--storage_path", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
                        env={"PATH": "/usr/bin:/bin", "DS_ACCELERATOR": "cpu"}, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     lines = [line for line in p.stderr.splitlines() if line.strip()]
@@ -25,14 +25,14 @@ def _cases(tmp: Path) -> dict:
     nope = str(tmp / "nope")
     return {
         "pretrain": (["--train.path", nope, "--palette_path", nope], "dataset path not found"),
-        "fit_palette": (["--data.path", nope, "--output_dir", str(tmp)], "dataset path not found"),
-        "quantize": (["--palette_path", nope, "--data.path", str(SAMPLE), "--output_dir", str(tmp)],
+        "fit_palette": (["--data.path", nope, "--storage_path", str(tmp)], "dataset path not found"),
+        "quantize": (["--palette_path", nope, "--data.path", str(SAMPLE), "--storage_path", str(tmp)],
                      "palette file not found"),
-        "extract": (["--checkpoint", nope, "--output_dir", str(tmp)], "no checkpoint at"),
+        "extract": (["--checkpoint", nope, "--storage_path", str(tmp)], "no checkpoint at"),
         "finetune": (["--checkpoint", nope, "--storage_path", str(tmp)], "no checkpoint at"),
-        "probe": (["--features", nope, "--output_dir", str(tmp)], "is not a feature set"),
+        "probe": (["--features", nope, "--storage_path", str(tmp)], "is not a feature set"),
         "sweep_lr": (["--space", nope, "--storage_path", str(tmp), "--pretrain.palette_path", nope], nope),
-        "compare": (["--output_dir", str(tmp), "--tracking.tracking_uri", f"sqlite:///{tmp}/none.db"],
+        "compare": (["--storage_path", str(tmp), "--tracking.tracking_uri", f"sqlite:///{tmp}/none.db"],
                     "no MLflow store"),
     }
 

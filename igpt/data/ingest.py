@@ -88,6 +88,15 @@ class TransformSpec:
     draft: bool = True
     max_pixels: int = 0  # larger encoded images are skipped and listed (0: PIL's default); --limits.max_pixels
 
+    @classmethod
+    def of(cls, t, resolution: int, max_pixels: int, *, train: bool | None = None,
+           epoch: int | None = None) -> TransformSpec:
+        """The one way a job builds it: from its ``--transform.*`` (an ``igpt.config.TransformConfig``) at
+        ``resolution``; ``train`` (default ``--transform.augment``) and ``epoch`` (default ``--transform.epoch``)
+        where the job decides them (an eval split never augments)."""
+        return cls(t.recipe, resolution, t.augment if train is None else train, t.seed,
+                   t.epoch if epoch is None else epoch, t.draft, max_pixels)
+
 
 def record_pixels(row_image: bytes, raw_size: int, key: str, t: TransformSpec,
                   epoch: int | None = None) -> np.ndarray:

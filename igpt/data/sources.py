@@ -33,6 +33,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from igpt.errors import UserError
+from igpt.fields import PathStr
+from igpt.fields import field_help as _help
+from igpt.storage import is_remote, local_path
 
 Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
 FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10")
@@ -40,13 +43,9 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 COLUMNS = ("key", "label", "image", "raw_size", "error", "epoch", "slot", "index")
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass
 class DatasetSpec:
-    path: str = _help("file, folder or URI of the dataset (local, s3://, gs://, ...)", default="")
+    path: PathStr = _help("file, folder or URI of the dataset (local, s3://, gs://, ...)", default="")
     format: Format = _help(
         "parquet (key/image/label columns) | imagefolder (ImageNet: <split>/<class>/<file>, or a flat <split>/ "
         "with labels_file) | webdataset (*.tar with <key>.jpg|png + <key>.cls) | cifar10 | cifar100 (python "
@@ -58,8 +57,8 @@ class DatasetSpec:
     image_column: str = _help("parquet: encoded image bytes column", default="image")
     label_column: str = _help("parquet: label column", default="label")
     key_prefix: str = _help("parquet: keep only rows whose key starts with this (e.g. 'train/')", default="")
-    labels_file: str = _help("imagefolder: for a flat split folder, a file of '<file name> <class>' lines or "
-                             "ImageNet's LOC_val_solution.csv", default="")
+    labels_file: PathStr = _help("imagefolder: for a flat split folder, a file of '<file name> <class>' lines or "
+                                 "ImageNet's LOC_val_solution.csv", default="")
     max_images: int = _help("read at most this many records (0: all), before any holdout split; for quick runs",
                             default=0)
     holdout: float = _help("share of records held out as a validation split, chosen by a hash of the key (the "
@@ -74,6 +73,11 @@ class DatasetSpec:
             raise ValueError(f"part must be all, rest or holdout, not {self.part!r}")
         if self.part != "all" and self.holdout == 0.0:
             raise ValueError(f"part={self.part!r} needs holdout > 0")
+
+    def held_out_split(self, fraction: float) -> tuple[DatasetSpec, DatasetSpec, DatasetSpec]:
+        """The one way a job splits a training set: (rest, holdout, all) at ``fraction`` held out by key hash
+        (trials train on the rest and are scored on the holdout; a refit trains on all)."""
+        return tuple(replace(self, holdout=fraction, part=p) for p in ("rest", "holdout", "all"))
 
 
 def held_out(keys, fraction: float) -> np.ndarray:
@@ -94,10 +98,12 @@ def in_part(keys, spec: DatasetSpec) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- filesystem
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), local_path(path)
     try:
         return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, ValueError):
-        return pafs.LocalFileSystem(), path
+    except (pa.ArrowInvalid, ValueError, OSError) as e:
+        raise SpecError(f"cannot open {path}: {e}") from None
 
 
 def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:

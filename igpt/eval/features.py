@@ -1,6 +1,6 @@
 """Feature sets: every layer's pooled features of every image of a split, computed once, read by many probes.
 
-Layout of a feature set (``pipelines/extract.py`` writes it)::
+Layout of a feature set (``igpt/eval/extract_job.py`` writes it)::
 
     <set>/manifest.json                 layers, width, masks per image, counts, the checkpoint, the model config
     <set>/<split>/shard-00000.npz       keys (N,), labels (N,), layer_00 .. layer_L (N, M, d) float32,

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from igpt.cli import field_help as _help
+from igpt.fields import field_help as _help
 
 # One named table of model sizes. The paper's four (Chen et al. 2020, Table 1 / appendix) and small ones that
 # train on a CPU in tests. XL's heads are our choice (the paper does not state them): 24 heads give a head
 # dimension of 128, the size flash-attention kernels are tuned for (S: 64, M: 128, L: 96), and it is the head
 # dimension of GPT-3 6.7B. Head count does not change the parameter count.
-# The input resolution a size trains at is part of its recipe (cluster/recipes.json, igpt.train.recipes).
+# The input resolution a size trains at is part of its recipe (cluster/recipes.json, igpt.recipes).
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "debug": dict(n_layer=2, d_model=64, n_head=2),
     "tiny": dict(n_layer=4, d_model=128, n_head=4),
@@ -53,7 +53,7 @@ class ModelConfig:
             if getattr(self, k) is None:
                 setattr(self, k, v)
         if self.resolution is None:
-            from igpt.train.recipes import recipe
+            from igpt.recipes import recipe
 
             self.resolution = recipe(self.size).resolution
         if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
@@ -114,3 +114,15 @@ def train_flops_per_token(n_layer: int, d_model: int, n_ctx: int, n_colors: int 
     A BERT run counts every position: the model computes all of them, though its loss is on the masked ones."""
     d, n = d_model, n_layer
     return 3 * (2 * 12 * n * d * d + 2 * 2 * n * n_ctx * d + 2 * d * n_colors)
+
+
+def train_compute(n_layer: int | None, d_model: int | None, resolution: int | None, steps: int | None,
+                  global_batch: int | None, n_colors: int | None = 512):
+    """Training compute: the model's own FLOPs per token (:func:`train_flops_per_token`, attention included, the
+    formula MFU uses) × tokens, tokens = ``steps.total`` × ``optim.global_batch`` × IR² (each image is
+    IR² tokens). ``steps.total`` is the run's planned step count, so a run still in progress is counted as if
+    finished. Returns (tokens, FLOPs), None where a number is missing."""
+    if None in (n_layer, d_model, resolution, steps, global_batch):
+        return None, None
+    tokens = steps * global_batch * resolution**2
+    return tokens, train_flops_per_token(n_layer, d_model, resolution**2, n_colors or 512) * tokens

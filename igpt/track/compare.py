@@ -28,10 +28,19 @@ import csv
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from igpt.cli import field_help as _help
 from igpt.config import TrackingConfig
 from igpt.errors import UserError
+from igpt.fields import PathStr
+from igpt.fields import field_help as _help
 from igpt.model import config as model_config
+from igpt.track.tags import (
+    TAG_COMPARED_RUN_IDS,
+    TAG_JOB,
+    TAG_PARENT,
+    TAG_PRETRAIN_RUN_ID,
+    TAG_RANDOM_INIT,
+    TAG_SWEEP_ROLE,
+)
 
 
 @dataclass
@@ -41,10 +50,10 @@ class CompareJobConfig:
     twin's accuracy, fine-tuning accuracy, MLflow status), printed and written as CSV and Markdown with plots
     (of FINISHED runs unless include_unfinished), and logged as an MLflow run with tag igpt.job=compare."""
 
-    name: str = _help("compare run name (MLflow) and folder: <output_dir>/<name>/ gets table.csv, table.md and "
+    name: str = _help("compare run name (MLflow) and folder: <storage_path>/<name>/ gets table.csv, table.md and "
                       "plots/", default="compare")
-    output_dir: str = _help("folder for the tables and plots; the default MLflow store is <output_dir>/mlflow.db",
-                            default="runs")
+    storage_path: PathStr = _help("folder for the tables and plots; the default MLflow store is "
+                                  "<storage_path>/mlflow.db", default="runs")
     # '%%': the help text goes through argparse's %-formatting
     name_like: str = _help("only pretraining runs whose name matches this SQL LIKE pattern ('%%' any characters, "
                            "'_' one), e.g. 'debug%%'; empty: all", default="")
@@ -116,18 +125,6 @@ class Comparison:
     twin_by_layer: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
-def train_compute(n_layer: int | None, d_model: int | None, resolution: int | None, steps: int | None,
-                  global_batch: int | None, n_colors: int | None = 512):
-    """Training compute: the model's own FLOPs per token (``igpt.model.config.train_flops_per_token``, attention
-    included, the formula MFU uses) × tokens, tokens = ``steps.total`` × ``optim.global_batch`` × IR² (each image is
-    IR² tokens). ``steps.total`` is the run's planned step count, so a run still in progress is counted as if
-    finished. Returns (tokens, FLOPs), None where a number is missing."""
-    if None in (n_layer, d_model, resolution, steps, global_batch):
-        return None, None
-    tokens = steps * global_batch * resolution**2
-    return tokens, model_config.train_flops_per_token(n_layer, d_model, resolution**2, n_colors or 512) * tokens
-
-
 def non_embedding_params(n_layer: int | None, d_model: int | None) -> int | None:
     """N of the scaling laws (``ModelConfig.non_embedding_params``) from the logged shape."""
     return None if None in (n_layer, d_model) else model_config.non_embedding_params(n_layer, d_model)
@@ -163,7 +160,7 @@ def tag_pairs(tag: str) -> list[tuple[str, str]]:
 def pretrain_filter(name_like: str = "", tag: str = "", extra: str = "") -> str:
     """The MLflow filter string that selects the pretraining runs: the job tag, the name pattern (SQL LIKE:
     ``%`` any run of characters, ``_`` one), the tags, and any further filter, all ANDed."""
-    parts = ["tags.`igpt.job` = 'pretrain'"]
+    parts = [f"tags.`{TAG_JOB}` = 'pretrain'"]
     if name_like:
         parts.append(f"attributes.run_name LIKE {_quote(name_like)}")
     parts += [f"tags.`{k}` = {_quote(v)}" for k, v in tag_pairs(tag)]
@@ -204,13 +201,13 @@ def search(client, experiment_ids: list[str], filter_string: str, page_size: int
 
 
 def _top_level(runs: list) -> list:
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    return [r for r in runs if TAG_PARENT not in r.data.tags]
 
 
 def _results(runs: list) -> list:
     """The pretraining runs that are results: top-level runs and a sweep's refit (the paper's procedure's model,
     nested under the sweep and tagged ``sweep.role=refit``); a sweep's trials are steps of the search, left out."""
-    return [r for r in runs if "mlflow.parentRunId" not in r.data.tags or r.data.tags.get("sweep.role") == "refit"]
+    return [r for r in runs if TAG_PARENT not in r.data.tags or r.data.tags.get(TAG_SWEEP_ROLE) == "refit"]
 
 
 def _int(params: dict, key: str) -> int | None:
@@ -250,8 +247,8 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
     pretrain = _results(search(client, [exp_id], flt))
     linked: dict[str, dict[str, list]] = {}  # pretraining run id -> job -> runs
     for job in ("probe", "finetune"):
-        for r in _top_level(search(client, [exp_id], f"tags.`igpt.job` = '{job}'")):
-            pid = r.data.tags.get("igpt.pretrain_run_id")
+        for r in _top_level(search(client, [exp_id], f"tags.`{TAG_JOB}` = '{job}'")):
+            pid = r.data.tags.get(TAG_PRETRAIN_RUN_ID)
             if pid:
                 linked.setdefault(pid, {}).setdefault(job, []).append(r)
     cmp = Comparison(rows=[], filter_string=flt)
@@ -262,17 +259,17 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
                   n_layer=_int(p, "model.n_layer"), d_model=_int(p, "model.d_model"), params=_int(p, "model.params"),
                   steps=_int(p, "steps.total"), global_batch=_int(p, "optim.global_batch"),
                   lr=float(p["optim.lr"]) if p.get("optim.lr") not in (None, "None") else None,
-                  lr_swept=run.data.tags.get("sweep.role") == "refit")
+                  lr_swept=run.data.tags.get(TAG_SWEEP_ROLE) == "refit")
         row.non_embedding_params = non_embedding_params(row.n_layer, row.d_model)
-        row.tokens, row.compute_flops = train_compute(row.n_layer, row.d_model, row.resolution, row.steps,
+        row.tokens, row.compute_flops = model_config.train_compute(row.n_layer, row.d_model, row.resolution, row.steps,
                                                       row.global_batch, _int(p, "model.n_colors"))
         cmp.losses[rid] = {k: _history(client, rid, k) for k in ("val/loss", "train/loss")}
         if cmp.losses[rid]["val/loss"]:
             row.final_val_step, row.final_val_loss = cmp.losses[rid]["val/loss"][-1]  # the largest step's value
         probes = linked.get(rid, {}).get("probe", [])
-        twin = _newest_with([r for r in probes if r.data.tags.get("igpt.random_init", "").lower() == "true"],
+        twin = _newest_with([r for r in probes if r.data.tags.get(TAG_RANDOM_INIT, "").lower() == "true"],
                             "test/accuracy")
-        probe = _newest_with([r for r in probes if r.data.tags.get("igpt.random_init", "").lower() != "true"],
+        probe = _newest_with([r for r in probes if r.data.tags.get(TAG_RANDOM_INIT, "").lower() != "true"],
                              "test/accuracy")
         if probe is not None:
             m = probe.data.metrics
@@ -491,7 +488,7 @@ def plots(cmp: Comparison, folder: Path, include_unfinished: bool = False) -> li
 
 
 def run(cfg) -> dict:
-    """The compare job (``CompareJobConfig``): query, print, write ``<output_dir>/<name>/`` (table.csv, table.md,
+    """The compare job (``CompareJobConfig``): query, print, write ``<storage_path>/<name>/`` (table.csv, table.md,
     plots/*.png) and log them to a new MLflow run (tag ``igpt.job=compare``) in the same experiment."""
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -499,7 +496,7 @@ def run(cfg) -> dict:
     from igpt import cli
     from igpt.track.tracking import JobRun, default_tracking_uri
 
-    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.output_dir)
+    uri = cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
         raise UserError(f"no MLflow store at {uri[len('sqlite:///'):]} (name one with --tracking.tracking_uri)")
     client = MlflowClient(uri)
@@ -508,7 +505,7 @@ def run(cfg) -> dict:
     if not cmp.rows:
         raise UserError(f"no pretraining runs (top-level) in experiment {cfg.tracking.experiment!r} of {uri} "
                          f"match {cmp.filter_string!r}")
-    out = Path(cfg.output_dir).resolve() / cfg.name
+    out = Path(cfg.storage_path).resolve() / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     write_csv(cmp.rows, out / "table.csv")
     (out / "table.md").write_text(markdown_table(cmp.rows))
@@ -518,11 +515,11 @@ def run(cfg) -> dict:
     left_out = ", ".join(f"{r.name} ({r.status})" for r in cmp.rows if r.run_id not in plotted)
     left_out = f"not plotted (not FINISHED; --include_unfinished plots them): {left_out}\n" if left_out else ""
 
-    with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.output_dir, cfg.name, "compare",
+    with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.storage_path, cfg.name, "compare",
                      cli.to_dict(cfg), fluent=True) as mrun:
         mlflow.set_tag("igpt.track.compare.filter", cmp.filter_string[:5000])
         # the runs it compared: ids in a tag, links (the UI's run pages) in the run's description
-        mlflow.set_tag("igpt.compared_run_ids", ",".join(r.run_id for r in cmp.rows)[:5000])
+        mlflow.set_tag(TAG_COMPARED_RUN_IDS, ",".join(r.run_id for r in cmp.rows)[:5000])
         mlflow.set_tag("mlflow.note.content", "Compared runs:\n\n" + "\n".join(
             f"- [{r.name}](#/experiments/{exp_id}/runs/{r.run_id}) ({r.status})" for r in cmp.rows))
         mlflow.log_metric("compare/runs", len(cmp.rows))
@@ -538,14 +535,6 @@ def run(cfg) -> dict:
           f"plots: {', '.join(str(p) for p in plot_paths)}\n"
           f"{left_out}"
           f"MLflow run {run_id} (tag igpt.job=compare) with table.csv, table.md and plots/")
-    return {"rows": cmp.rows, "filter": cmp.filter_string, "output_dir": str(out), "csv": str(out / "table.csv"),
+    return {"rows": cmp.rows, "filter": cmp.filter_string, "storage_path": str(out), "csv": str(out / "table.csv"),
             "markdown": str(out / "table.md"), "plots": [str(p) for p in plot_paths], "run_id": run_id,
             "plotted": plotted, "tracking_uri": uri, "experiment_id": exp_id}
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m igpt compare") -> dict:
-    """Flags from ``CompareJobConfig``; an unknown experiment, a rejected filter or no matching run ends with a
-    one-line message and exit status 2."""
-    from igpt import cli
-
-    return cli.main(run, CompareJobConfig, argv, prog=prog)

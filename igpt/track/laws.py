@@ -169,6 +169,33 @@ def min_rungs(floor: bool) -> int:
 def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000, seed: int = 0) -> LawFit:
     """Fit ``loss ≈ L∞ + (x₀/x)^α`` (``floor=False``: ``(x₀/x)^α``) with 95% bootstrap intervals over the rungs.
     Raises :class:`TooFewRungs` with what to do when the rungs cannot determine the form."""
+    x, loss, need, distinct = _checked(x, loss, variable, floor)
+    logx = np.log(x)
+    m = float(logx.mean())
+    u, y = logx - m, np.log(loss)
+    raw = _fit_raw(u, y, np.ones_like(u), floor, _grid(u, y, floor))
+    fit = _from_theta(raw.theta, m, floor)
+    x0 = math.exp(fit[1]) if fit[1] < 700 else math.inf  # α near 0 (flat losses): x₀ beyond float range
+    out = LawFit(variable, FLOOR_FORM if floor else POWER_FORM, x.tolist(), loss.tolist(), fit[0], x0,
+                 fit[2] if floor else None, log_x0=fit[1])
+    if math.isinf(x0):
+        out.notes.append(f"x₀ is beyond float range (log x₀ = {fit[1]:.3g}, α = {fit[0]:.3g}): the losses barely "
+                         "change with x, so the power law's scale is not determined")
+    resid = y - np.log(out.predict(x))
+    out.residual_sd = float(math.sqrt((resid**2).sum() / max(1, len(x) - (need - 1))))  # n − parameters
+    rng = np.random.default_rng(seed)
+    if _case_resamples(x, need) < MIN_CASE_RESAMPLES:
+        boots = _residual_bootstrap(out, x, u, y, m, raw.theta, floor, need, n_boot, rng)
+    else:
+        boots = _case_bootstrap(out, x, u, y, m, raw.theta, floor, need, n_boot, rng)
+    out.boot = np.array(boots)
+    _intervals(out, loss, floor, distinct)
+    return out
+
+
+def _checked(x, loss, variable: str, floor: bool) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """The rungs as arrays, refused unless finite, positive and enough distinct for the form: (x, loss, rungs
+    needed, distinct x)."""
     x, loss = np.asarray(x, float), np.asarray(loss, float)
     if x.shape != loss.shape or x.ndim != 1:
         raise ValueError("x and loss must be 1-d and of one length")
@@ -183,58 +210,48 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
                           f"{variable} ({need - 1} would fit exactly and leave no noise to estimate), got {distinct}"
                           + ("; add rungs, or fit the pure power law (no L∞), which needs 3" if floor else
                              "; add rungs"))
-    logx = np.log(x)
-    m = float(logx.mean())
-    u, y = logx - m, np.log(loss)
-    w = np.ones_like(u)
-    raw = _fit_raw(u, y, w, floor, _grid(u, y, floor))
-    fit = _from_theta(raw.theta, m, floor)
-    x0 = math.exp(fit[1]) if fit[1] < 700 else math.inf  # α near 0 (flat losses): x₀ beyond float range
-    out = LawFit(variable, FLOOR_FORM if floor else POWER_FORM, x.tolist(), loss.tolist(), fit[0], x0,
-                 fit[2] if floor else None, log_x0=fit[1])
-    if math.isinf(x0):
-        out.notes.append(f"x₀ is beyond float range (log x₀ = {fit[1]:.3g}, α = {fit[0]:.3g}): the losses barely "
-                         "change with x, so the power law's scale is not determined")
-    resid = y - np.log(out.predict(x))
-    out.residual_sd = float(math.sqrt((resid**2).sum() / max(1, len(x) - (need - 1))))  # n − parameters
+    return x, loss, need, distinct
 
-    rng = np.random.default_rng(seed)
-    boots, n = [], len(x)
-    distinct_resamples = _case_resamples(x, need)
-    if distinct_resamples < MIN_CASE_RESAMPLES:
-        # A case bootstrap of so few rungs can draw only a handful of different resamples (4 rungs of 4 needed
-        # sizes: the rungs themselves, every interval zero wide). Resample the residuals of log L about the fit
-        # instead, each scaled by √(n/(n−p)) (the fit's p parameters shrink them), and refit: the intervals then
-        # carry the noise the fit left. With n − p = 1 or 2 that noise is estimated from one or two degrees of
-        # freedom: a rough interval, said so.
-        p = need - 1
-        fitted = np.log(out.predict(x))
-        r = (y - fitted) * math.sqrt(n / max(1, n - p))
-        r = r - r.mean()
-        for _ in range(n_boot):
-            yb = fitted + rng.choice(r, size=n, replace=True)
-            rb = _fit_raw(u, yb, w, floor, [raw.theta])
-            boots.append(_from_theta(rb.theta, m, floor))
-        out.bootstrap = "residual"
-        out.notes.append(f"{n} rungs allow only {distinct_resamples} different case resample"
-                         f"{'s' if distinct_resamples != 1 else ''} of {need} or more "
-                         f"distinct sizes: the intervals are from a residual bootstrap (log-L residuals resampled "
-                         f"about the fit, {n - p} degree{'s' if n - p != 1 else ''} of freedom for the noise), rough")
-    else:
-        tries = 0
-        while len(boots) < n_boot and tries < 20 * n_boot:
-            tries += 1
-            idx = rng.integers(0, n, size=n)
-            if len(np.unique(x[idx])) < need:  # a resample of too few sizes determines nothing: draw again
-                continue
-            wb = np.bincount(idx, minlength=n).astype(float)
-            # from the full fit's optimum: a resample's optimum is near it (a grid per resample would cost 24 times)
-            rb = _fit_raw(u, y, wb, floor, [raw.theta])
-            boots.append(_from_theta(rb.theta, m, floor))
-        if len(boots) < n_boot:  # few rungs: most resamples repeat a size; the intervals rest on fewer draws
-            out.notes.append(f"only {len(boots)} of {n_boot} bootstrap resamples held {need} distinct sizes "
-                             f"(in {tries} draws); the intervals rest on those")
-    out.boot = np.array(boots)
+
+def _residual_bootstrap(out: LawFit, x, u, y, m: float, theta, floor: bool, need: int, n_boot: int, rng) -> list:
+    """A case bootstrap of so few rungs can draw only a handful of different resamples (4 rungs of 4 needed sizes:
+    the rungs themselves, every interval zero wide). Resample the residuals of log L about the fit instead, each
+    scaled by √(n/(n−p)) (the fit's p parameters shrink them), and refit: the intervals then carry the noise the
+    fit left. With n − p = 1 or 2 that noise is estimated from one or two degrees of freedom: a rough interval,
+    said so."""
+    n, p = len(u), need - 1
+    fitted = np.log(out.predict(x))
+    r = (y - fitted) * math.sqrt(n / max(1, n - p))
+    r = r - r.mean()
+    boots = [_from_theta(_fit_raw(u, fitted + rng.choice(r, size=n, replace=True), np.ones_like(u), floor,
+                                  [theta]).theta, m, floor) for _ in range(n_boot)]
+    k = _case_resamples(x, need)
+    out.bootstrap = "residual"
+    out.notes.append(f"{n} rungs allow only {k} different case resample{'s' if k != 1 else ''} of {need} or more "
+                     f"distinct sizes: the intervals are from a residual bootstrap (log-L residuals resampled "
+                     f"about the fit, {n - p} degree{'s' if n - p != 1 else ''} of freedom for the noise), rough")
+    return boots
+
+
+def _case_bootstrap(out: LawFit, x, u, y, m: float, theta, floor: bool, need: int, n_boot: int, rng) -> list:
+    """Rungs resampled with replacement (as weights), each resample refitted from the full fit's optimum (a
+    resample's optimum is near it; a grid per resample would cost 24 times)."""
+    boots, n, tries = [], len(x), 0
+    while len(boots) < n_boot and tries < 20 * n_boot:
+        tries += 1
+        idx = rng.integers(0, n, size=n)
+        if len(np.unique(x[idx])) < need:  # a resample of too few sizes determines nothing: draw again
+            continue
+        boots.append(_from_theta(_fit_raw(u, y, np.bincount(idx, minlength=n).astype(float), floor,
+                                          [theta]).theta, m, floor))
+    if len(boots) < n_boot:  # few rungs: most resamples repeat a size; the intervals rest on fewer draws
+        out.notes.append(f"only {len(boots)} of {n_boot} bootstrap resamples held {need} distinct sizes "
+                         f"(in {tries} draws); the intervals rest on those")
+    return boots
+
+
+def _intervals(out: LawFit, loss: np.ndarray, floor: bool, distinct: int) -> None:
+    """95% percentile intervals from ``out.boot``, and what the rungs do not determine, said in ``out.notes``."""
     alpha_ci = np.percentile(out.boot[:, 0], [2.5, 97.5])
     with np.errstate(over="ignore"):  # a resample with α near 0 puts x₀ out of float range: inf, said as such
         x0_ci = np.exp(np.percentile(out.boot[:, 1], [2.5, 97.5]))
@@ -243,22 +260,21 @@ def fit_law(x, loss, variable: str = "N", floor: bool = True, n_boot: int = 1000
     if alpha_ci[0] <= 1.01 * lo_a or alpha_ci[1] >= 0.99 * hi_a:
         out.notes.append(f"α's 95% interval [{alpha_ci[0]:.3g}, {alpha_ci[1]:.3g}] reaches the fit's bounds "
                          f"({lo_a:g} .. {hi_a:g}): these rungs do not determine the exponent")
-    if floor:
-        lo, hi = map(float, np.percentile(out.boot[:, 2], [2.5, 97.5]))
-        out.intervals["l_inf"] = (lo, hi)
-        # identified when its estimate and its interval stay clear of both bounds: 0 (no floor at all) and the
-        # lowest loss measured (the whole curve flat: the rungs did not bend). The estimate too: a residual
-        # bootstrap's resamples have lower minima than the rungs, so an estimate pinned to the rungs' lowest loss
-        # can lie above an interval that looks clear of it (the CIFAR ladder: 3.15, interval [0.384, 3.11])
-        floor_lo, floor_hi = 0.01 * float(loss.min()), 0.99 * float(loss.min())
-        out.l_inf_identified = floor_lo < lo and hi < floor_hi and floor_lo < out.l_inf < floor_hi
-        if not out.l_inf_identified:
-            out.notes.append(f"L∞ is not identified by these {distinct} rungs: its estimate {out.l_inf:.4g} or its "
-                             f"95% interval [{lo:.3g}, {hi:.3g}] "
-                             f"runs into its bounds (0 .. the lowest loss {loss.min():.4g}); the rungs do not bend "
-                             "enough to tell the irreducible loss from the power law, so α and x₀ are conditional on "
-                             "it and their intervals are wide")
-    return out
+    if not floor:
+        return
+    lo, hi = map(float, np.percentile(out.boot[:, 2], [2.5, 97.5]))
+    out.intervals["l_inf"] = (lo, hi)
+    # identified when its estimate and its interval stay clear of both bounds: 0 (no floor at all) and the lowest
+    # loss measured (the whole curve flat: the rungs did not bend). The estimate too: a residual bootstrap's
+    # resamples have lower minima than the rungs, so an estimate pinned to the rungs' lowest loss can lie above an
+    # interval that looks clear of it (the CIFAR ladder: 3.15, interval [0.384, 3.11])
+    floor_lo, floor_hi = 0.01 * float(loss.min()), 0.99 * float(loss.min())
+    out.l_inf_identified = floor_lo < lo and hi < floor_hi and floor_lo < out.l_inf < floor_hi
+    if not out.l_inf_identified:
+        out.notes.append(f"L∞ is not identified by these {distinct} rungs: its estimate {out.l_inf:.4g} or its "
+                         f"95% interval [{lo:.3g}, {hi:.3g}] runs into its bounds (0 .. the lowest loss "
+                         f"{loss.min():.4g}); the rungs do not bend enough to tell the irreducible loss from the "
+                         "power law, so α and x₀ are conditional on it and their intervals are wide")
 
 
 def _case_resamples(x: np.ndarray, need: int, cap: int = 10**6) -> int:

@@ -9,6 +9,19 @@ from pathlib import Path
 
 from igpt.errors import UserError
 from igpt.storage import Loc, is_remote
+from igpt.track.tags import (
+    TAG_ERROR,
+    TAG_JOB,
+    TAG_OBJECTIVE,
+    TAG_PARAMS,
+    TAG_PARENT,
+    TAG_PRETRAIN_RUN,
+    TAG_PRETRAIN_RUN_ID,
+    TAG_RESOLUTION,
+    TAG_SIZE,
+    TAG_STUDY_RUN_ID,
+    TAG_TRACEBACK,
+)
 
 STOP_REQUESTED = threading.Event()
 
@@ -58,13 +71,13 @@ def end_status(exc: BaseException | None) -> str:
     return "KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) or STOP_REQUESTED.is_set() else "FAILED"
 
 
-def default_tracking_uri(output_dir: str | Path) -> str:
+def default_tracking_uri(storage_path: str | Path) -> str:
     # MLflow 3.17's file store is in maintenance mode and refuses writes; SQLite is its local default.
-    if is_remote(output_dir):
-        raise UserError(f"runs kept on object storage ({output_dir}) need an MLflow tracking server: give "
+    if is_remote(storage_path):
+        raise UserError(f"runs kept on object storage ({storage_path}) need an MLflow tracking server: give "
                         "--tracking.tracking_uri http://<host>:5000 (or sqlite:///<local path> on one machine); "
                         "SQLite cannot live in an object store")
-    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(storage_path).resolve() / 'mlflow.db'}"
 
 
 class TrackingUnreachable(UserError, RuntimeError):
@@ -150,23 +163,24 @@ def lineage_tags(model: dict | None, pretrain_run_id: str | None = None, client=
     """The tags that let one ``tags.`` filter find every run of a model in any stage: its size, objective,
     resolution and parameter count (``igpt.params``, exact), and the pretraining run it came from (id and, through
     ``client``, the submitter's name)."""
-    tags = {f"igpt.{k}": str(model[k]) for k in ("size", "objective", "resolution")
-            if model and model.get(k) is not None}
+    named = (("size", TAG_SIZE), ("objective", TAG_OBJECTIVE), ("resolution", TAG_RESOLUTION))
+    tags = {t: str(model[k]) for k, t in named if model and model.get(k) is not None}
     if model:
         import contextlib
+        import dataclasses
 
-        from igpt import cli
         from igpt.model.config import ModelConfig
 
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
         with contextlib.suppress(TypeError, ValueError):  # a partial dict (a test's): the other tags still hold
-            tags["igpt.params"] = str(cli.from_dict(ModelConfig, model).param_count())
+            tags[TAG_PARAMS] = str(ModelConfig(**{k: v for k, v in model.items() if k in known}).param_count())
     if pretrain_run_id:
-        tags["igpt.pretrain_run_id"] = pretrain_run_id
+        tags[TAG_PRETRAIN_RUN_ID] = pretrain_run_id
         if client is not None:
             import contextlib
 
             with contextlib.suppress(Exception):  # a store that no longer has it: the id is still there
-                tags["igpt.pretrain_run"] = client.get_run(pretrain_run_id).info.run_name
+                tags[TAG_PRETRAIN_RUN] = client.get_run(pretrain_run_id).info.run_name
     return tags
 
 
@@ -227,7 +241,7 @@ def default_run_name(name: str, job: str, tags: dict) -> str:
     (``s-cifar/extract``, ``s-cifar/probe``), so the runs of one model do not share a name in the runs table; a
     name that already ends with its stage, and a run nested under another (a trial), keep the name given."""
     label = STAGE_LABELS.get(job)
-    if label is None or "mlflow.parentRunId" in tags or name == label or name.endswith(f"/{label}"):
+    if label is None or TAG_PARENT in tags or name == label or name.endswith(f"/{label}"):
         return name
     return f"{name}/{label}"
 
@@ -235,7 +249,7 @@ def default_run_name(name: str, job: str, tags: dict) -> str:
 def _up(tags: dict) -> str | None:
     """The run a run belongs to: its parent (``mlflow.parentRunId``), or the study it is a rung's stage of
     (``igpt.study_run_id``: a study's stage runs stay top-level, as results ``compare`` reads, yet end with it)."""
-    return tags.get("mlflow.parentRunId") or tags.get("igpt.study_run_id")
+    return tags.get(TAG_PARENT) or tags.get(TAG_STUDY_RUN_ID)
 
 
 class JobRun:
@@ -277,9 +291,9 @@ class JobRun:
             client.update_run(run_id, status="RUNNING")
         else:
             extra = tracking.tag_dict() if hasattr(tracking, "tag_dict") else {}
-            all_tags = {"igpt.job": job, **lineage_tags((config or {}).get("model")), **extra, **(tags or {})}
+            all_tags = {TAG_JOB: job, **lineage_tags((config or {}).get("model")), **extra, **(tags or {})}
             if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
-                all_tags["mlflow.parentRunId"] = tracking.parent_run_id
+                all_tags[TAG_PARENT] = tracking.parent_run_id
             from mlflow.tracking.context.registry import resolve_tags
 
             # MLflow's own context tags (user, source script, git commit), as its fluent API adds them: the UI's
@@ -333,8 +347,8 @@ class JobRun:
 
             error = f"{type(exc).__name__}: {exc}"
             tail = "".join(traceback.format_exception(exc))[-4000:]
-            self.client.set_tag(self.run_id, "igpt.error", error[:5000])
-            self.client.set_tag(self.run_id, "igpt.traceback", tail)
+            self.client.set_tag(self.run_id, TAG_ERROR, error[:5000])
+            self.client.set_tag(self.run_id, TAG_TRACEBACK, tail)
             self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
         # this run first: on `ray job stop` the SIGKILL follows the SIGTERM within seconds, and the job's own run is
         # the record that must not stay RUNNING; then the runs under it (one search, then their calls at once)

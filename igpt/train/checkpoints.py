@@ -191,10 +191,11 @@ def local_weights(path: str | Path | Loc) -> Path:
     return _DOWNLOADED[f.uri]
 
 
-def load(path: str | Path | Loc) -> dict:
+def load(path: str | Path | Loc, mmap: bool = False) -> dict:
+    """A checkpoint's ``weights.pt`` (see :func:`resolve`); ``mmap``: memory-mapped, its tensors read on use."""
     f = resolve(path)
     try:
-        return torch.load(local_weights(f), map_location="cpu", weights_only=True)
+        return torch.load(local_weights(f), map_location="cpu", weights_only=True, mmap=mmap)
     except (RuntimeError, EOFError, OSError) as e:  # torch names no file: a truncated one says "failed finding..."
         raise RuntimeError(f"cannot read checkpoint weights {f}: {e} (truncated or corrupt?); use an earlier "
                            f"checkpoint") from None
@@ -204,6 +205,13 @@ def load_model(path: str | Path, random_init: bool = False, seed: int = 0):
     """The model of a checkpoint, in eval mode on the CPU. ``random_init``: its architecture with fresh
     release initialisers instead (the random-init twin a probe is compared with)."""
     return model_of(load(path), random_init, seed)
+
+
+def header(path: str | Path | Loc) -> dict:
+    """A checkpoint's model config, palette and step, its weights never read (memory-mapped): what a driver needs,
+    the workers loading the weights themselves (XL's file is 27 GB)."""
+    data = load(path, mmap=True)
+    return {"model": dict(data["model"]), "palette": data["palette"].clone(), "step": data["step"]}
 
 
 def model_of(data: dict, random_init: bool = False, seed: int = 0):

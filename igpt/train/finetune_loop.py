@@ -1,5 +1,5 @@
 """Fine-tuning: the classifier around a pretrained iGPT, its evaluation, and the per-worker loop (runs inside each
-Ray Train worker; the driver is ``pipelines/finetune.py``).
+Ray Train worker; the driver is ``igpt/train/finetune_job.py``).
 
 The paper's recipe (Chen et al. 2020, section 3.3): average-pool the last layer's output (after the final norm)
 over the sequence, a linear head to the classes, and train everything on L = L_CLF + L_GEN, where L_GEN is the

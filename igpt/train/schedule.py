@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from igpt.errors import UserError
-from igpt.train.recipes import recipe
+from igpt.recipes import recipe
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The per-worker pretraining loop (runs inside each Ray Train worker; the driver is ``pipelines/pretrain.py``).
+"""The per-worker pretraining loop (runs inside each Ray Train worker; the driver is ``igpt/train/pretrain_job.py``).
 
 Each worker builds the model, wraps it in a DeepSpeed engine (ZeRO stage, precision, offload from the generated
 config), streams its share of the augmented token stream, and every ``checkpoint.every_steps`` saves its

@@ -1,6 +1,6 @@
 """The worker side of a training run, written once for pretraining and fine-tuning (runs inside each Ray Train
-worker; the loops are ``train_loop`` and ``finetune_loop``, the drivers ``pipelines/pretrain.py`` and
-``pipelines/finetune.py``).
+worker; the loops are ``train_loop`` and ``finetune_loop``, the drivers ``igpt/train/pretrain_job.py`` and
+``igpt/train/finetune_job.py``).
 
 A :class:`Trainer` is one rank's DeepSpeed engine over a model, with what every loop needs around it: the
 learning-rate schedule, the device, the step (every micro-batch through the engine's forward, backward and step),

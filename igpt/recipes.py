@@ -15,7 +15,7 @@ from pathlib import Path
 
 from igpt.errors import UserError
 
-RECIPES_FILE = Path(__file__).resolve().parents[2] / "cluster" / "recipes.json"
+RECIPES_FILE = Path(__file__).resolve().parents[1] / "cluster" / "recipes.json"
 
 
 @dataclass(frozen=True)
