@@ -12,7 +12,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from igpt.config import IngestLimits, PaletteConfig, TransformConfig
+from igpt.config import IngestLimits, PaletteConfig, TrackingConfig, TransformConfig
 from igpt.data import fit_palette_job as fit_palette
 from igpt.data import ingest, sources
 from igpt.data import quantize_job as quantize
@@ -48,6 +48,31 @@ def test_fit_palette_job_samples_across_the_data_and_logs_artifacts(palette_file
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"palette.npy", "swatch.png", "errors.tsv", "summary.json", "config.json"} <= arts
     assert Image.open(out / "pal" / "swatch.png").size == (16 * 16, 32 * 16)
+
+
+def test_fit_palette_job_writes_to_object_storage_and_its_palette_loads_from_there(tmp_path, ray_local, s3):
+    """--storage_path on S3 (moto on 127.0.0.1): the palette, its lookup table, swatch, summary and error report
+    put whole into the bucket; Palette.load reads it back from there (with the table, not rebuilt), as the jobs
+    given --palette_path s3://… do."""
+    from igpt.data.palette import Palette
+    from igpt.storage import Loc
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = FitPaletteJobConfig(name="pal", storage_path=f"{s3}/{tmp_path.name}",
+                              data=DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/", max_images=200),
+                              palette=PaletteConfig(sample_pixels=20_000, max_iter=3),
+                              tracking=TrackingConfig(tracking_uri=uri))
+    summary = fit_palette.run(cfg)
+    assert summary["palette"] == f"{s3}/{tmp_path.name}/pal/palette.npy"
+    names = {f.name for f in (Loc(cfg.storage_path) / "pal").children()}
+    assert {"palette.npy", "swatch.png", "summary.json", "errors.tsv"} <= names
+    assert any(n.startswith("palette.lut-") for n in names) and not (tmp_path / "pal").exists()
+    pal = Palette.load(summary["palette"])
+    logged = np.load(MlflowClient(uri).download_artifacts(summary["run_id"], "palette.npy", str(tmp_path)))
+    assert pal.centres.shape == (512, 3) and np.array_equal(pal.centres, logged)
+    assert pal._lut is not None  # the bucket's table, copied down with it
+    with pytest.raises(Exception, match="palette file not found"):
+        Palette.load(f"{s3}/{tmp_path.name}/nowhere/palette.npy")
 
 
 def bad_shard(path: Path) -> dict:

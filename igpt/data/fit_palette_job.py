@@ -14,6 +14,8 @@ and not logged: it is a function of the palette, rebuilt from it in a few second
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +30,7 @@ from igpt.data.sources import DatasetSpec
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.raysetup import init_ray
+from igpt.storage import Loc
 from igpt.track.tracking import JobRun
 
 
@@ -49,8 +52,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     import mlflow
 
     plan = sources.check(cfg.data)  # a bad path or format fails here, before any work
-    out = Path(cfg.storage_path) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     init_ray()
     t0 = time.perf_counter()
     # the record seed is the palette's (--palette.seed): it draws each image's pixel sample, as it does the k-means
@@ -80,17 +82,22 @@ def run(cfg: FitPaletteJobConfig) -> dict:
         t = time.perf_counter()
         palette = Palette.fit(px, n_colors=cfg.n_colors, seed=cfg.palette.seed, max_iter=cfg.palette.max_iter)
         fit_s = time.perf_counter() - t
-        path = palette.save(out / "palette.npy")
-        ingest.swatch(palette.centres).save(out / "swatch.png")
+        staging = Path(tempfile.mkdtemp(prefix="igpt-palette-"))  # written here, then put whole into `out`
+        palette.save(staging / "palette.npy")
+        ingest.swatch(palette.centres).save(staging / "swatch.png")
+        path = str(out / "palette.npy")
         summary = {"images_read": read, "images_sampled": read - skipped, "skipped": skipped,
                    "pixels": int(len(px)), "pixels_per_image": per_image, "read_seconds": round(read_s, 2),
                    "fit_seconds": round(fit_s, 2), "lut_seconds": round(palette.lut_seconds or 0.0, 2),
                    "images_per_s": round(read / read_s, 1) if read_s else 0.0, "palette": str(path),
                    "run_id": run_.run_id, "tracking_uri": uri}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2))
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for f in ("palette.npy", "swatch.png", "summary.json"):
-            mlflow.log_artifact(str(out / f))
+            mlflow.log_artifact(str(staging / f))
+        for f in sorted(staging.iterdir()):  # the palette, its lookup table, the swatch, the summary
+            (out / f.name).write_bytes(f.read_bytes())
+        shutil.rmtree(staging)
     print(f"read {read:,} images, skipped {skipped:,}, sampled {len(px):,} pixels in {read_s:.1f} s; "
           f"k-means {fit_s:.1f} s; lookup table {palette.lut_seconds or 0:.1f} s")
     print(f"palette: {path}  (MLflow run {summary['run_id']} at {uri})")

@@ -16,6 +16,7 @@ with the very same float64 arithmetic as :func:`nearest_centre`.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from igpt.errors import MissingInput, UserError
+from igpt.storage import Loc, is_remote
 
 N_COLORS = 512
 LUT_SIZE = 1 << 24
@@ -203,9 +205,16 @@ class Palette:
         return rgb[t]
 
     # ---- files ---------------------------------------------------------------------------------------
-    def save(self, path: str | Path, with_lut: bool = True) -> Path:
+    def save(self, path: str | Path, with_lut: bool = True) -> str:
         """Write the centres as ``.npy`` float32 (512, 3) — the format of the official release and of
-        ``ImageGPTImageProcessor(clusters=...)`` — and the lookup table beside it, named by the centres' hash."""
+        ``ImageGPTImageProcessor(clusters=...)`` — and the lookup table beside it, named by the centres' hash; to a
+        local path or object storage (written locally, then each file put whole). Returns where."""
+        if is_remote(path):
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save(Path(tmp) / Loc(path).name, with_lut)
+                for f in Path(tmp).iterdir():
+                    (Loc(path).parent / f.name).write_bytes(f.read_bytes())
+            return str(path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, self.centres)
@@ -214,25 +223,50 @@ class Palette:
             tmp = lut_path.with_suffix(".tmp.npy")
             np.save(tmp, self.lut)
             tmp.replace(lut_path)  # atomic: a reader never sees a half-written table
-        return path
+        return str(path)
 
     def lut_path(self, path: str | Path) -> Path:
         path = Path(path)
         return path.with_name(f"{path.stem}.lut-{self.digest}.npy")
 
+    @staticmethod
+    def local_file(path: str | Path) -> Path:
+        """The palette file as a local path: on object storage, copied (with its lookup table, when there is one)
+        into a local cache named by the URI, once per process."""
+        if not is_remote(path):
+            return Path(path)
+        src = Loc(path)
+        if not src.exists():
+            raise MissingInput(f"palette file not found: {path}")
+        cache = Path(tempfile.gettempdir()) / "igpt-palettes" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
+        local = cache / src.name
+        if not local.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(src.read_bytes())
+            lut = Palette(_centres(local)).lut_path(local).name
+            if (src.parent / lut).exists():
+                (cache / lut).write_bytes((src.parent / lut).read_bytes())
+        return local
+
     @classmethod
     def load(cls, path: str | Path) -> Palette:
-        """Read centres from ``.npy`` (or ``.npz`` with one array); reuse a cached table when its hash matches."""
-        path = Path(path)
+        """Read centres from ``.npy`` (or ``.npz`` with one array), local or on object storage; reuse a cached
+        table when its hash matches."""
+        path = cls.local_file(path)
         if not path.exists():
             raise MissingInput(f"palette file not found: {path}")
-        arr = np.load(path)
-        if isinstance(arr, np.lib.npyio.NpzFile):
-            arr = arr[arr.files[0]]
-        pal = cls(np.asarray(arr))
+        pal = cls(_centres(path))
         lut_path = pal.lut_path(path)
         if lut_path.exists():
             lut = np.load(lut_path, mmap_mode="r")
             if lut.shape == (LUT_SIZE,) and lut.dtype == np.uint16:
                 pal._lut = np.asarray(lut)
         return pal
+
+
+def _centres(path: Path) -> np.ndarray:
+    """The centres of a local ``.npy`` (or ``.npz`` with one array)."""
+    arr = np.load(path)
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        arr = arr[arr.files[0]]
+    return np.asarray(arr)

@@ -76,7 +76,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
     run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "quantize", cli.to_dict(cfg), fluent=True)
     uri = run_.uri
     with run_:
-        mlflow.log_artifact(cfg.palette_path, "palette")
+        mlflow.log_artifact(str(Palette.local_file(cfg.palette_path)), "palette")
         ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
         schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
                             ("tokens", pa.list_(pa.uint16(), t.ir**2))])

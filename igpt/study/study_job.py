@@ -1,39 +1,12 @@
-"""A scaling study as one job: a ladder of model sizes, each put through the paper's procedure, the rungs at the same
-time as far as the cluster allows, then the scaling laws fitted across them.
+"""The study job (``python -m pipelines.study``): a ladder of model sizes, each rung a Ray task running the paper's
+procedure (lr sweep -> refit -> features -> probes), as many at once as the cluster holds whole, then the scaling
+laws fitted across them (igpt/track/study_report.py). The manual is the README's "A scaling study: one job".
 
-    python -m pipelines.study --name cifar-ladder --ladder debug,tiny,small,4x192 --lr_space sweep_lr
-    ray job submit --working-dir . -- python -m pipelines.study --name s-to-xl --ladder S,M,L,XL ...
-    python -m pipelines.study --help                    # every flag, generated from StudyJobConfig (below)
-
-**Per rung** (a named size of ``igpt.model.MODEL_SIZES`` or a shape ``<layers>x<width>[x<heads>]``, optionally
-``@<steps>`` for its own length): the ordered learning-rate sweep (``pipelines.sweep_lr``: shortened trials on the
-training split less a held-out share, stop when the loss rises) and the refit of the best rate on the whole
-schedule, validated on the test split (with ``--lr_space ''`` instead one pretraining run at ``--optim.lr``: the
-report then marks every size comparison "confounded") -> features of every layer (``pipelines.extract``) -> the
-probe sweep over layer x regularisation with its refit and test (``pipelines.probe``, raw pixels too); with
-``--random_init`` also the random-init twin's features and probe.
-
-**Length**: ``--steps`` per rung, or ``--flops`` per rung (a compute budget: steps = FLOPs / (the model's FLOPs per
-token x tokens per step), so larger rungs train on fewer tokens), or a rung's own ``@<steps>``.
-
-**At the same time**: each rung is a Ray task (``--cpus_per_rung``) that runs its stages, whose Tune trials and Ray
-Train workers ask Ray for their own resources. As many rungs run at once as the cluster holds whole when the study
-starts (``concurrent_rungs``: a rung's workers, its task and trial, and a CPU for its Ray Data tasks), or
-``--max_concurrent_rungs``; the next starts when one ends. (Left to Ray's queue alone, rungs took the CPUs their
-Ray Data tasks needed after the workers had theirs, and every training waited on data forever.)
-
-**Resume**: re-submitting the same ``--name``/``--storage_path`` reads back every finished rung (its
-``rungs/<rung>/summary.json``) and runs only the others; a rung cut off mid-way resumes its sweep (Tune's saved
-state, finished trials read back) or its pretraining run (newest complete checkpoint). The study's MLflow run is
-continued. ``ray job stop``: the study's run ends KILLED, and every run of its rungs with it (they are linked to it
-by the tag ``igpt.study_run_id``).
-
-**MLflow**: one run for the study (tag ``igpt.job=study``), the report's files (``report.md``, ``fits.json``,
-``plots/``) and metrics ``fit/N/alpha`` etc. on it; every stage run of a rung stays a run of its own (what
-``igpt compare`` reads), tagged ``igpt.study``, ``igpt.rung`` and ``igpt.study_run_id``. The compare table of the
-study's runs is made at the end as well. Layout under ``<storage_path>/<name>/``: ``palette/``, ``train/<rung>``
-(fixed rate) or ``sweep/<rung>/`` (``lr_*/``, ``refit/``), ``features/<rung>``, ``probe/<rung>``,
-``rungs/<rung>/summary.json``, ``report/``, ``compare/``, ``summary.json``.
+Why rungs are admitted only as far as the cluster holds them whole (``concurrent_rungs``): left to Ray's queue, a
+rung took the CPUs its Ray Data tasks needed after its workers had theirs, and every training waited on data
+forever. Layout under ``<storage_path>/<name>/``: ``palette/``, ``train/<rung>`` (fixed rate) or ``sweep/<rung>/``,
+``features/<rung>``, ``probe/<rung>``, ``rungs/<rung>/summary.json`` (what a re-submission reads back),
+``report/``, ``compare/``, ``summary.json``.
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def palette_file(cfg: FinetuneJobConfig) -> Path:
     if cfg.palette_path:
         if not np.array_equal(Palette.load(cfg.palette_path).centres, centres):
             raise UserError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
-        return Path(cfg.palette_path)
+        return Palette.local_file(cfg.palette_path)  # with its table: a bucket's copied down once
     # the driver alone reads it: beside the job when the job folder is local, else in a local cache by content
     where = job_dir(cfg)
     cache = Path(tempfile.gettempdir()) / "igpt-palettes" / hashlib.sha256(centres.tobytes()).hexdigest()[:16]

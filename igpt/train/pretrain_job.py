@@ -242,7 +242,7 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
                      params=resolved_params(cfg, sched, ds_conf, model_cfg), id_file=run_dir / "mlflow_run_id") as run:
         if not run.resumed:
             run.client.log_dict(run.run_id, ds_conf, "deepspeed_config.json")
-            run.client.log_artifact(run.run_id, cfg.palette_path, "palette")
+            run.client.log_artifact(run.run_id, str(Palette.local_file(cfg.palette_path)), "palette")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
         val_plan = sources.check(cfg.val)

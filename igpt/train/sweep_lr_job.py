@@ -1,57 +1,8 @@
-"""Pretraining learning-rate sweep: the paper's procedure, one full pretraining run per trial, on Ray Tune.
-
-    python -m pipelines.sweep_lr --name lr-s --storage_path runs/sweep \\
-        --pretrain.palette_path runs/cifar10-palette/palette.npy \\
-        --pretrain.train.path ../shared/datasets/cifar10 --pretrain.val.path ../shared/datasets/cifar10 \\
-        --pretrain.model.size S --trial_fraction 0.05
-    ray job submit --working-dir . -- python -m pipelines.sweep_lr ...   # same flags
-
-**Procedure.** The learning rates of the space's ``ordered`` list (default ``tune_spaces/sweep_lr.json``) are tried
-one at a time, in that order. Each trial is a full pretraining run (``igpt.train.pretrain_job.run``) named
-``<name>/lr_<lr>``: it trains on the training split less a held-out share (``part=rest``, ``--holdout``) and is
-validated on that share (``part=holdout``). The sweep stops at the first trial whose final validation loss is
-higher than the previous trial's (later rates are never run), or when the list is exhausted. The best rate (lowest
-final validation loss) is then refitted on train + held-out (``part=all``) as ``<name>/refit``, validated on
-``--pretrain.val`` (the test split by default).
-
-**Shortened trials.** Each trial runs ``--trial_fraction`` of the run it stands for: the schedule that
-``pipelines.pretrain`` resolves for the trial's split (the size's recipe, one-epoch warm-up) with its total and its
-warm-up both scaled by the fraction, so a trial still warms up for the same share of its steps and decays to 0
-(``igpt.train.schedule``). The refit runs the whole schedule. That 0.1-length trials rank rates as full runs do is
-measured once, for one size (``debug`` at 16x16, 300 steps, rates 0.01/0.003/0.001: same order, Kendall tau +1,
-``benchmarks/sweep_premise.py``, BENCHMARKS.md); for other sizes it is an assumption. A trial cut off
-mid-schedule instead would compare losses at a high, undecayed learning rate.
-
-**Diverged trials.** A trial whose loss becomes nan/inf (pretraining stops it and leaves its ``nonfinite_loss``
-marker), or whose final validation loss is not finite, has val loss = inf. It is not retried: the same rate on the
-same data diverges again. Against the rule above, inf after a finite loss "rose" (stop: the rates were going the
-wrong way), while a diverged first trial, or diverged trials in a row, do not stop the sweep: lower rates are
-tried until one trains. A sweep in which every trial diverged has no best rate and fails.
-
-**Faults.** Ray Tune retries a failed trial (``--max_failures``); the retry calls ``pretrain.run`` with the same
-name, which resumes from the run's newest complete checkpoint and continues its MLflow run. The refit is retried
-the same way. A trial that still fails stops the sweep, which then fails (no refit); Tune's experiment is moved to
-``tune.failed-N/`` so that re-submitting the sweep starts a new one, whose trials replay the finished pretraining
-runs from their records (``summary.json``, the divergence marker: nothing trains again) and resume the failed one.
-Re-submitting the same ``--name``/``--storage_path`` after the sweep's driver died resumes it with
-``Tuner.restore``: the searcher's state (which rates ran, their losses, why it stopped) is saved in
-``<storage_path>/<name>/tune/`` with the experiment, an interrupted trial resumes its pretraining run, finished
-trials and a finished refit are not run again.
-
-**Edge of the grid.** A best rate at an end of the list (the largest one tried, or the smallest when the list ran
-out with the loss still falling) may not be the optimum: the sweep warns on stderr and tags its run
-``sweep.warning.edge`` and ``sweep.next_rates`` (the grid's own spacing continued: the next two rates to try).
-
-**MLflow** (store and experiment from ``--pretrain.tracking.*``): a parent run named after the sweep (tag
-``igpt.job=sweep_lr``; params ``space``, ``order``, ``holdout``; metrics ``sweep/val_loss``, ``sweep/lr`` and
-``sweep/diverged`` at step = trial index; at the end metric ``sweep/best_lr``, tags ``sweep.best_lr``,
-``sweep.stop_reason`` (rose | exhausted | failed | all_diverged), ``sweep.stop_detail``, ``sweep.refit_run_id`` and
-metric ``refit/val_loss``). Every trial's and the refit's pretraining run is its child (tag ``mlflow.parentRunId``),
-tagged ``sweep.role`` = trial or refit from its creation (``igpt compare`` counts the refit, never a trial). The
-sweep's own run is nested under ``--pretrain.tracking.parent_run_id`` when one is given.
-
-Layout: ``<storage_path>/<name>/`` holds ``lr_<lr>/`` (each trial's pretraining run), ``refit/``, ``tune-<hash>/``
-(Ray Tune's experiment, :func:`tune_name`), ``mlflow_run_id`` and ``summary.json``.
+"""The pretraining learning-rate sweep (``python -m pipelines.sweep_lr``), the paper's procedure on Ray Tune: the
+rates of an ordered list tried one at a time, each a full pretraining run at ``--trial_fraction`` of its schedule,
+stopped at the first rise of the final validation loss; the best refitted on train + held-out. The manual
+(procedure, diverged trials, faults and resume, the grid's edge, MLflow, layout) is the README's "The
+learning-rate sweep"; the searcher below holds the rule, so Tune's saved state restores it mid-sweep.
 """
 
 from __future__ import annotations
