@@ -106,9 +106,9 @@ def records(a: argparse.Namespace, name: str) -> dict:
 
 def paired(za: str, zb: str) -> dict:
     """McNemar's exact test of probe b against probe a on the test images both scored (the study's own test)."""
-    from igpt.track.study_report import mcnemar
+    from igpt.track.study_report import load_predictions, mcnemar
 
-    a, b = np.load(za), np.load(zb)
+    a, b = load_predictions(za), load_predictions(zb)
     m = mcnemar((a["correct"], a["keys"]), (b["correct"], b["keys"]))
     return {**m, "acc_a": float(a["correct"].mean()), "acc_b": float(b["correct"].mean())}
 

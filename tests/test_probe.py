@@ -152,10 +152,18 @@ def test_probe_sweep_refits_and_logs_parent_and_children(feature_sets):
     assert not any({"pid", "timestamp", "done", "time_total_s"} & set(c.data.metrics) for c in children)
     assert {c.data.params["layer"] for c in layer_children} == {"0", "1", "2"}
 
-    # the random-init twin, probed the same way, for the record beside it
-    twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--storage_path", str(tmp / "probe"),
+    # the random-init twin, probed the same way for the record beside it, its outputs on S3 beside its features
+    bucket = twin_set["at"].rsplit("/features/", 1)[0] + "/probe"
+    twin = probe_job.run(cli.parse(ProbeJobConfig, ["--name", "probe-random", "--storage_path", bucket,
                                                    "--features", twin_set["at"], "--space",
                                                    str(space), "--tracking.tracking_uri", summary["tracking_uri"]]))
+    from igpt.track.study_report import load_predictions
+
+    assert {"result.json", "test_predictions.npz", "trials.csv", "val_accuracy_by_layer.png"} <= \
+        {f.name for f in (Loc(bucket) / "probe-random").children()}
+    assert twin["test_predictions"] == f"{bucket}/probe-random/test_predictions.npz"
+    assert load_predictions(twin["test_predictions"])["correct"].mean() == pytest.approx(twin["test_accuracy"])
+    assert json.loads((Loc(bucket) / "probe-random" / "result.json").read_text())["trials"] == 6
     print(f"\nprobe test accuracy: trained {res['test_accuracy']:.3f} (layer {res['best']['layer']}), "
           f"random-init {twin['test_accuracy']:.3f}, raw pixels {res['pixels']['test_accuracy']:.3f}")
     assert "pixels" not in twin and 0.0 < twin["test_accuracy"] < 1.0

@@ -18,7 +18,9 @@ printed as ``warning: ...`` on stderr and tagged ``igpt.warning.<kind>`` on the 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +34,7 @@ from igpt.eval import features, probe
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.raysetup import experiment_name, init_ray, named_trainable
+from igpt.storage import Loc
 from igpt.track.tags import (
     TAG_CHECKPOINT,
     TAG_FEATURES_RUN_ID,
@@ -111,8 +114,8 @@ def sweep(cfg: ProbeJobConfig, space: dict, name: str, uri: str, experiment: str
         param_space=space,
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max"),
         run_config=tune.RunConfig(
-            name=experiment_name(name, str((Path(cfg.storage_path) / cfg.name).resolve())),
-            storage_path=str((Path(cfg.storage_path) / cfg.name / "tune").resolve()), verbose=0,
+            name=experiment_name(name, (Loc(cfg.storage_path) / cfg.name).uri),
+            storage_path=(Loc(cfg.storage_path) / cfg.name / "tune").uri, verbose=0,
             callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={TAG_PARENT: parent_id, TAG_JOB: "probe_trial",
                                                   TAG_SWEEP: name})]),
@@ -228,8 +231,8 @@ def run(cfg: ProbeJobConfig) -> dict:
     n_layer = model_blocks(man, cfg.features)
     space_file = tune_space.load(cfg.space or f"probe_{cfg.protocol}", job=f"probe_{cfg.protocol}")
     space = tune_space.to_tune(space_file["params"], n_layer=n_layer)  # layers 0..L, the final output included
-    out = Path(cfg.storage_path) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    out = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
+    staging = Path(tempfile.mkdtemp(prefix="igpt-probe-"))  # files are written here, then put whole into `out`
     init_ray()
     run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "probe", cli.to_dict(cfg), fluent=True)
     uri = run_.uri
@@ -248,10 +251,10 @@ def run(cfg: ProbeJobConfig) -> dict:
         result = {"best": best, **figures}
         # each test image right or wrong: two probes scored on the same images get a paired test (McNemar)
         yt, kt = features.labels_and_keys(cfg.features, "test")
-        np.savez(out / "test_predictions.npz", keys=kt, correct=refit.predict(xt) == yt)
-        mlflow.log_artifact(str(out / "test_predictions.npz"))
+        np.savez(staging / "test_predictions.npz", keys=kt, correct=refit.predict(xt) == yt)
+        mlflow.log_artifact(str(staging / "test_predictions.npz"))
         result["test_predictions"] = str(out / "test_predictions.npz")
-        log_layer_sweep(out, df, best, n_layer, result)
+        log_layer_sweep(staging, df, best, n_layer, result)
         if cfg.tracking.log_model:  # the classifier the test accuracy is of, with the layer it reads
             from igpt.track.models import log_probe
 
@@ -260,36 +263,39 @@ def run(cfg: ProbeJobConfig) -> dict:
                                             features_run_id=man["run_id"]).model_uri
         pixels_val = None
         if cfg.pixels and man.get("pixels"):
-            result["pixels"] = pixels_baseline(cfg, space, (uri, experiment, parent), out, (yt, kt), found)
+            result["pixels"] = pixels_baseline(cfg, space, (uri, experiment, parent), (staging, out), (yt, kt), found)
             pixels_val = result["pixels"]["val_accuracy"]
-        plot_by_layer(df, out / "val_accuracy_by_layer.png", pixels_val, n_layer)
-        mlflow.log_artifact(str(out / "val_accuracy_by_layer.png"), "plots")
+        plot_by_layer(df, staging / "val_accuracy_by_layer.png", pixels_val, n_layer)
+        mlflow.log_artifact(str(staging / "val_accuracy_by_layer.png"), "plots")
         if cfg.low_data:
             result["low_data"] = low_data(cfg, best, uri, experiment, parent)
         result["warnings"] = found
-        (out / "result.json").write_text(json.dumps(result, indent=2, default=float))
-        mlflow.log_artifact(str(out / "result.json"))
+        (staging / "result.json").write_text(json.dumps(result, indent=2, default=float))
+        mlflow.log_artifact(str(staging / "result.json"))
+        for f in sorted(staging.iterdir()):  # predictions, the trials table, the plot, the result
+            (out / f.name).write_bytes(f.read_bytes())
+        shutil.rmtree(staging)
         result.update(run_id=parent, tracking_uri=uri)
     print(f"best {best} val {result['best_val_accuracy']:.4f} -> test {result['test_accuracy']:.4f}"
           + (f"; raw pixels test {result['pixels']['test_accuracy']:.4f}" if "pixels" in result else ""))
     return result
 
 
-def pixels_baseline(cfg: ProbeJobConfig, space: dict, where: tuple, out: Path, test: tuple, found: dict) -> dict:
+def pixels_baseline(cfg: ProbeJobConfig, space: dict, where: tuple, dirs: tuple, test: tuple, found: dict) -> dict:
     """The same sweep, refit and test on the raw pixels (the paper's baseline), its per-image test results beside
-    the features' (a paired test reads both). ``where``: (tracking URI, experiment, parent run id); ``test``: the
-    test split's (labels, keys)."""
+    the features' (a paired test reads both). ``where``: (tracking URI, experiment, parent run id); ``dirs``: (the
+    local staging folder, the job's folder it goes to); ``test``: the test split's (labels, keys)."""
     import mlflow
 
     pbest, pdf = sweep(cfg, {**space, "layer": "pixels"}, "pixels", *where)
     warn("pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
     pres, prefit, pxt = refit_and_test(cfg, pbest)
     val = float(pdf["val_accuracy"].max())
-    (yt, kt), path = test, out / "pixels_test_predictions.npz"
-    np.savez(path, keys=kt, correct=prefit.predict(pxt) == yt)
-    mlflow.log_artifact(str(path))
+    (yt, kt), (staging, out) = test, dirs
+    np.savez(staging / "pixels_test_predictions.npz", keys=kt, correct=prefit.predict(pxt) == yt)
+    mlflow.log_artifact(str(staging / "pixels_test_predictions.npz"))
     mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"], "baseline/pixels_val_accuracy": val})
-    return {"best": pbest, "val_accuracy": val, **pres, "test_predictions": str(path)}
+    return {"best": pbest, "val_accuracy": val, **pres, "test_predictions": str(out / "pixels_test_predictions.npz")}
 
 
 def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent: str) -> dict:
@@ -306,8 +312,8 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
                      "seed": tune.grid_search([cfg.seed + i for i in range(cfg.low_data_seeds)])},
         tune_config=tune.TuneConfig(metric="test_accuracy", mode="max"),
         run_config=tune.RunConfig(
-            name=experiment_name("low_data", str((Path(cfg.storage_path) / cfg.name).resolve())),
-            storage_path=str((Path(cfg.storage_path) / cfg.name / "tune").resolve()), verbose=0,
+            name=experiment_name("low_data", (Loc(cfg.storage_path) / cfg.name).uri),
+            storage_path=(Loc(cfg.storage_path) / cfg.name / "tune").uri, verbose=0,
             callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
                                             tags={TAG_PARENT: parent, TAG_JOB: "probe_low_data"})]),
     )

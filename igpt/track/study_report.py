@@ -181,7 +181,7 @@ def _pairs(rungs: list[Rung], seed: int) -> list[dict]:
             except (KeyError, ValueError, OSError) as e:  # an older feature set without losses: said, not guessed
                 row["loss"] = {"error": str(e)}
         if a.predictions and b.predictions:
-            za, zb = np.load(a.predictions), np.load(b.predictions)
+            za, zb = load_predictions(a.predictions), load_predictions(b.predictions)
             mc = mcnemar((za["correct"], za["keys"]), (zb["correct"], zb["keys"]))
             found = ("better" if mc["acc_diff"] > 0 else "worse") if mc["p"] < 0.05 else "no difference detected"
             row["probe"] = {**mc, "found": found,
@@ -312,3 +312,13 @@ def _plots(rungs: list[Rung], fit_n, fit_c, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
+
+
+def load_predictions(path: str) -> dict:
+    """A probe's ``test_predictions.npz`` (keys, each test image right or wrong), local or on object storage."""
+    import io
+
+    from igpt.storage import Loc
+
+    with np.load(io.BytesIO(Loc(path).read_bytes())) as z:
+        return {k: z[k] for k in z.files}
