@@ -20,6 +20,7 @@ import os
 import posixpath
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,6 +41,21 @@ def is_remote(path: str | Path | Loc) -> bool:
 def local_path(path: str | Path) -> str:
     """A local path as a plain absolute path (a ``file://`` URI's path)."""
     return str(Path(str(path).removeprefix("file://")).resolve())
+
+
+_COPIES: dict[str, Path] = {}
+
+
+def local_copy(f: Loc, beside: Path | None = None) -> Path:
+    """A file as a local path: itself when local; on object storage copied down once per process, into a new
+    temporary folder or beside the local file ``beside`` (torch.load, np.load and mmap need a file)."""
+    if not f.remote:
+        return f.local()
+    if f.uri not in _COPIES:
+        out = (beside.parent if beside is not None else Path(tempfile.mkdtemp(prefix="igpt-"))) / f.name
+        out.write_bytes(f.read_bytes())
+        _COPIES[f.uri] = out
+    return _COPIES[f.uri]
 
 
 class Loc:
@@ -159,6 +175,13 @@ class Loc:
             return
         with self.fs.open_output_stream(self.path) as fh:
             fh.write(data)
+
+    def put_files(self, src: str | Path) -> None:
+        """Each file of the local folder ``src`` into this folder, each written whole (:meth:`write_bytes`): a job
+        stages its outputs locally, then puts them where its ``--storage_path`` says."""
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file():
+                (self / f.name).write_bytes(f.read_bytes())
 
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode())

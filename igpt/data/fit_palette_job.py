@@ -95,8 +95,7 @@ def run(cfg: FitPaletteJobConfig) -> dict:
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for f in ("palette.npy", "swatch.png", "summary.json"):
             mlflow.log_artifact(str(staging / f))
-        for f in sorted(staging.iterdir()):  # the palette, its lookup table, the swatch, the summary
-            (out / f.name).write_bytes(f.read_bytes())
+        out.put_files(staging)  # the palette, its lookup table, the swatch, the summary
         shutil.rmtree(staging)
     print(f"read {read:,} images, skipped {skipped:,}, sampled {len(px):,} pixels in {read_s:.1f} s; "
           f"k-means {fit_s:.1f} s; lookup table {palette.lut_seconds or 0:.1f} s")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from igpt.errors import MissingInput, UserError
-from igpt.storage import Loc, is_remote
+from igpt.storage import Loc, is_remote, local_copy
 
 N_COLORS = 512
 LUT_SIZE = 1 << 24
@@ -212,8 +212,7 @@ class Palette:
         if is_remote(path):
             with tempfile.TemporaryDirectory() as tmp:
                 self.save(Path(tmp) / Loc(path).name, with_lut)
-                for f in Path(tmp).iterdir():
-                    (Loc(path).parent / f.name).write_bytes(f.read_bytes())
+                Loc(path).parent.put_files(tmp)
             return str(path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,21 +230,17 @@ class Palette:
 
     @staticmethod
     def local_file(path: str | Path) -> Path:
-        """The palette file as a local path: on object storage, copied (with its lookup table, when there is one)
-        into a local cache named by the URI, once per process."""
+        """The palette file as a local path: on object storage, copied down once per process with its lookup table
+        beside it, when the bucket has one."""
         if not is_remote(path):
             return Path(path)
         src = Loc(path)
         if not src.exists():
             raise MissingInput(f"palette file not found: {path}")
-        cache = Path(tempfile.gettempdir()) / "igpt-palettes" / hashlib.sha256(str(path).encode()).hexdigest()[:16]
-        local = cache / src.name
-        if not local.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(src.read_bytes())
-            lut = Palette(_centres(local)).lut_path(local).name
-            if (src.parent / lut).exists():
-                (cache / lut).write_bytes((src.parent / lut).read_bytes())
+        local = local_copy(src)
+        lut = src.parent / Palette(_centres(local)).lut_path(local).name
+        if lut.exists():
+            local_copy(lut, beside=local)
         return local
 
     @classmethod

@@ -272,8 +272,7 @@ def run(cfg: ProbeJobConfig) -> dict:
         result["warnings"] = found
         (staging / "result.json").write_text(json.dumps(result, indent=2, default=float))
         mlflow.log_artifact(str(staging / "result.json"))
-        for f in sorted(staging.iterdir()):  # predictions, the trials table, the plot, the result
-            (out / f.name).write_bytes(f.read_bytes())
+        out.put_files(staging)  # predictions, the trials table, the plot, the result
         shutil.rmtree(staging)
         result.update(run_id=parent, tracking_uri=uri)
     print(f"best {best} val {result['best_val_accuracy']:.4f} -> test {result['test_accuracy']:.4f}"

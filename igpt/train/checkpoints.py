@@ -19,14 +19,13 @@ import json
 import posixpath
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from igpt.errors import MissingInput
-from igpt.storage import Loc
+from igpt.storage import Loc, local_copy
 
 MARKER = "igpt_complete.json"
 WEIGHTS = "weights.pt"
@@ -175,20 +174,10 @@ def pretrain_run_id(path: str | Path | Loc) -> str | None:
     return f.read_text().strip() if f.exists() else None
 
 
-_DOWNLOADED: dict[str, Path] = {}
-
-
 def local_weights(path: str | Path | Loc) -> Path:
     """``weights.pt`` of ``path`` (see :func:`resolve`) as a local file: on object storage, copied once per
     process into a temporary folder (torch.load and its mmap need a file)."""
-    f = resolve(path)
-    if not f.remote:
-        return f.local()
-    if f.uri not in _DOWNLOADED:
-        tmp = Path(tempfile.mkdtemp(prefix="igpt-weights-")) / WEIGHTS
-        tmp.write_bytes(f.read_bytes())
-        _DOWNLOADED[f.uri] = tmp
-    return _DOWNLOADED[f.uri]
+    return local_copy(resolve(path))
 
 
 def load(path: str | Path | Loc, mmap: bool = False) -> dict:
