@@ -188,9 +188,7 @@ def _plan_splits(cfg: FinetuneJobConfig, part: str) -> tuple[dict, dict, int, in
 def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs: int, report=None):
     """The training stream (every epoch its own augmentations and order) and the evaluation splits,
     materialized once; the names of those evaluated; the error log."""
-    import ray
-
-    from igpt.data import ingest, sources
+    from igpt.data import sources
     from igpt.data.palette import Palette
 
     lut = ray.put(Palette.load(palette_file(cfg)).lut)
@@ -331,9 +329,6 @@ def _ray_cpus(cfg: FinetuneJobConfig) -> int:
 
 
 def run(cfg: FinetuneJobConfig) -> dict:
-    from igpt.raysetup import init_ray
-    from igpt.track.tracking import JobRun
-
     if not cfg.checkpoint:
         raise UserError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
     if cfg.train.part != "all" or cfg.train.holdout:
