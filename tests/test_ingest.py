@@ -1,6 +1,7 @@
 """Palette fitting and tokenization through a real local Ray runtime and a real MLflow store."""
 
 import hashlib
+import json
 from pathlib import Path
 
 import mlflow
@@ -21,6 +22,7 @@ from igpt.data.images import decode_rgb
 from igpt.data.palette import Palette
 from igpt.data.quantize_job import QuantizeJobConfig
 from igpt.data.sources import DatasetSpec
+from igpt.storage import Loc
 
 from . import fixtures
 from .conftest import SAMPLE
@@ -54,9 +56,6 @@ def test_fit_palette_job_writes_to_object_storage_and_its_palette_loads_from_the
     """--storage_path on S3 (moto on 127.0.0.1): the palette, its lookup table, swatch, summary and error report
     put whole into the bucket; Palette.load reads it back from there (with the table, not rebuilt), as the jobs
     given --palette_path s3://… do."""
-    from igpt.data.palette import Palette
-    from igpt.storage import Loc
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = FitPaletteJobConfig(name="pal", storage_path=f"{s3}/{tmp_path.name}",
                               data=DatasetSpec(str(SAMPLE), "parquet", key_prefix="train/", max_images=200),
@@ -163,15 +162,21 @@ def test_error_rate_over_the_limit_stops_the_run(tmp_path, palette_file):
     assert runs[0].info.status == "FAILED"
 
 
-def test_same_seed_gives_byte_identical_shards(tmp_path, palette_file):
+def test_same_seed_gives_byte_identical_shards_locally_and_on_object_storage(tmp_path, palette_file, s3):
+    """The same job twice, once into a folder and once into a bucket on the S3 test server: the same shards byte
+    for byte, the split complete (its summary there, no partial folder left) in both."""
     digests = []
-    for i in range(2):
-        cfg = quantize_cfg(palette_file[0], SAMPLE, tmp_path / f"o{i}",
+    for root in (tmp_path / "o0", f"{s3}/{tmp_path.name}/o1"):
+        cfg = quantize_cfg(palette_file[0], SAMPLE, root,
                            transform=TransformConfig(recipe="cifar", augment=True, seed=3))
         cfg.data.key_prefix = "test/"
-        quantize.run(cfg)
-        files = sorted((tmp_path / f"o{i}" / "tok" / "train").glob("*.parquet"))
-        assert len(files) == -(-200 // 17)
+        cfg.tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        summary = quantize.run(cfg)
+        out = Loc(root) / "tok"
+        files = (out / "train").children()
+        assert len(files) == -(-200 // 17) == summary["shards"]
+        assert json.loads((out / "train.summary.json").read_text())["tokenized"] == 200
+        assert not (out / "train.partial").exists()
         digests.append([hashlib.sha256(f.read_bytes()).hexdigest() for f in files])
     assert digests[0] == digests[1]
 

@@ -7,17 +7,18 @@
 For eval splits and for anyone who wants a fixed tokenized copy; training tokenizes on the fly with fresh
 augmentations every epoch (``igpt.data.ingest.tokenize``). Records stream through Ray Data in their input order and
 the shards are cut every ``rows_per_shard`` rows, so the same job with the same seed writes byte-identical files.
-Shards are written into ``<split>.partial/`` and moved to ``<split>/`` only when the split is complete.
-Every skipped record is listed with its reason in ``<split>.errors.tsv`` (also an MLflow artifact).
+Outputs go through :mod:`igpt.storage` (a folder or ``s3://``/``gs://``). Shards are written whole into
+``<split>.partial/`` and moved to ``<split>/`` when the split is done, then ``<split>.summary.json`` is written: a
+split is complete only once its summary is there (removed first, written last), since a move on an object store is
+a copy that a crash can cut. Every skipped record is listed with its reason in ``<split>.errors.tsv``.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,6 +33,7 @@ from igpt.errors import UserError
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.raysetup import init_ray
+from igpt.storage import Loc
 from igpt.track.tracking import JobRun
 
 
@@ -61,10 +63,12 @@ def run(cfg: QuantizeJobConfig) -> dict:
         raise UserError("palette_path is required (fit one with pipelines.fit_palette)")
     palette = Palette.load(cfg.palette_path)  # missing file: a clear error before any work
     plan = sources.check(cfg.data)
-    out = Path(cfg.storage_path) / cfg.name
-    final_dir, partial = out / cfg.data.split, out / f"{cfg.data.split}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    out = Loc(cfg.storage_path) / cfg.name
+    split = cfg.data.split
+    final_dir, partial, done = out / split, out / f"{split}.partial", out / f"{split}.summary.json"
+    done.unlink()  # the split is complete only once its summary is back
+    partial.rmtree()
+    partial.mkdir()
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # deterministic row order -> byte-identical shards
@@ -82,22 +86,24 @@ def run(cfg: QuantizeJobConfig) -> dict:
                             ("tokens", pa.list_(pa.uint16(), t.ir**2))])
 
         def write(table: pa.Table, index: int) -> None:
-            pq.write_table(table.cast(schema), partial / f"tokens-{index:05d}.parquet")
+            buf = io.BytesIO()
+            pq.write_table(table.cast(schema), buf)
+            (partial / f"tokens-{index:05d}.parquet").write_bytes(buf.getvalue())  # whole: locally or one PUT
 
-        with ingest.error_report(log, out / f"{cfg.data.split}.errors.tsv", cfg.limits) as guard:
+        with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
             written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
                                                  cfg.rows_per_shard, write, guard)
         seconds = time.perf_counter() - t0
-        shutil.rmtree(final_dir, ignore_errors=True)
-        partial.rename(final_dir)  # the split appears complete or not at all
+        final_dir.rmtree()
+        partial.move_to(final_dir)
         counts = ingest.RunCounts(guard.read, written, guard.skipped, seconds, guard.errors)
-        summary = {"split": cfg.data.split, "images_read": counts.read, "tokenized": counts.produced,
+        summary = {"split": split, "images_read": counts.read, "tokenized": counts.produced,
                    "skipped": counts.skipped, "seconds": round(seconds, 2),
                    "images_per_s": round(counts.images_per_s, 1), "shards": shard, "output": str(final_dir),
                    "run_id": run_.run_id, "tracking_uri": uri}
-        (out / f"{cfg.data.split}.summary.json").write_text(json.dumps(summary, indent=2))
+        done.write_text(json.dumps(summary, indent=2))  # last: the split is complete
         mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(out / f"{cfg.data.split}.summary.json"))
+        mlflow.log_dict(summary, done.name)
     print(counts.line())
-    print(f"{shard} shard(s) in {final_dir}; skipped records listed in {out / f'{cfg.data.split}.errors.tsv'}")
+    print(f"{shard} shard(s) in {final_dir}; skipped records listed in {out / f'{split}.errors.tsv'}")
     return summary
