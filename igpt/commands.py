@@ -153,11 +153,11 @@ def sample(cfg: SampleConfig) -> str:
         MlflowClient(cfg.tracking.tracking_uri).log_artifact(cfg.run_id, str(out), "samples")
         return msg + f"; logged to MLflow run {cfg.run_id} as samples/{Path(cfg.out).name}"
     store = Path(cfg.out).resolve().parent
-    with JobRun.open(cfg.tracking, store, "sample", "sample", cli.to_dict(cfg)) as run:
+    with JobRun.open(cfg.tracking, store, "sample", "sample", cli.to_dict(cfg)) as job:
         msg, out, seconds = _picture(cfg)
-        run.client.log_metric(run.run_id, "sample/seconds", seconds)
-        run.client.log_artifact(run.run_id, str(out), "samples")
-    return msg + f"; logged to MLflow run {run.run_id} as samples/{out.name}"
+        job.log_metric("sample/seconds", seconds)
+        job.log_artifact(out, "samples")
+    return msg + f"; logged to MLflow run {job.run_id} as samples/{out.name}"
 
 
 def _picture(cfg: SampleConfig) -> tuple:

@@ -180,6 +180,23 @@ def test_table_files_plots_and_run(store, capsys):
     assert [r.name for r in compare.run(_cfg(store, name="again"))["rows"]] == ["debug-ar", "tiny-bert"]
 
 
+def test_the_tables_and_plots_go_to_object_storage(store, s3):
+    """--storage_path on the S3 test server: the table (CSV, markdown), the fits and the four plots are put there
+    whole, and the markdown is the table of the rows compared."""
+    from dataclasses import replace
+
+    from igpt.storage import Loc
+
+    out = compare.run(replace(_cfg(store, name="bucket"), storage_path=f"{s3}/compare"))
+    folder = Loc(out["storage_path"])
+    assert folder.uri == f"{s3}/compare/bucket"
+    assert set(folder.files()) == {"table.csv", "table.md", "fits.txt", *(f"plots/{p}" for p in compare.PLOTS)}
+    assert Loc(out["markdown"]).read_text() == compare.markdown_table(out["rows"])
+    assert (folder / "plots" / compare.PLOTS[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(Loc(out["csv"]).read_text().splitlines()))
+    assert [r["name"] for r in rows] == ["debug-ar", "tiny-bert"]
+
+
 def test_filters_select_runs(store, capsys):
     client, exp, ids = store["client"], store["exp"], store["ids"]
 

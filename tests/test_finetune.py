@@ -169,16 +169,27 @@ def trial_cfg(tmp_path_factory, ar_checkpoint, palette_path, small_cifar):  # no
                         "--max_epochs", "4", "--patience", "1")
 
 
-def test_a_palette_file_must_be_the_checkpoints(trial_cfg, tmp_path):
+def test_a_palette_file_must_be_the_checkpoints_and_without_one_the_job_keeps_its_own(trial_cfg, tmp_path, s3):
+    """--palette_path must hold the checkpoint's palette; without one the job writes the checkpoint's palette and
+    its lookup table into its folder, here on the S3 test server, where trials on any node read it."""
     from dataclasses import replace
 
     from igpt.data.palette import Palette
+    from igpt.storage import Loc
 
-    assert finetune.palette_file(trial_cfg) == Path(trial_cfg.palette_path)
-    other = Palette(np.asarray(checkpoints.load_palette(trial_cfg.checkpoint).centres)[::-1].copy())
-    np.save(tmp_path / "other.npy", other.centres)
+    assert finetune.palette_file(trial_cfg) == trial_cfg.palette_path
+    centres = np.asarray(checkpoints.load_palette(trial_cfg.checkpoint).centres)
+    np.save(tmp_path / "other.npy", centres[::-1].copy())
     with pytest.raises(ValueError, match="not the palette of checkpoint"):
         finetune.palette_file(replace(trial_cfg, palette_path=str(tmp_path / "other.npy")))
+    own = replace(trial_cfg, palette_path="", storage_path=f"{s3}/{tmp_path.name}")
+    path = finetune.palette_file(own)
+    assert path == f"{s3}/{tmp_path.name}/{own.name}/palette.npy"
+    names = {f.name for f in Loc(path).parent.children()}
+    assert names == {"palette.npy", Palette(centres).lut_path(Path("palette.npy")).name}
+    loaded = Palette.load(path)
+    assert np.array_equal(loaded.centres, centres) and loaded._lut is not None  # the table read, not rebuilt
+    assert finetune.palette_file(own) == path  # found there the second time
 
 
 def test_a_trial_learns_and_keeps_the_best_epoch_evaluated_on_every_held_out_image(trial_cfg, small_cifar,
@@ -188,7 +199,7 @@ def test_a_trial_learns_and_keeps_the_best_epoch_evaluated_on_every_held_out_ima
     # 3 epochs, no early stop (patience 3): after 2 the last epoch's mean L_CLF was 2.259 in two suite runs this
     # session, over the bar of 2.203, and passed when run alone (a guess: the blocks Ray deals to each worker vary
     # with the load)
-    out = finetune.fit(replace(trial_cfg, patience=3), lr=3e-3, run="learn", part="rest", epochs=3)
+    out = finetune.fit(replace(trial_cfg, patience=3), lr=3e-3, folder="learn", part="rest", epochs=3)
     client = MlflowClient(finetune.tracking_uri(trial_cfg))
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["igpt.job"] == "finetune_trial"
@@ -226,7 +237,7 @@ def test_early_stopping_ends_a_flat_trial_after_patience_epochs(trial_cfg, small
     """With clf_weight 0 the head gets no gradient and stays exactly zero (Adam's update of a zero gradient is 0):
     every image is predicted class 0 in every epoch, so validation accuracy is flat, and with patience 1 the run
     must stop after epoch 2 of at most 4 (the backbone does train: L_GEN falls)."""
-    out = finetune.fit(trial_cfg, lr=3e-3, clf_weight=0.0, run="flat", part="rest", epochs=trial_cfg.max_epochs)
+    out = finetune.fit(trial_cfg, lr=3e-3, clf_weight=0.0, folder="flat", part="rest", epochs=trial_cfg.max_epochs)
     client = MlflowClient(finetune.tracking_uri(trial_cfg))
     assert out["stopped_early"] and out["best_epoch"] == 1
     assert out["epochs"] == 1 + trial_cfg.patience == 2 < trial_cfg.max_epochs

@@ -4,7 +4,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -158,8 +157,11 @@ def test_error_rate_over_the_limit_stops_the_run(tmp_path, palette_file):
     out = tmp_path / "out" / "tok"
     assert not (out / "train").exists()  # no half-written split
     assert len((out / "train.errors.tsv").read_text().splitlines()) >= 2  # the report is still written
-    runs = mlflow.search_runs(experiment_names=["igpt"], output_format="list")
-    assert runs[0].info.status == "FAILED"
+    from igpt.track.tracking import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(tmp_path / "out"))
+    runs = client.search_runs([client.get_experiment_by_name("igpt").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
 
 
 def test_same_seed_gives_byte_identical_shards_locally_and_on_object_storage(tmp_path, palette_file, s3):

@@ -239,7 +239,6 @@ def _shard(root, split, keys, labels):
 
 
 def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
-    import mlflow
 
     from igpt.config import TrackingConfig
     from igpt.track.tracking import JobRun, default_tracking_uri
@@ -251,13 +250,12 @@ def test_probe_job_warns_on_stderr_and_tags_its_parent_run(tmp_path, capsys):
     assert [list(a) for a in features.labels_and_keys(root, "val")] == [[0, 2], ["train/3", "train/4"]]
     cfg = ProbeJobConfig(features=str(root), storage_path=str(tmp_path))
     uri = default_tracking_uri(tmp_path)
-    run_ = JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {}, fluent=True)
     found = {}
-    with run_:
-        probe_job.check_splits(cfg, found)
-        probe_job.warn("trials_tied", probe.tied_trials([0.5, 0.5]), found)
-        probe_job.warn("never", None, found)  # nothing to warn of: no line, no tag
-        run_id = mlflow.active_run().info.run_id
+    with JobRun.open(TrackingConfig(tracking_uri=uri), tmp_path, "warned", "probe", {}) as job:
+        probe_job.check_splits(cfg, job, found)
+        probe_job.warn(job, "trials_tied", probe.tied_trials([0.5, 0.5]), found)
+        probe_job.warn(job, "never", None, found)  # nothing to warn of: no line, no tag
+        run_id = job.run_id
     assert set(found) == {"classes_missing_from_train", "test_keys_in_train_val", "trials_tied"}
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]  # not MLflow's
     assert err == [f"warning: {found[k]}" for k in ("classes_missing_from_train", "test_keys_in_train_val",

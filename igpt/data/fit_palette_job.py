@@ -49,8 +49,6 @@ class FitPaletteJobConfig:
 
 
 def run(cfg: FitPaletteJobConfig) -> dict:
-    import mlflow
-
     plan = sources.check(cfg.data)  # a bad path or format fails here, before any work
     out = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     init_ray()
@@ -65,12 +63,10 @@ def run(cfg: FitPaletteJobConfig) -> dict:
     per_image = max(1, -(-cfg.palette.sample_pixels // n_records)) if n_records else 64
     per_image = min(per_image, cfg.transform.ir**2)
     log = ingest.error_log()
-    run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "fit_palette", cli.to_dict(cfg), fluent=True)
-    uri = run_.uri
-    with run_:
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "fit_palette", cli.to_dict(cfg)) as job:
         ds = ingest.sample_pixels(sources.read(cfg.data, plan), per_image, tspec, log)
         chunks = []
-        with ingest.error_report(log, out / "errors.tsv", cfg.limits) as guard:
+        with ingest.error_report(log, out / "errors.tsv", cfg.limits, job) as guard:
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 chunks.append(batch["rgb"].combine_chunks().values.to_numpy(zero_copy_only=False).reshape(-1, 3))
                 guard.check()
@@ -90,14 +86,14 @@ def run(cfg: FitPaletteJobConfig) -> dict:
                    "pixels": int(len(px)), "pixels_per_image": per_image, "read_seconds": round(read_s, 2),
                    "fit_seconds": round(fit_s, 2), "lut_seconds": round(palette.lut_seconds or 0.0, 2),
                    "images_per_s": round(read / read_s, 1) if read_s else 0.0, "palette": str(path),
-                   "run_id": run_.run_id, "tracking_uri": uri}
+                   "run_id": job.run_id, "tracking_uri": job.uri}
         (staging / "summary.json").write_text(json.dumps(summary, indent=2))
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        job.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         for f in ("palette.npy", "swatch.png", "summary.json"):
-            mlflow.log_artifact(str(staging / f))
+            job.log_artifact(staging / f)
         out.put_files(staging)  # the palette, its lookup table, the swatch, the summary
         shutil.rmtree(staging)
     print(f"read {read:,} images, skipped {skipped:,}, sampled {len(px):,} pixels in {read_s:.1f} s; "
           f"k-means {fit_s:.1f} s; lookup table {palette.lut_seconds or 0:.1f} s")
-    print(f"palette: {path}  (MLflow run {summary['run_id']} at {uri})")
+    print(f"palette: {path}  (MLflow run {summary['run_id']} at {job.uri})")
     return summary

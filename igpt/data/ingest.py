@@ -245,10 +245,10 @@ def check_error_rate(read: int, skipped: int, max_rate: float, min_records: int,
 class error_report:
     """Context for a job's read loop: ``check()`` after each batch stops the run once the error rate passes the
     limit; on leaving (normally or not) the report of every skipped record is written to ``path`` and logged to
-    the active MLflow run, then the final rate is judged."""
+    the job's MLflow run (a :class:`~igpt.track.tracking.JobRun`), then the final rate is judged."""
 
-    def __init__(self, log, path, limits):
-        self.log, self.path, self.limits = log, path, limits
+    def __init__(self, log, path, limits, job=None):
+        self.log, self.path, self.limits, self.job = log, path, limits, job
         self.read = self.skipped = 0
 
     def __enter__(self):
@@ -260,13 +260,11 @@ class error_report:
                          report=str(self.path))
 
     def __exit__(self, exc_type, exc, tb):
-        import mlflow
-
         self.errors = ray.get(self.log.all_errors.remote())
         self.read, self.skipped = ray.get(self.log.stats.remote())
         text = write_error_report(self.path, self.errors)
-        if mlflow.active_run():
-            mlflow.log_text(text, Loc(self.path).name)  # the report may live on object storage
+        if self.job is not None:
+            self.job.log_text(text, Loc(self.path).name)  # the report may live on object storage
         if exc_type is None:
             self.check(final=True)
         return False

@@ -57,8 +57,6 @@ class QuantizeJobConfig:
 
 
 def run(cfg: QuantizeJobConfig) -> dict:
-    import mlflow
-
     if not cfg.palette_path:
         raise UserError("palette_path is required (fit one with pipelines.fit_palette)")
     palette = Palette.load(cfg.palette_path)  # missing file: a clear error before any work
@@ -77,10 +75,8 @@ def run(cfg: QuantizeJobConfig) -> dict:
     tspec = ingest.TransformSpec.of(t, t.ir, cfg.limits.max_pixels)
     log = ingest.error_log()
     lut_ref = ray.put(palette.lut)
-    run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "quantize", cli.to_dict(cfg), fluent=True)
-    uri = run_.uri
-    with run_:
-        mlflow.log_artifact(str(Palette.local_file(cfg.palette_path)), "palette")
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "quantize", cli.to_dict(cfg)) as job:
+        job.log_artifact(Palette.local_file(cfg.palette_path), "palette")
         ds = ingest.tokenize(sources.read(cfg.data, plan), lut_ref, tspec, log)
         schema = pa.schema([("key", pa.string()), ("label", pa.int64()),
                             ("tokens", pa.list_(pa.uint16(), t.ir**2))])
@@ -90,7 +86,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
             pq.write_table(table.cast(schema), buf)
             (partial / f"tokens-{index:05d}.parquet").write_bytes(buf.getvalue())  # whole: locally or one PUT
 
-        with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
+        with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits, job) as guard:
             written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
                                                  cfg.rows_per_shard, write, guard)
         seconds = time.perf_counter() - t0
@@ -100,10 +96,10 @@ def run(cfg: QuantizeJobConfig) -> dict:
         summary = {"split": split, "images_read": counts.read, "tokenized": counts.produced,
                    "skipped": counts.skipped, "seconds": round(seconds, 2),
                    "images_per_s": round(counts.images_per_s, 1), "shards": shard, "output": str(final_dir),
-                   "run_id": run_.run_id, "tracking_uri": uri}
+                   "run_id": job.run_id, "tracking_uri": job.uri}
         done.write_text(json.dumps(summary, indent=2))  # last: the split is complete
-        mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        mlflow.log_dict(summary, done.name)
+        job.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        job.log_dict(summary, done.name)
     print(counts.line())
     print(f"{shard} shard(s) in {final_dir}; skipped records listed in {out / f'{split}.errors.tsv'}")
     return summary

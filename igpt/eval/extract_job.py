@@ -86,8 +86,6 @@ def split_specs(cfg: ExtractJobConfig) -> dict[str, sources.DatasetSpec]:
 
 
 def run(cfg: ExtractJobConfig) -> dict:
-    import mlflow
-
     if not cfg.checkpoint:
         raise UserError("checkpoint is required: a pretraining run folder, a step_* folder or a weights.pt")
     ckpt = checkpoints.header(cfg.checkpoint)  # a clear error now rather than in every actor
@@ -113,46 +111,42 @@ def run(cfg: ExtractJobConfig) -> dict:
     if cfg.pixels:
         shape["pixels"] = (1, res * res * 3)
 
-    run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "extract", cli.to_dict(cfg), fluent=True)
-    uri = run_.uri
     counts: dict[str, dict] = {}
-    with run_:
-        mlflow.set_tag(TAG_CHECKPOINT, str(checkpoints.resolve(cfg.checkpoint)))
-        mlflow.set_tag(TAG_RANDOM_INIT, str(cfg.random_init))
-        mlflow.set_tags(lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint), run_.client))
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "extract", cli.to_dict(cfg)) as job:
+        job.set_tags({TAG_CHECKPOINT: str(checkpoints.resolve(cfg.checkpoint)), TAG_RANDOM_INIT: str(cfg.random_init),
+                      **lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint), job.client)})
         for split, spec in specs.items():  # the test split with each image's loss too (paired comparisons)
             counts[split] = _extract_split(cfg, split, spec, plans[split], lut_ref, tspec,
-                                           {**shape, "loss": (1, 1)} if split == "test" else shape, out)
+                                           {**shape, "loss": (1, 1)} if split == "test" else shape, out, job)
         man = {"n_layer": n_layer, "layers": list(range(n_layer + 1)), "layer_definition": LAYER_DEFINITION,
                "d_model": d, "masks": m, "objective": model_cfg["objective"],
                "resolution": res, "pixels": cfg.pixels, "columns": {k: list(v) for k, v in shape.items()},
                "losses": ["test"],  # per-image validation losses (features.load_losses)
                "splits": counts, "checkpoint": str(checkpoints.resolve(cfg.checkpoint)),
                "checkpoint_step": ckpt["step"], "random_init": cfg.random_init, "model": model_cfg,
-               "holdout": cfg.holdout, "run_id": run_.run_id, "tracking_uri": uri,
+               "holdout": cfg.holdout, "run_id": job.run_id, "tracking_uri": job.uri,
                "pretrain_run_id": checkpoints.pretrain_run_id(cfg.checkpoint)}
         (out / "manifest.json").write_text(json.dumps(man, indent=2))  # last: the set is complete
-        mlflow.log_dict(man, "manifest.json")
+        job.log_dict(man, "manifest.json")
         size_mb = sum(n for f, n in out.files().items() if f.rsplit("/", 1)[-1].startswith("shard-")) / 2**20
-        mlflow.log_metric("features_mb", size_mb)
+        job.log_metric("features_mb", size_mb)
         if size_mb <= cfg.log_features_max_mb:
             for split in specs:
                 with tempfile.TemporaryDirectory() as tmp:
                     local = (out / split).download(tmp) if out.remote else (out / split).local()
-                    mlflow.log_artifacts(str(local), f"features/{split}")
+                    job.log_artifacts(local, f"features/{split}")
         else:
-            mlflow.set_tag(TAG_FEATURES_AT, out.uri)
+            job.set_tag(TAG_FEATURES_AT, out.uri)
     print(f"features of layers 0..{n_layer} ({n_layer} blocks; layer {n_layer}: the final norm's output) x {m} "
           f"mask(s) in {out}")
     return man
 
 
-def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec, shape: dict, out: Loc) -> dict:
+def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec, shape: dict, out: Loc,
+                   job) -> dict:
     """One split's features through a pool of model replicas, written as shards into ``<split>/`` (emptied
     first; the set counts as complete only once ``manifest.json`` is written, after every split); its counts,
-    logged to the active MLflow run."""
-    import mlflow
-
+    logged to the job's MLflow run."""
     t0 = time.perf_counter()
     log = ingest.error_log()
     ds = ingest.tokenize(sources.read(spec, plan), lut_ref, tspec, log)
@@ -171,14 +165,14 @@ def _extract_split(cfg: ExtractJobConfig, split: str, spec, plan, lut_ref, tspec
         np.savez(buf, **features.table_to_arrays(table, shape))
         (final / f"shard-{index:05d}.npz").write_bytes(buf.getvalue())  # whole: locally or one PUT
 
-    with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits) as guard:
+    with ingest.error_report(log, out / f"{split}.errors.tsv", cfg.limits, job) as guard:
         written, shard = ingest.write_shards(ds.iter_batches(batch_format="pyarrow", batch_size=None),
                                              ROWS_PER_SHARD, write, guard)
     if written == 0:
         raise UserError(f"split {split} produced no images ({guard.skipped} skipped; see "
                         f"{out / f'{split}.errors.tsv'})")
     seconds = time.perf_counter() - t0
-    mlflow.log_metrics({f"{split}/images": written, f"{split}/skipped": guard.skipped,
+    job.log_metrics({f"{split}/images": written, f"{split}/skipped": guard.skipped,
                         f"{split}/images_per_s": written / seconds})
     print(f"{split}: {written} images, {guard.skipped} skipped, {shard} shard(s), {seconds:.1f} s")
     return {"images": written, "skipped": guard.skipped, "shards": shard, "seconds": round(seconds, 2)}

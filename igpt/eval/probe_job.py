@@ -186,46 +186,40 @@ def model_blocks(man: dict, where: str) -> int:
     return int(man["n_layer"])
 
 
-def warn(kind: str, message: str | None, found: dict[str, str]) -> None:
+def warn(job, kind: str, message: str | None, found: dict[str, str]) -> None:
     """A condition that makes the numbers mean less than they seem: ``warning: ...`` on stderr and the tag
-    ``igpt.warning.<kind>`` on the active (parent) MLflow run, so it shows beside the results it qualifies."""
-    import mlflow
-
+    ``igpt.warning.<kind>`` on the job's (parent) MLflow run, so it shows beside the results it qualifies."""
     if message is None:
         return
     print(f"warning: {message}", file=sys.stderr)
-    mlflow.set_tag(f"{TAG_WARNING}{kind}", message[:5000])
+    job.set_tag(f"{TAG_WARNING}{kind}", message[:5000])
     found[kind] = message
 
 
-def check_splits(cfg: ProbeJobConfig, found: dict[str, str]) -> None:
+def check_splits(cfg: ProbeJobConfig, job, found: dict[str, str]) -> None:
     """Labels and keys of the three splits (no features read): classes the training split lacks, test leakage."""
     (ytr, ktr), (yva, kva), (yte, kte) = (features.labels_and_keys(cfg.features, s) for s in features.SPLITS)
-    warn("classes_missing_from_train", probe.unseen_classes(ytr, {"val": yva, "test": yte}), found)
-    warn("test_keys_in_train_val", probe.leaked_keys(kte, np.concatenate([ktr, kva])), found)
+    warn(job, "classes_missing_from_train", probe.unseen_classes(ytr, {"val": yva, "test": yte}), found)
+    warn(job, "test_keys_in_train_val", probe.leaked_keys(kte, np.concatenate([ktr, kva])), found)
 
 
-def log_layer_sweep(out: Path, df, best: dict, n_layer: int, result: dict) -> None:
+def log_layer_sweep(job, out: Path, df, best: dict, n_layer: int, result: dict) -> None:
     """The layer sweep's table, per-layer accuracy and best setting into ``result`` and the parent run. Depth of
     layer l is l / L: feature l is taken after l blocks (layer 0 the embeddings, layer L the final output)."""
-    import mlflow
-
     by_layer = df.groupby("config/layer")["val_accuracy"].max()
     result["val_accuracy_by_layer"] = {int(k): float(v) for k, v in by_layer.items()}
     result["best_val_accuracy"] = float(by_layer.max())
     result["trials"] = len(df)
     df.to_csv(out / "trials.csv", index=False)
-    mlflow.log_artifact(str(out / "trials.csv"))
+    job.log_artifact(out / "trials.csv")
     for l, acc in result["val_accuracy_by_layer"].items():
-        mlflow.log_metric("val/accuracy_by_layer", acc, step=l)
-    mlflow.log_params({f"best.{k}": v for k, v in best.items()})
-    mlflow.log_metrics({"test/accuracy": result["test_accuracy"], "val/best_accuracy": result["best_val_accuracy"],
-                        "best_layer": best["layer"], "best_layer_relative": best["layer"] / n_layer})
+        job.log_metric("val/accuracy_by_layer", acc, step=l)
+    job.log_params({f"best.{k}": v for k, v in best.items()})
+    job.log_metrics({"test/accuracy": result["test_accuracy"], "val/best_accuracy": result["best_val_accuracy"],
+                     "best_layer": best["layer"], "best_layer_relative": best["layer"] / n_layer})
 
 
 def run(cfg: ProbeJobConfig) -> dict:
-    import mlflow
-
     cfg = cli.absolute_paths(cfg)  # Tune runs each trial in its own working directory
     man = features.manifest(cfg.features)
     n_layer = model_blocks(man, cfg.features)
@@ -234,44 +228,42 @@ def run(cfg: ProbeJobConfig) -> dict:
     out = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     staging = Path(tempfile.mkdtemp(prefix="igpt-probe-"))  # files are written here, then put whole into `out`
     init_ray()
-    run_ = JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "probe", cli.to_dict(cfg), fluent=True)
-    uri = run_.uri
     experiment, found = cfg.tracking.experiment, {}
-    with run_:
-        parent = run_.run_id
-        mlflow.log_dict(space_file, "search_space.json")
-        mlflow.log_dict(man, "features_manifest.json")
-        mlflow.set_tags({TAG_CHECKPOINT: man["checkpoint"], TAG_RANDOM_INIT: str(man["random_init"]),
-                         TAG_OBJECTIVE: man["objective"], TAG_FEATURES_RUN_ID: man["run_id"],
-                         **lineage_tags(man.get("model"), man.get("pretrain_run_id"), run_.client)})
-        check_splits(cfg, found)
+    with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "probe", cli.to_dict(cfg)) as job:
+        uri, parent = job.uri, job.run_id
+        job.log_dict(space_file, "search_space.json")
+        job.log_dict(man, "features_manifest.json")
+        job.set_tags({TAG_CHECKPOINT: man["checkpoint"], TAG_RANDOM_INIT: str(man["random_init"]),
+                      TAG_OBJECTIVE: man["objective"], TAG_FEATURES_RUN_ID: man["run_id"],
+                      **lineage_tags(man.get("model"), man.get("pretrain_run_id"), job.client)})
+        check_splits(cfg, job, found)
         best, df = sweep(cfg, space, "layers", uri, experiment, parent)
-        warn("trials_tied", probe.tied_trials(df["val_accuracy"]), found)
+        warn(job, "trials_tied", probe.tied_trials(df["val_accuracy"]), found)
         figures, refit, xt = refit_and_test(cfg, best)
         result = {"best": best, **figures}
         # each test image right or wrong: two probes scored on the same images get a paired test (McNemar)
         yt, kt = features.labels_and_keys(cfg.features, "test")
         np.savez(staging / "test_predictions.npz", keys=kt, correct=refit.predict(xt) == yt)
-        mlflow.log_artifact(str(staging / "test_predictions.npz"))
+        job.log_artifact(staging / "test_predictions.npz")
         result["test_predictions"] = str(out / "test_predictions.npz")
-        log_layer_sweep(staging, df, best, n_layer, result)
+        log_layer_sweep(job, staging, df, best, n_layer, result)
         if cfg.tracking.log_model:  # the classifier the test accuracy is of, with the layer it reads
             from igpt.track.models import log_probe
 
-            result["model_uri"] = log_probe(run_, refit, best["layer"], xt[:5, 0], cfg.tracking.register,
+            result["model_uri"] = log_probe(job, refit, best["layer"], xt[:5, 0], cfg.tracking.register,
                                             protocol=cfg.protocol, features=cfg.features,
                                             features_run_id=man["run_id"]).model_uri
         pixels_val = None
         if cfg.pixels and man.get("pixels"):
-            result["pixels"] = pixels_baseline(cfg, space, (uri, experiment, parent), (staging, out), (yt, kt), found)
+            result["pixels"] = pixels_baseline(cfg, space, job, (staging, out), (yt, kt), found)
             pixels_val = result["pixels"]["val_accuracy"]
         plot_by_layer(df, staging / "val_accuracy_by_layer.png", pixels_val, n_layer)
-        mlflow.log_artifact(str(staging / "val_accuracy_by_layer.png"), "plots")
+        job.log_artifact(staging / "val_accuracy_by_layer.png", "plots")
         if cfg.low_data:
-            result["low_data"] = low_data(cfg, best, uri, experiment, parent)
+            result["low_data"] = low_data(cfg, best, job)
         result["warnings"] = found
         (staging / "result.json").write_text(json.dumps(result, indent=2, default=float))
-        mlflow.log_artifact(str(staging / "result.json"))
+        job.log_artifact(staging / "result.json")
         out.put_files(staging)  # predictions, the trials table, the plot, the result
         shutil.rmtree(staging)
         result.update(run_id=parent, tracking_uri=uri)
@@ -280,25 +272,22 @@ def run(cfg: ProbeJobConfig) -> dict:
     return result
 
 
-def pixels_baseline(cfg: ProbeJobConfig, space: dict, where: tuple, dirs: tuple, test: tuple, found: dict) -> dict:
+def pixels_baseline(cfg: ProbeJobConfig, space: dict, job, dirs: tuple, test: tuple, found: dict) -> dict:
     """The same sweep, refit and test on the raw pixels (the paper's baseline), its per-image test results beside
-    the features' (a paired test reads both). ``where``: (tracking URI, experiment, parent run id); ``dirs``: (the
+    the features' (a paired test reads both). ``job``: the probe's JobRun (its trials go under it); ``dirs``: (the
     local staging folder, the job's folder it goes to); ``test``: the test split's (labels, keys)."""
-    import mlflow
-
-    pbest, pdf = sweep(cfg, {**space, "layer": "pixels"}, "pixels", *where)
-    warn("pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
+    pbest, pdf = sweep(cfg, {**space, "layer": "pixels"}, "pixels", job.uri, cfg.tracking.experiment, job.run_id)
+    warn(job, "pixels_trials_tied", probe.tied_trials(pdf["val_accuracy"]), found)
     pres, prefit, pxt = refit_and_test(cfg, pbest)
     val = float(pdf["val_accuracy"].max())
     (yt, kt), (staging, out) = test, dirs
     np.savez(staging / "pixels_test_predictions.npz", keys=kt, correct=prefit.predict(pxt) == yt)
-    mlflow.log_artifact(str(staging / "pixels_test_predictions.npz"))
-    mlflow.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"], "baseline/pixels_val_accuracy": val})
+    job.log_artifact(staging / "pixels_test_predictions.npz")
+    job.log_metrics({"baseline/pixels_test_accuracy": pres["test_accuracy"], "baseline/pixels_val_accuracy": val})
     return {"best": pbest, "val_accuracy": val, **pres, "test_predictions": str(out / "pixels_test_predictions.npz")}
 
 
-def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent: str) -> dict:
-    import mlflow
+def low_data(cfg: ProbeJobConfig, best: dict, job) -> dict:
     from ray import tune
 
     counts = [int(n) for n in cfg.low_data.split(",") if n.strip()]
@@ -313,8 +302,8 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
         run_config=tune.RunConfig(
             name=experiment_name("low_data", (Loc(cfg.storage_path) / cfg.name).uri),
             storage_path=(Loc(cfg.storage_path) / cfg.name / "tune").uri, verbose=0,
-            callbacks=[TrialRunLogger(tracking_uri=uri, experiment_name=experiment,
-                                            tags={TAG_PARENT: parent, TAG_JOB: "probe_low_data"})]),
+            callbacks=[TrialRunLogger(tracking_uri=job.uri, experiment_name=cfg.tracking.experiment,
+                                      tags={TAG_PARENT: job.run_id, TAG_JOB: "probe_low_data"})]),
     )
     grid = interruptible(tuner.fit)  # a stop (ray job stop) interrupts the wait at once
     if any(r.error for r in grid):
@@ -325,6 +314,6 @@ def low_data(cfg: ProbeJobConfig, best: dict, uri: str, experiment: str, parent:
         acc = g["test_accuracy"].to_numpy()
         out[int(n)] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
                        "seeds": len(acc)}
-        mlflow.log_metrics({f"low_data/{int(n)}_mean": out[int(n)]["mean"],
-                            f"low_data/{int(n)}_std": out[int(n)]["std"]})
+        job.log_metrics({f"low_data/{int(n)}_mean": out[int(n)]["mean"],
+                         f"low_data/{int(n)}_std": out[int(n)]["std"]})
     return out

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from igpt import cli
 from igpt.config import DeepSpeedConfig, OptimConfig, ScalingConfig, StoreConfig
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
@@ -83,6 +81,5 @@ def stage_configs(cfg: MainJobConfig, palette_path: str = "") -> dict:
 def run(cfg: MainJobConfig) -> dict:
     summary = study.run(study_config(cfg))
     summary["sizes"] = summary["rungs"]  # the README's name for them
-    (Path(cli.absolute_path(cfg.storage_path)) / cfg.name / "summary.json").write_text(
-        json.dumps(summary, indent=2, default=str))
+    (study.study_root(cfg) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

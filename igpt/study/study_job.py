@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from igpt import cli
+from igpt import cli, storage
 from igpt.config import (
     DEFAULT_DATA,
     CheckpointConfig,
@@ -38,6 +39,7 @@ from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.model import MODEL_SIZES, ModelConfig
 from igpt.model.config import train_compute
+from igpt.storage import Loc, is_remote
 from igpt.track.compare import CompareJobConfig
 from igpt.track.tags import TAG_RUNG, TAG_STUDY, TAG_STUDY_CONCURRENT_RUNGS, TAG_STUDY_RUN_ID, TAG_STUDY_VERDICT_SCALE
 
@@ -68,7 +70,7 @@ class DataConfig:
     test_prefix: str | None = _help("parquet: keys of test images start with this; default test/", default=None)
 
     def __post_init__(self) -> None:
-        if "://" not in self.path and not Path(self.path).exists():
+        if not is_remote(self.path) and not Path(storage.local_path(self.path)).exists():
             raise FileNotFoundError(f"data.path does not exist: {self.path}")
         if self.max_images < 0 or self.test_max_images < 0:
             raise ValueError("data.max_images and data.test_max_images must be >= 0")
@@ -238,7 +240,7 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
     from igpt.train.pretrain_job import PretrainJobConfig
     from igpt.train.sweep_lr_job import SweepLRJobConfig
 
-    root = Path(cli.absolute_path(cfg.storage_path)) / cfg.name
+    root = study_root(cfg)
     store = dict(tracking_uri=cfg.tracking.tracking_uri or _default_uri(root), experiment=cfg.tracking.experiment)
     train, test = cfg.data.split("train"), cfg.data.split("test")
     eval_transform = TransformConfig(recipe=cfg.recipe, resolution=cfg.resolution, seed=cfg.seed)
@@ -283,10 +285,16 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
     return out
 
 
-def _default_uri(root: Path) -> str:
+def study_root(cfg) -> Loc:
+    """The study's folder, ``<storage_path>/<name>``: a mount or ``s3://``/``gs://`` (its rungs' runs, features
+    and probes under it, its records, its report)."""
+    return Loc(cli.absolute_path(cfg.storage_path)) / cfg.name
+
+
+def _default_uri(root: Loc) -> str:
     from igpt.track.tracking import default_tracking_uri
 
-    return default_tracking_uri(root)
+    return default_tracking_uri(str(root))
 
 
 # ------------------------------------------------------------------------------------------------ one rung
@@ -304,7 +312,7 @@ def run_rung(cfg_dict: dict, label: str, palette_path: str, study_run_id: str, s
     cfg = cli.from_dict(StudyJobConfig, cfg_dict)
     rung = next(r for r in cfg.rungs() if r.label == label)
     stages = stage_configs(cfg, palette_path, study_run_id, source)
-    root = Path(cli.absolute_path(cfg.storage_path)) / cfg.name
+    root = study_root(cfg)
     done = root / "rungs" / label / "summary.json"
     t0, timings = time.time(), {}
     if cfg.lr_space:
@@ -345,10 +353,7 @@ def run_rung(cfg_dict: dict, label: str, palette_path: str, study_run_id: str, s
                            test_predictions=pr["test_predictions"],
                            pixels_test_accuracy=pr.get("pixels", {}).get("test_accuracy"))
     summary.update(window=[t0, time.time()], timings={k: round(v, 1) for k, v in timings.items()})
-    done.parent.mkdir(parents=True, exist_ok=True)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    tmp.replace(done)  # whole or absent: a resumed study trusts it
+    done.write_text(json.dumps(summary, indent=2, default=float))  # whole or absent: a resumed study trusts it
     return summary
 
 
@@ -392,13 +397,13 @@ def run(cfg: StudyJobConfig) -> dict:
     from igpt.track.tracking import JobRun
 
     t0 = time.perf_counter()
-    root = Path(cli.absolute_path(cfg.storage_path)) / cfg.name
+    root = study_root(cfg)
     for spec in (cfg.data.split("train"), cfg.data.split("test")):
         sources.check(spec)  # a wrong --data.path or split: one error line, before Ray starts
     if cfg.palette.path:
         Palette.load(cfg.palette.path)
     base = stage_configs(cfg)  # a bad stage config fails now, before anything runs
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir()
     rungs = cfg.rungs()
     finished = {r.label: json.loads(p.read_text()) for r in rungs
                 if (p := root / "rungs" / r.label / "summary.json").exists()}
@@ -409,7 +414,7 @@ def run(cfg: StudyJobConfig) -> dict:
               "rung_steps": json.dumps({r.label: cfg.rung_steps(r) for r in rungs}),
               "rung_non_embedding_params": json.dumps({r.label: cfg.model(r).non_embedding_params() for r in rungs})}
     timings: dict[str, float] = {}
-    with JobRun.open(track, root, cfg.name, "study", cli.to_dict(cfg), params=params, tags={TAG_STUDY: cfg.name},
+    with JobRun.open(track, str(root), cfg.name, "study", cli.to_dict(cfg), params=params, tags={TAG_STUDY: cfg.name},
                      id_file=root / "mlflow_run_id") as job:
         if finished:
             print(f"resuming study {cfg.name}: rungs {', '.join(finished)} finished, read back from their records")
@@ -434,7 +439,7 @@ def run(cfg: StudyJobConfig) -> dict:
     return summary
 
 
-def _palette(cfg: StudyJobConfig, root: Path, job, timings: dict) -> str:
+def _palette(cfg: StudyJobConfig, root: Loc, job, timings: dict) -> str:
     """The study's palette: read back from its record, or fitted once for every rung."""
     from igpt.data import fit_palette_job as fit_palette
 
@@ -462,7 +467,7 @@ def _run_rungs(cfg: StudyJobConfig, todo: list[str], palette_path: str, job) -> 
     limit, why = concurrent_rungs(cfg, ray.cluster_resources())
     print(f"study {cfg.name}: {len(todo)} rung(s) to run, {min(limit, len(todo))} at once ({why}); MLflow run "
           f"{job.run_id}", flush=True)
-    job.client.set_tag(job.run_id, TAG_STUDY_CONCURRENT_RUNGS, f"{limit} ({why})")
+    job.set_tag(TAG_STUDY_CONCURRENT_RUNGS, f"{limit} ({why})")
     inflight: dict = {}
     try:
         results, errors = job.wait(_gather, launch, todo, limit, inflight)
@@ -522,7 +527,7 @@ def _gather(launch, todo: list[str], limit: int, refs: dict) -> tuple[dict, dict
     return results, errors
 
 
-def _report(cfg: StudyJobConfig, rungs: list[Rung], finished: dict, root: Path, job) -> dict:
+def _report(cfg: StudyJobConfig, rungs: list[Rung], finished: dict, root: Loc, job) -> dict:
     """The study's report on its MLflow run: files, and the fitted numbers as metrics and tags."""
     from igpt.track import study_report
 
@@ -539,25 +544,25 @@ def _report(cfg: StudyJobConfig, rungs: list[Rung], finished: dict, root: Path, 
             features=s.get("features"), predictions=s.get("test_predictions")))
     title = (f"Study {cfg.name}: {cfg.objective.upper()} at IR {cfg.resolution}, {len(rows)} rungs "
              f"({'rate swept per rung' if cfg.lr_space else f'one rate {cfg.optim.lr:g} for all'})")
-    out = study_report.build(rows, root / "report", title=title, n_boot=cfg.n_boot, seed=cfg.seed)
-    c = job.client
-    for f in ("report.md", "fits.json"):
-        c.log_artifact(job.run_id, str(root / "report" / f), "report")
-    for p in sorted((root / "report" / "plots").glob("*.png")):
-        c.log_artifact(job.run_id, str(p), "report/plots")
+    with tempfile.TemporaryDirectory() as tmp:  # built locally, then put where the study lives
+        stage = Path(tmp)
+        out = study_report.build(rows, stage, title=title, n_boot=cfg.n_boot, seed=cfg.seed)
+        job.log_artifacts(str(stage), "report")
+        job.set_tag("mlflow.note.content", (stage / "report.md").read_text()[:5000])
+        (root / "report").put_files(stage)
+        (root / "report" / "plots").put_files(stage / "plots")
     for var, fit in out["fits"].items():
-        c.set_tag(job.run_id, f"fit.{var}", study_report.fit_line(var, None, fit["reason"]) if not fit["fitted"]
+        job.set_tag(f"fit.{var}", study_report.fit_line(var, None, fit["reason"]) if not fit["fitted"]
                   else f"{fit['form']}: alpha {fit['alpha']:.4f} [{fit['alpha_95'][0]:.4f}, {fit['alpha_95'][1]:.4f}]"
                   f", L_inf {fit['l_inf_text']}")
         if fit["fitted"]:
-            c.log_metric(job.run_id, f"fit/{var}/alpha", fit["alpha"])
-            c.log_metric(job.run_id, f"fit/{var}/alpha_lo", fit["alpha_95"][0])
-            c.log_metric(job.run_id, f"fit/{var}/alpha_hi", fit["alpha_95"][1])
+            job.log_metric(f"fit/{var}/alpha", fit["alpha"])
+            job.log_metric(f"fit/{var}/alpha_lo", fit["alpha_95"][0])
+            job.log_metric(f"fit/{var}/alpha_hi", fit["alpha_95"][1])
     for var, fc in out["forecast"].items():
         if fc["made"]:
-            c.log_metric(job.run_id, f"forecast/{var}/inside", float(fc["inside"]))
-            c.set_tag(job.run_id, f"forecast.{var}", f"predicted {fc['predicted']:.4f} "
+            job.log_metric(f"forecast/{var}/inside", float(fc["inside"]))
+            job.set_tag(f"forecast.{var}", f"predicted {fc['predicted']:.4f} "
                       f"[{fc['interval_95'][0]:.4f}, {fc['interval_95'][1]:.4f}], measured {fc['measured']:.4f}")
-    c.set_tag(job.run_id, TAG_STUDY_VERDICT_SCALE, out["verdict_scale"])
-    c.set_tag(job.run_id, "mlflow.note.content", (root / "report" / "report.md").read_text()[:5000])
+    job.set_tag(TAG_STUDY_VERDICT_SCALE, out["verdict_scale"])
     return out

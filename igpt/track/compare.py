@@ -25,6 +25,7 @@ pretraining run has several probes (or fine-tunings), the newest one (by start t
 from __future__ import annotations
 
 import csv
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from igpt.errors import UserError
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.model import config as model_config
+from igpt.storage import Loc
 from igpt.track.tags import (
     TAG_COMPARED_RUN_IDS,
     TAG_JOB,
@@ -490,7 +492,6 @@ def plots(cmp: Comparison, folder: Path, include_unfinished: bool = False) -> li
 def run(cfg) -> dict:
     """The compare job (``CompareJobConfig``): query, print, write ``<storage_path>/<name>/`` (table.csv, table.md,
     plots/*.png) and log them to a new MLflow run (tag ``igpt.job=compare``) in the same experiment."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from igpt import cli
@@ -505,32 +506,33 @@ def run(cfg) -> dict:
     if not cmp.rows:
         raise UserError(f"no pretraining runs (top-level) in experiment {cfg.tracking.experiment!r} of {uri} "
                          f"match {cmp.filter_string!r}")
-    out = Path(cfg.storage_path).resolve() / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(cmp.rows, out / "table.csv")
-    (out / "table.md").write_text(markdown_table(cmp.rows))
-    (out / "fits.txt").write_text(fits_text(cmp.rows) + "\n")
-    plot_paths = plots(cmp, out / "plots", cfg.include_unfinished)
+    out = Loc(cfg.storage_path) / cfg.name  # a folder or s3://… / gs://…: the files are staged here, then put
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = Path(tmp)
+        write_csv(cmp.rows, stage / "table.csv")
+        (stage / "table.md").write_text(markdown_table(cmp.rows))
+        fits = fits_text(cmp.rows)
+        (stage / "fits.txt").write_text(fits + "\n")
+        plot_paths = [(out / "plots" / p.name) for p in plots(cmp, stage / "plots", cfg.include_unfinished)]
+        with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.storage_path, cfg.name, "compare",
+                         cli.to_dict(cfg)) as job:
+            # the runs it compared: ids in a tag, links (the UI's run pages) in the run's description
+            job.set_tags({"igpt.track.compare.filter": cmp.filter_string[:5000],
+                          TAG_COMPARED_RUN_IDS: ",".join(r.run_id for r in cmp.rows)[:5000],
+                          "mlflow.note.content": "Compared runs:\n\n" + "\n".join(
+                              f"- [{r.name}](#/experiments/{exp_id}/runs/{r.run_id}) ({r.status})" for r in cmp.rows)})
+            job.log_metric("compare/runs", len(cmp.rows))
+            for name in ("table.csv", "table.md", "fits.txt"):
+                job.log_artifact(stage / name)
+            job.log_artifacts(stage / "plots", "plots")
+        out.put_files(stage)
+        (out / "plots").put_files(stage / "plots")
     plotted = [r.run_id for r in plotted_rows(cmp.rows, cfg.include_unfinished)]
     left_out = ", ".join(f"{r.name} ({r.status})" for r in cmp.rows if r.run_id not in plotted)
     left_out = f"not plotted (not FINISHED; --include_unfinished plots them): {left_out}\n" if left_out else ""
-
-    with JobRun.open(replace(cfg.tracking, tracking_uri=uri), cfg.storage_path, cfg.name, "compare",
-                     cli.to_dict(cfg), fluent=True) as mrun:
-        mlflow.set_tag("igpt.track.compare.filter", cmp.filter_string[:5000])
-        # the runs it compared: ids in a tag, links (the UI's run pages) in the run's description
-        mlflow.set_tag(TAG_COMPARED_RUN_IDS, ",".join(r.run_id for r in cmp.rows)[:5000])
-        mlflow.set_tag("mlflow.note.content", "Compared runs:\n\n" + "\n".join(
-            f"- [{r.name}](#/experiments/{exp_id}/runs/{r.run_id}) ({r.status})" for r in cmp.rows))
-        mlflow.log_metric("compare/runs", len(cmp.rows))
-        mlflow.log_artifact(str(out / "table.csv"))
-        mlflow.log_artifact(str(out / "table.md"))
-        mlflow.log_artifact(str(out / "fits.txt"))
-        for p in plot_paths:
-            mlflow.log_artifact(str(p), "plots")
-    run_id = mrun.run_id
+    run_id = job.run_id
     print(f"{len(cmp.rows)} pretraining runs of experiment {cfg.tracking.experiment!r} at {uri}\n"
-          f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n{(out / 'fits.txt').read_text()}\n"
+          f"filter: {cmp.filter_string}\n\n{text_table(cmp.rows)}\n\n{fits}\n\n"
           f"table: {out / 'table.csv'}, {out / 'table.md'}\n"
           f"plots: {', '.join(str(p) for p in plot_paths)}\n"
           f"{left_out}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 from igpt.errors import UserError
@@ -253,7 +254,7 @@ def _up(tags: dict) -> str | None:
 
 
 class JobRun:
-    """The one lifecycle of a job's MLflow run; every driver uses it as ``with JobRun.open(...) as run:``.
+    """The one lifecycle of a job's MLflow run; every driver uses it as ``with JobRun.open(...) as job:``.
 
     - **open**: the store and the experiment (created race-free, before any worker or trial touches them), then
       the run: continued when ``id_file`` names one (a re-submission of the same name), else created under the
@@ -261,22 +262,57 @@ class JobRun:
     - **exit**: FINISHED on success; FAILED with the error (tag ``igpt.error``); KILLED when stopped (SIGTERM:
       ``ray job stop``; SIGINT). Runs under it still RUNNING (a trial whose process the stop killed) end with it.
     - **wait(fn)**: a blocking call (``TorchTrainer.fit``, ``Tuner.fit``) that a stop interrupts at once.
+    - **log_*, set_tag(s)**: the one way a driver logs to its run (MLflow's client with this run's id; MLflow's
+      fluent, process-global active run is not used: a driver may hold several runs, a trial's and its parent's).
+    """
 
-    With ``fluent``, the run is also MLflow's active run, for jobs that log with ``mlflow.log_*``."""
-
-    def __init__(self, client, uri: str, run_id: str, experiment_id: str, resumed: bool, fluent: bool):
+    def __init__(self, client, uri: str, run_id: str, experiment_id: str, resumed: bool):
         self.client, self.uri, self.run_id, self.experiment_id = client, uri, run_id, experiment_id
-        self.resumed, self.fluent = resumed, fluent
+        self.resumed = resumed
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({key: value}, step)
+
+    def log_params(self, params: dict) -> None:
+        from mlflow.entities import Param
+
+        items = list(params.items())
+        for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)) for k, v in items[i:i + 90]])
+
+    def set_tags(self, tags: dict) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def set_tag(self, key: str, value) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, d: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, d, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_artifacts(self, path: str | Path, folder: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(path), folder)
 
     @classmethod
-    def open(cls, tracking, store_dir: str | Path, name: str, job: str, config: dict | None, *,
-             params: dict | None = None, tags: dict | None = None, id_file: str | Path | Loc | None = None,
-             fluent: bool = False) -> JobRun:
+    def open(cls, tracking, store_dir: str | Path, name: str, kind: str, config: dict | None, *,
+             params: dict | None = None, tags: dict | None = None, id_file: str | Path | Loc | None = None
+             ) -> JobRun:
         """``tracking``: a TrackingConfig (store, experiment, run name, parent); ``store_dir``: where a local
         store and its artifacts live when none is given; ``config``: logged as params (flattened) and
         ``config.json``; ``params``: more params, or values that replace the config's."""
-        import mlflow
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         uri = tracking.tracking_uri or default_tracking_uri(store_dir)
@@ -291,26 +327,23 @@ class JobRun:
             client.update_run(run_id, status="RUNNING")
         else:
             extra = tracking.tag_dict() if hasattr(tracking, "tag_dict") else {}
-            all_tags = {TAG_JOB: job, **lineage_tags((config or {}).get("model")), **extra, **(tags or {})}
+            all_tags = {TAG_JOB: kind, **lineage_tags((config or {}).get("model")), **extra, **(tags or {})}
             if getattr(tracking, "parent_run_id", None):  # e.g. a sweep's trial: nested under the sweep's run
                 all_tags[TAG_PARENT] = tracking.parent_run_id
             from mlflow.tracking.context.registry import resolve_tags
 
             # MLflow's own context tags (user, source script, git commit), as its fluent API adds them: the UI's
             # Source and Created-by columns
-            run_id = client.create_run(exp_id, run_name=tracking.run_name or default_run_name(name, job, all_tags),
+            run_id = client.create_run(exp_id, run_name=tracking.run_name or default_run_name(name, kind, all_tags),
                                        tags=resolve_tags(all_tags)).info.run_id
             if id_file is not None:
                 id_file.write_text(run_id)
-            items = list({**(flatten(config) if config else {}), **(params or {})}.items())
-            for i in range(0, len(items), 90):  # MLflow takes at most 100 params per call
-                client.log_batch(run_id, params=[Param(k, str(v)) for k, v in items[i:i + 90]])
+        out = cls(client, uri, run_id, exp_id, resumed)
+        if not resumed:
+            out.log_params({**(flatten(config) if config else {}), **(params or {})})
             if config is not None:
-                client.log_dict(run_id, config, "config.json")
-        if fluent:
-            mlflow.set_tracking_uri(uri)
-            mlflow.start_run(run_id=run_id)
-        return cls(client, uri, run_id, exp_id, resumed, fluent)
+                out.log_dict(config, "config.json")
+        return out
 
     def wait(self, fn, *args, **kwargs):
         return interruptible(fn, *args, **kwargs)
@@ -347,17 +380,12 @@ class JobRun:
 
             error = f"{type(exc).__name__}: {exc}"
             tail = "".join(traceback.format_exception(exc))[-4000:]
-            self.client.set_tag(self.run_id, TAG_ERROR, error[:5000])
-            self.client.set_tag(self.run_id, TAG_TRACEBACK, tail)
-            self.client.set_tag(self.run_id, "mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
+            self.set_tag(TAG_ERROR, error[:5000])
+            self.set_tag(TAG_TRACEBACK, tail)
+            self.set_tag("mlflow.note.content", f"**FAILED**: {error[:2000]}\n\n```\n{tail}\n```")
         # this run first: on `ray job stop` the SIGKILL follows the SIGTERM within seconds, and the job's own run is
         # the record that must not stay RUNNING; then the runs under it (one search, then their calls at once)
-        if self.fluent:
-            import mlflow
-
-            mlflow.end_run(status)
-        else:
-            self.client.set_terminated(self.run_id, status)
+        self.client.set_terminated(self.run_id, status)
         self._end_children(self.run_id, status)
 
     def _end_children(self, run_id: str, status: str) -> None:

@@ -1,49 +1,18 @@
-"""Fine-tune a pretrained iGPT for classification: a Ray Tune sweep of the learning rate, early-stopped on held-out
-validation accuracy, then a refit of the best on train + held-out, evaluated once on the test split.
+"""Fine-tune a pretrained iGPT for classification (the paper's section 3.3): a Ray Tune sweep of the learning
+rate, each trial early-stopped on held-out validation accuracy, then the best refitted on train + held-out for its
+best epoch count and evaluated once on the test split. Each run is a Ray Train job of DeepSpeed engines
+(``igpt.train.finetune_loop``: last layer pooled, a linear head, L_CLF + L_GEN). The README's "Fine-tuning" says
+what is logged and where each file lies.
 
     python -m pipelines.finetune --name cifar-ft --checkpoint runs/train/s-cifar \\
-        --train.path ../shared/datasets/cifar10 --test.path ../shared/datasets/cifar10 \\
-        --deepspeed.preset cpu --scaling.workers 2
-    ray job submit --working-dir . -- python -m pipelines.finetune ...   # same flags
-
-**Procedure** (the paper's fine-tuning, section 3.3 and appendix). The classifier (``igpt.train.finetune_loop``) pools
-the pretrained model's last layer over the sequence into a linear head; the loss is L_CLF + L_GEN, L_GEN being the
-checkpoint's own objective (AR or BERT) on the same images. Training images get the CIFAR augmentations
-(``--transform.recipe cifar``, new crops and flips every epoch); the learning rate warms up linearly for
-``--optim.warmup_steps`` (default: a tenth of an epoch) and then stays constant (no decay). Each Tune trial (one per
-value of the space, ``tune_spaces/finetune.json`` by default, ``--max_concurrent_trials`` at once) fine-tunes the
-checkpoint on the
-training split less a held-out share (``part=rest``, ``--holdout``), evaluates validation accuracy on that share
-(``part=holdout``) after every epoch, keeps the best epoch's weights and stops after ``--patience`` epochs without
-a higher accuracy (at most ``--max_epochs``). The best trial (highest validation accuracy; ties: the earlier best
-epoch, then the smaller learning rate) is refitted on train + held-out (``part=all``) for its best epoch count,
-with no early stopping, and evaluated once on ``--test``.
-
-Each fine-tuning run is a Ray Train job of ``--scaling.workers`` DeepSpeed engines (ZeRO stage and precision from
-``--deepspeed.*``, as in pretraining); its result and kept weights (``classifier.pt``) are in
-``<storage_path>/<name>/<run>/classifier/``.
-
-**MLflow** (store and experiment from ``--tracking.*``): a parent run (tags ``igpt.job=finetune`` and
-``igpt.pretrain_run_id``, the checkpoint's pretraining run, by which ``igpt.track.compare`` finds it; params; metrics
-``trial/lr``, ``trial/val_accuracy``, ``trial/best_epoch`` at step = trial index; ``best/lr``,
-``best/val_accuracy``, ``best/epoch``; the refit's ``test/accuracy`` and ``test/images``). One child run per trial
-and one for the refit (tag ``mlflow.parentRunId``, ``igpt.job`` = ``finetune_trial`` / ``finetune_refit``): every
-step's ``train/loss``, ``train/loss_clf``, ``train/loss_gen``, ``train/accuracy``, ``train/lr``; every epoch's
-``epoch/loss_clf``, ``epoch/loss_gen``, ``val/accuracy``, ``val/images``; at the end ``best/val_accuracy``,
-``best/epoch``, ``epochs``, ``stopped_early`` (trials) or ``test/accuracy`` (refit).
-
-Layout: ``<storage_path>/<name>/`` holds ``<run>/`` per fine-tuning run (``lr_<lr>``, ``refit``), ``tune/`` (Ray
-Tune's experiment), ``palette.npy`` with its lookup table (unless ``--palette_path``), ``mlflow_run_id`` and
-``summary.json``. A folder with a ``summary.json`` is a finished job: re-submitting its name is refused.
+        --train.path ../shared/datasets/cifar10 --test.path ../shared/datasets/cifar10 --scaling.workers 2
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -142,23 +111,22 @@ def tracking_uri(cfg: FinetuneJobConfig) -> str:
     return cfg.tracking.tracking_uri or default_tracking_uri(cfg.storage_path)
 
 
-def palette_file(cfg: FinetuneJobConfig) -> Path:
+def palette_file(cfg: FinetuneJobConfig) -> str:
     """A palette .npy with its cached lookup table, equal to the checkpoint's palette: ``--palette_path``, else one
-    written (and its table built, once) into the job folder."""
+    written (and its table built, once) into the job folder, on a mount or a bucket: every trial on any node reads
+    it from there (``Palette.load``)."""
     from igpt.data.palette import Palette
 
     centres = checkpoints.header(cfg.checkpoint)["palette"].numpy()
     if cfg.palette_path:
         if not np.array_equal(Palette.load(cfg.palette_path).centres, centres):
             raise UserError(f"palette_path {cfg.palette_path} is not the palette of checkpoint {cfg.checkpoint}")
-        return Palette.local_file(cfg.palette_path)  # with its table: a bucket's copied down once
-    # the driver alone reads it: beside the job when the job folder is local, else in a local cache by content
-    where = job_dir(cfg)
-    cache = Path(tempfile.gettempdir()) / "igpt-palettes" / hashlib.sha256(centres.tobytes()).hexdigest()[:16]
-    path = (cache if where.remote else where.local()) / "palette.npy"
-    if not (path.exists() and np.array_equal(np.load(path), centres) and Palette(centres).lut_path(path).exists()):
-        Palette(centres).save(path)  # builds the table (tens of seconds) and keeps it beside the centres
-    return path
+        return cfg.palette_path
+    path = job_dir(cfg) / "palette.npy"
+    lut = path.parent / Palette(centres).lut_path(path.name).name
+    if not (path.exists() and lut.exists() and np.array_equal(Palette.load(str(path)).centres, centres)):
+        Palette(centres).save(str(path))  # builds the table and keeps it beside the centres
+    return str(path)
 
 
 def split_specs(cfg: FinetuneJobConfig, part: str) -> dict:
@@ -212,7 +180,7 @@ def _datasets(cfg: FinetuneJobConfig, specs: dict, plans: dict, res: int, epochs
     return datasets, evals, log
 
 
-def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, parent_run_id: str | None = None,
+def fit(cfg: FinetuneJobConfig, *, lr: float, folder: str, part: str, epochs: int, parent_run_id: str | None = None,
         clf_weight: float | None = None) -> dict:
     """One fine-tuning run through Ray Train: ``part="rest"`` (a trial: early stopping on the held-out share, at most
     ``epochs``) or ``"all"`` (the refit: ``epochs``, then test once), in its own MLflow run (under ``parent_run_id``).
@@ -227,7 +195,7 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
     model_cfg["activation_checkpointing"] |= bool(model_over.get("activation_checkpointing"))  # XL's preset
     init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
     specs, plans, count, steps_per_epoch = _plan_splits(cfg, part)
-    report = Loc(cfg.storage_path) / cfg.name / run / "errors.tsv"  # beside the trial's checkpoints
+    report = Loc(cfg.storage_path) / cfg.name / folder / "errors.tsv"  # beside the trial's checkpoints
     datasets, evals, log = _datasets(cfg, specs, plans, model_cfg["resolution"], epochs, report)
     # no recipe for fine-tuning (the paper gives none): a tenth of an epoch unless set
     warmup = cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else round(0.1 * steps_per_epoch)
@@ -236,12 +204,12 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
               "patience": cfg.patience if part == "rest" else "none", "steps.per_epoch": steps_per_epoch,
               "steps.warmup": warmup, "data.train_images": count, "checkpoint.step": ckpt["step"],
               **_model_params(cfg, model_cfg, optim)}
-    tracking = replace(cfg.tracking, run_name=f"{cfg.name}/{run}", parent_run_id=parent_run_id)
-    with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{run}",
+    tracking = replace(cfg.tracking, run_name=f"{cfg.name}/{folder}", parent_run_id=parent_run_id)
+    with JobRun.open(tracking, cfg.storage_path, f"{cfg.name}/{folder}",
                      f"finetune_{'trial' if part == 'rest' else 'refit'}", None, params=params,
                      tags={TAG_CHECKPOINT: str(checkpoints.resolve(cfg.checkpoint)),
                            **lineage_tags(model_cfg, checkpoints.pretrain_run_id(cfg.checkpoint))}) as job:
-        job.client.log_dict(job.run_id, ds_conf, "deepspeed_config.json")
+        job.log_dict(ds_conf, "deepspeed_config.json")
         spec = FinetuneSpec(
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed, warmup_steps=warmup,
                         total_steps=None,
@@ -250,7 +218,7 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
             checkpoint=str(checkpoints.resolve(cfg.checkpoint)), n_classes=cfg.n_classes, lr=lr,
             clf_weight=clf_weight, epochs=epochs, patience=cfg.patience if part == "rest" else None,
             steps_per_epoch=steps_per_epoch, evals=tuple(evals))
-        trainer = _trainer(cfg, spec, f"{cfg.name}/{run}", datasets)
+        trainer = _trainer(cfg, spec, f"{cfg.name}/{folder}", datasets)
         try:
             result = job.wait(trainer.fit)
             if result.error:
@@ -258,9 +226,9 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, run: str, part: str, epochs: int, 
         finally:  # the skipped records' keys and reasons, whether the trial finished or died
             with contextlib.suppress(Exception):  # best effort: never hide the trial's own error
                 text = ingest.write_error_report(report, ray.get(log.all_errors.remote(), timeout=10))
-                job.client.log_text(job.run_id, text, "errors.tsv")
+                job.log_text(text, "errors.tsv")
         out = _log_result(job, dict(result.metrics), log)
-    out.update(run_id=job.run_id, lr=lr, clf_weight=clf_weight, run=run, train_images=count,
+    out.update(run_id=job.run_id, lr=lr, clf_weight=clf_weight, folder=folder, train_images=count,
                classifier=checkpoint_uri(cfg, result.checkpoint.path))
     return out
 
@@ -272,9 +240,9 @@ def _log_result(job, out: dict, log) -> dict:
              "steps": "steps", "stopped_early": "stopped_early"}
     for k, name in names.items():
         if k in out:
-            job.client.log_metric(job.run_id, name, float(out[k]))
-    job.client.log_metric(job.run_id, "data/records_read", read)
-    job.client.log_metric(job.run_id, "data/records_skipped", skipped)
+            job.log_metric(name, float(out[k]))
+    job.log_metric("data/records_read", read)
+    job.log_metric("data/records_skipped", skipped)
     return out
 
 
@@ -299,12 +267,12 @@ def trial_run_name(config: dict) -> str:
     return "_".join(f"{k}_{config[k]:g}" for k in sorted(config) if k != "index")
 
 
-def trial(config: dict, job: dict, parent_run_id: str) -> None:
+def trial(config: dict, cfg_dict: dict, parent_run_id: str) -> None:
     """Ray Tune function trainable: one early-stopped fine-tuning run; reports its best validation accuracy."""
     from ray import tune
 
-    cfg = cli.from_dict(FinetuneJobConfig, job)
-    out = fit(cfg, lr=float(config["lr"]), clf_weight=config.get("clf_weight"), run=trial_run_name(config),
+    cfg = cli.from_dict(FinetuneJobConfig, cfg_dict)
+    out = fit(cfg, lr=float(config["lr"]), clf_weight=config.get("clf_weight"), folder=trial_run_name(config),
               part="rest", epochs=cfg.max_epochs, parent_run_id=parent_run_id)
     tune.report({METRIC: out["best_val_accuracy"], "best_epoch": out["best_epoch"], "epochs": out["epochs"],
                  "stopped_early": out["stopped_early"], "val_images": out["val_images"], "lr": out["lr"],
@@ -357,11 +325,11 @@ def run(cfg: FinetuneJobConfig) -> dict:
         summary = {"name": cfg.name, "parent_run_id": job.run_id, "tracking_uri": job.uri, "job_dir": str(out_dir),
                    "trials": trials, "failed_trials": failed, "best": best, "refit": None}
         if cfg.refit:
-            refit = fit(cfg, lr=best["lr"], clf_weight=best["clf_weight"], run="refit", part="all",
+            refit = fit(cfg, lr=best["lr"], clf_weight=best["clf_weight"], folder="refit", part="all",
                         epochs=int(best["best_epoch"]), parent_run_id=job.run_id)
-            job.client.log_metric(job.run_id, "test/accuracy", refit["test_accuracy"])
-            job.client.log_metric(job.run_id, "test/images", refit["test_images"])
-            job.client.set_tag(job.run_id, "finetune.refit_run_id", refit["run_id"])
+            job.log_metric("test/accuracy", refit["test_accuracy"])
+            job.log_metric("test/images", refit["test_images"])
+            job.set_tag("finetune.refit_run_id", refit["run_id"])
             summary["refit"] = refit
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     tried = ", ".join(f"lr={t['lr']:g}: {t[METRIC]:.4f} (epoch {t['best_epoch']})" for t in trials)
@@ -376,7 +344,7 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(named_trainable(trial, cfg.name), job=cli.to_dict(cfg), parent_run_id=job.run_id),
+        tune.with_parameters(named_trainable(trial, cfg.name), cfg_dict=cli.to_dict(cfg), parent_run_id=job.run_id),
         {"CPU": cfg.cpus_per_trial})
     tuner = tune.Tuner(trainable, param_space=space,
                        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials),
@@ -391,7 +359,7 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list
             trials.append({k: r.metrics[k] for k in (METRIC, "best_epoch", "epochs", "stopped_early",
                                                      "val_images", "lr", "clf_weight", "run_id")})
     if failed:
-        job.client.set_tag(job.run_id, "finetune.failed_trials", "; ".join(failed)[:5000])
+        job.set_tag("finetune.failed_trials", "; ".join(failed)[:5000])
     if not trials:
         raise RuntimeError(f"every fine-tuning trial failed: {failed}")
     return sorted(trials, key=lambda t: (t["lr"], t["clf_weight"])), failed
@@ -400,8 +368,8 @@ def _sweep(cfg: FinetuneJobConfig, space: dict, out_dir: Loc, job) -> tuple[list
 def _log_trials(job, trials: list[dict], failed: list[str], best: dict) -> None:
     for i, t in enumerate(trials):
         for k, v in (("trial/lr", t["lr"]), ("trial/val_accuracy", t[METRIC]), ("trial/best_epoch", t["best_epoch"])):
-            job.client.log_metric(job.run_id, k, float(v), step=i)
-    job.client.log_metric(job.run_id, "best/lr", best["lr"])
-    job.client.log_metric(job.run_id, "best/val_accuracy", best[METRIC])
-    job.client.log_metric(job.run_id, "best/epoch", best["best_epoch"])
-    job.client.set_tag(job.run_id, "finetune.best_run_id", best["run_id"])
+            job.log_metric(k, float(v), step=i)
+    job.log_metric("best/lr", best["lr"])
+    job.log_metric("best/val_accuracy", best[METRIC])
+    job.log_metric("best/epoch", best["best_epoch"])
+    job.set_tag("finetune.best_run_id", best["run_id"])

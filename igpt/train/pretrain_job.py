@@ -239,28 +239,28 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
     (run_dir / NONFINITE).unlink()  # a re-submission is a new attempt (e.g. with a lower lr)
     # one MLflow run per named run: a re-submission continues it
     with JobRun.open(cfg.tracking, cfg.storage_path, cfg.name, "pretrain", cli.to_dict(cfg),
-                     params=resolved_params(cfg, sched, ds_conf, model_cfg), id_file=run_dir / "mlflow_run_id") as run:
-        if not run.resumed:
-            run.client.log_dict(run.run_id, ds_conf, "deepspeed_config.json")
-            run.client.log_artifact(run.run_id, str(Palette.local_file(cfg.palette_path)), "palette")
+                     params=resolved_params(cfg, sched, ds_conf, model_cfg), id_file=run_dir / "mlflow_run_id") as job:
+        if not job.resumed:
+            job.log_dict(ds_conf, "deepspeed_config.json")
+            job.log_artifact(str(Palette.local_file(cfg.palette_path)), "palette")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
         val_plan = sources.check(cfg.val)
-        if not run.resumed:
-            log_splits(run.client, run.run_id, {"train": (cfg.train, plan.count), "val": (cfg.val, val_plan.count)})
+        if not job.resumed:
+            log_splits(job.client, job.run_id, {"train": (cfg.train, plan.count), "val": (cfg.val, val_plan.count)})
         train, val, log = datasets(cfg, palette, plan, val_plan, sched.epochs, report=run_dir / "errors.tsv")
         spec = PretrainSpec(
             stream=train,
             run=RunSpec(ds_config=ds_conf, model=model_cfg, seed=cfg.transform.seed,
-                        warmup_steps=sched.warmup_steps, total_steps=sched.total_steps, run_id=run.run_id,
-                        tracking_uri=run.uri, use_gpu=cfg.scaling.use_gpu, palette=palette.centres.tolist(),
+                        warmup_steps=sched.warmup_steps, total_steps=sched.total_steps, run_id=job.run_id,
+                        tracking_uri=job.uri, use_gpu=cfg.scaling.use_gpu, palette=palette.centres.tolist(),
                         run_dir=str(run_dir)),
             steps_per_epoch=sched.steps_per_epoch, records=sched.records, epochs=sched.epochs,
             global_batch=sched.global_batch, eval_every=cfg.eval_every, completions=cfg.completions,
             log_every=cfg.log_every,
             checkpoint_every=cfg.checkpoint.every_steps, keep=cfg.checkpoint.keep)
         try:
-            result = run.wait(_trainer(cfg, spec, {"val": val}).fit)
+            result = job.wait(_trainer(cfg, spec, {"val": val}).fit)
             if result.error:
                 raise result.error
         except BaseException as e:  # the report exists even when the run dies (a stream that ran dry points to it)
@@ -275,38 +275,38 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
                     f"newest complete checkpoint stays the one to resume from: make {run_dir} writable and "
                     f"re-submit --name {cfg.name}") from e
             raise
-        read, skipped, model_uri = _record_end(cfg, sched, run, log, run_dir)
-    summary = {"records_read": read, "records_skipped": skipped, "run_id": run.run_id, "tracking_uri": run.uri,
-               "run_dir": str(run_dir), "total_steps": sched.total_steps, "resumed": run.resumed,
+        read, skipped, model_uri = _record_end(cfg, sched, job, log, run_dir)
+    summary = {"records_read": read, "records_skipped": skipped, "run_id": job.run_id, "tracking_uri": job.uri,
+               "run_dir": str(run_dir), "total_steps": sched.total_steps, "resumed": job.resumed,
                "checkpoint": str(result.checkpoint.path) if result.checkpoint else None, "model_uri": model_uri}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"trained {sched.total_steps} steps; MLflow run {run.run_id} at {run.uri}; checkpoints in {run_dir}")
+    print(f"trained {sched.total_steps} steps; MLflow run {job.run_id} at {job.uri}; checkpoints in {run_dir}")
     return summary
 
 
-def _record_end(cfg: PretrainJobConfig, sched: Schedule, run: JobRun, log, run_dir: Loc) -> tuple[int, int, str | None]:
+def _record_end(cfg: PretrainJobConfig, sched: Schedule, job: JobRun, log, run_dir: Loc) -> tuple[int, int, str | None]:
     """A finished run's records: the error report, the data counts, the numbers the runs table sorts by (the same
     formulas as ``igpt compare``), the final weights as an MLflow model. Returns (read, skipped, model URI)."""
     report = ingest.write_error_report(run_dir / "errors.tsv", ray.get(log.all_errors.remote()))
     read, skipped = ray.get(log.stats.remote())
-    run.client.log_text(run.run_id, report, "errors.tsv")  # the text just written, not read back from storage
-    run.client.log_metric(run.run_id, "data/records_read", read)
-    run.client.log_metric(run.run_id, "data/records_skipped", skipped)
+    job.log_text(report, "errors.tsv")  # the text just written, not read back from storage
+    job.log_metric("data/records_read", read)
+    job.log_metric("data/records_skipped", skipped)
     m = cfg.model
     tokens, flops = model_config.train_compute(m.n_layer, m.d_model, m.resolution, sched.total_steps,
                                                sched.global_batch, m.n_colors)
     final = {"summary/tokens": tokens, "summary/train_flops": flops}
-    val_loss = run.client.get_run(run.run_id).data.metrics.get("val/loss")  # the latest: the final one
+    val_loss = job.client.get_run(job.run_id).data.metrics.get("val/loss")  # the latest: the final one
     if val_loss is not None:
         final["summary/final_val_loss"] = val_loss
     for k, v in final.items():
-        run.client.log_metric(run.run_id, k, v)
+        job.log_metric(k, v)
     if not cfg.tracking.log_model:
         return read, skipped, None
     from igpt.track.models import log_pretrained
 
     # the final step always saves: the newest complete checkpoint is the end
-    return read, skipped, log_pretrained(run, checkpoints.resolve(run_dir), cfg.tracking.register).model_uri
+    return read, skipped, log_pretrained(job, checkpoints.resolve(run_dir), cfg.tracking.register).model_uri
 
 
 def _trainer(cfg: PretrainJobConfig, spec: PretrainSpec, datasets: dict):

@@ -269,7 +269,7 @@ def log_trial(uri: str, parent_run_id: str, index: int, lr: float, out: dict) ->
         Metric("sweep/diverged", float(out["diverged"]), ms, index)])
 
 
-def trial(config: dict, job: dict, parent_run_id: str, tracking_uri: str, faults: dict | None = None) -> None:
+def trial(config: dict, cfg_dict: dict, parent_run_id: str, tracking_uri: str, faults: dict | None = None) -> None:
     """Ray Tune function trainable: one full pretraining run at ``config["lr"]``; reports its final val loss.
     ``faults``: the sweep driver's test faults (igpt.train.faults), handed to the trial's pretraining driver."""
     from ray import tune
@@ -278,7 +278,7 @@ def trial(config: dict, job: dict, parent_run_id: str, tracking_uri: str, faults
 
     if faults:
         os.environ[fault_env.ENV] = json.dumps(faults)
-    cfg = cli.from_dict(SweepLRJobConfig, job)
+    cfg = cli.from_dict(SweepLRJobConfig, cfg_dict)
     lr, index = float(config["lr"]), int(config["index"])
     out = pretrain_once(pretrain_config(cfg, lr, parent_run_id), diverged_ok=True)
     log_trial(tracking_uri, parent_run_id, index, lr, out)
@@ -305,7 +305,7 @@ def _parent_run(cfg: SweepLRJobConfig, values: list[float], sweep_dir: Loc):
     job = JobRun.open(replace(cfg.pretrain.tracking, run_name=None), cfg.storage_path, cfg.name, "sweep_lr",
                       cli.to_dict(cfg), params=params, id_file=sweep_dir / "mlflow_run_id")
     if not job.resumed:
-        job.client.log_dict(job.run_id, tune_space.load(cfg.space, job="sweep_lr"), "space.json")
+        job.log_dict(tune_space.load(cfg.space, job="sweep_lr"), "space.json")
     return job
 
 
@@ -348,8 +348,8 @@ def run(cfg: SweepLRJobConfig) -> dict:
             out = refit(cfg, summary["best_lr"], job.run_id)
             job.client.set_tag(out["run_id"], TAG_SWEEP, job.run_id)
             job.client.set_tag(out["run_id"], TAG_SWEEP_ROLE, "refit")
-            job.client.set_tag(job.run_id, TAG_SWEEP_REFIT_RUN_ID, out["run_id"])
-            job.client.log_metric(job.run_id, "refit/val_loss", out["val_loss"])
+            job.set_tag(TAG_SWEEP_REFIT_RUN_ID, out["run_id"])
+            job.log_metric("refit/val_loss", out["val_loss"])
             summary["refit"] = out
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trials = ", ".join(f"lr={t['lr']:g}: {t['val_loss']:.4f}" for t in summary["trials"])
@@ -374,7 +374,7 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
     from ray import tune
 
     trainable = tune.with_resources(
-        tune.with_parameters(named_trainable(trial, cfg.name), job=cli.to_dict(cfg), parent_run_id=job.run_id,
+        tune.with_parameters(named_trainable(trial, cfg.name), cfg_dict=cli.to_dict(cfg), parent_run_id=job.run_id,
                              tracking_uri=job.uri, faults=Faults.from_env().as_dict()),
         {"CPU": cfg.cpus_per_trial})
     tune_dir = (sweep_dir / tune_name(sweep_dir)).uri  # Tune reads and writes local folders and object storage
@@ -392,17 +392,17 @@ def _tuner(cfg: SweepLRJobConfig, job, values: list[float], sweep_dir: Loc):
 def _record_outcome(cfg: SweepLRJobConfig, job, summary: dict, sweep_dir: Loc) -> None:
     """Why the sweep stopped and its best rate, on its MLflow run; a failed sweep or one whose every trial
     diverged ends here with what to do."""
-    job.client.set_tag(job.run_id, TAG_SWEEP_STOP_REASON, summary["stop_reason"])
-    job.client.set_tag(job.run_id, TAG_SWEEP_STOP_DETAIL, summary["stop_detail"])
+    job.set_tag(TAG_SWEEP_STOP_REASON, summary["stop_reason"])
+    job.set_tag(TAG_SWEEP_STOP_DETAIL, summary["stop_detail"])
     edge = edge_warning(load_values(cfg.space), [t["val_loss"] for t in summary["trials"]], summary["stop_reason"])
     summary["edge_warning"] = edge
     if edge is not None:  # a warning, not an error: the rate is still the best of those tried
         print(f"warning: sweep {cfg.name}: {edge['detail']}", file=sys.stderr)
-        job.client.set_tag(job.run_id, TAG_SWEEP_EDGE_WARNING, edge["detail"])
-        job.client.set_tag(job.run_id, TAG_SWEEP_NEXT_RATES, ",".join(f"{v:g}" for v in edge["next"]))
+        job.set_tag(TAG_SWEEP_EDGE_WARNING, edge["detail"])
+        job.set_tag(TAG_SWEEP_NEXT_RATES, ",".join(f"{v:g}" for v in edge["next"]))
     if summary["best_lr"] is not None:
-        job.client.set_tag(job.run_id, TAG_SWEEP_BEST_LR, f"{summary['best_lr']:g}")
-        job.client.log_metric(job.run_id, "sweep/best_lr", summary["best_lr"])
+        job.set_tag(TAG_SWEEP_BEST_LR, f"{summary['best_lr']:g}")
+        job.log_metric("sweep/best_lr", summary["best_lr"])
     if summary["stop_reason"] == "failed":
         # set aside, so that a re-submission starts a new Tune experiment: its trials replay the finished
         # pretraining runs from their records (nothing is trained again) and resume the failed one
