@@ -146,6 +146,29 @@ def test_a_run_the_plan_says_will_not_fit_is_refused_before_data_or_tracking(tmp
     pretrain.preflight_memory(brave, ds_conf, model_cfg)  # no error: the brave start
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """The CPU's flags decide: an AVX2-only CPU (the flags of the machine the 16x slowdown was measured on) refuses
+    a bf16 CPU run before its run folder's lease, naming the CPU and the way out; avx512_bf16, amx_bf16 or Arm's
+    bf16 let it through, as do GPU workers and fp32."""
+    from igpt import hw
+    from igpt.errors import UserError
+    from igpt.train import pretrain_job as pretrain
+
+    avx2 = {"fpu", "sse4_2", "avx", "avx2", "fma"}
+    for ok in ({"avx2", "avx512_bf16"}, {"amx_bf16"}, {"asimd", "bf16"}):
+        hw.check_cpu_precision("bf16", False, "x", flags=ok)
+    hw.check_cpu_precision("bf16", True, "x", flags=avx2)
+    hw.check_cpu_precision("fp32", False, "x", flags=avx2)
+    monkeypatch.setattr(hw, "cpu_flags", lambda: avx2)  # this machine's own flags, whatever they are, set aside
+    cfg = _plan_job(tmp_path, "--model.size", "debug", "--optim.global_batch", "16", "--deepspeed.micro_batch", "8",
+                    "--deepspeed.precision", "bf16")
+    with pytest.raises(UserError, match=r"this run trains in bf16 on CPU workers, but this CPU \(.+\) has no native "
+                                        r"bf16 .*16x slower.*--deepspeed\.precision fp32"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder or its lease
+    assert "native bf16: no" in hw.describe()
+
+
 def test_worker_memory_is_measured_on_the_cluster(tmp_path, ray_local):
     """Without --scaling.worker_mem_gib, CPU workers share the smallest node's Ray memory: XL is refused naming it;
     the debug model passes."""

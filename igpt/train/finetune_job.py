@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from igpt import cli, tune_space
+from igpt import cli, hw, tune_space
 from igpt.config import DeepSpeedConfig, IngestLimits, OptimConfig, ScalingConfig, TrackingConfig, TransformConfig
 from igpt.data import ingest
 from igpt.data.sources import DatasetSpec
@@ -192,6 +192,7 @@ def fit(cfg: FinetuneJobConfig, *, lr: float, folder: str, part: str, epochs: in
     model_cfg = dict(ckpt["model"])
     optim = replace(cfg.optim, lr=lr)
     ds_conf, model_over = deepspeed_config.build(cfg.deepspeed, optim, cfg.scaling.workers, cfg.scaling.use_gpu)
+    hw.check_cpu_precision(deepspeed_config.precision_of(ds_conf), cfg.scaling.use_gpu, "this fine-tuning run")
     model_cfg["activation_checkpointing"] |= bool(model_over.get("activation_checkpointing"))  # XL's preset
     init_ray()  # joins the running runtime (a Tune trial's, or the driver's); sets our Ray Data options
     specs, plans, count, steps_per_epoch = _plan_splits(cfg, part)

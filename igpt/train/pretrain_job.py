@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import ray
 
-from igpt import cli
+from igpt import cli, hw
 from igpt.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -167,6 +167,7 @@ def run(cfg: PretrainJobConfig) -> dict:
     if not cfg.palette_path:
         raise UserError("palette_path is required (fit one with pipelines.fit_palette)")
     sched, plan, ds_conf, model_cfg = resolve(cfg)
+    hw.check_cpu_precision(deepspeed_config.precision_of(ds_conf), cfg.scaling.use_gpu, "this run")
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
