@@ -217,6 +217,10 @@ def test_a_trial_learns_and_keeps_the_best_epoch_evaluated_on_every_held_out_ima
     gen = metric(client, out["run_id"], "train/loss_gen")
     assert np.allclose(np.array(clf) + np.array(gen), total)
     assert len(metric(client, out["run_id"], "epoch/loss_clf")) == 3
+    # every step's data wait (the slowest rank's, seconds and share of the step), and the run's share
+    shares = metric(client, out["run_id"], "train/data_wait_share")
+    assert len(shares) == len(metric(client, out["run_id"], "train/data_wait_s")) == out["steps"]
+    assert all(0 <= v <= 1 for v in shares) and 0 <= run.data.metrics["summary/data_wait_share"] <= 1
     acc = metric(client, out["run_id"], "val/accuracy")
     assert out["best_val_accuracy"] == max(acc) and out["best_epoch"] == acc.index(max(acc)) + 1
     assert run.data.metrics["best/val_accuracy"] == max(acc)

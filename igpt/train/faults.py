@@ -1,4 +1,4 @@
-"""Fault injection for tests: a worker that dies abruptly or a loss that turns NaN at a given step.
+"""Fault injection for tests: a worker that dies abruptly, a loss that turns NaN at a given step, slow data.
 
 Faults are named in the environment of the job's driver (``IGPT_FAULTS``, JSON), never in a user's flags or a
 run's MLflow params; the driver hands them to its workers (and a sweep to its trials), so a test arms them with
@@ -21,6 +21,8 @@ class Faults:
     fail_rank: int = 1
     nan_at_step: int = -1
     """the loss of this step (1-based) is multiplied by NaN, gradients included; -1: never"""
+    data_delay_s: float = 0.0
+    """every micro-batch reaches the step this many seconds late: a data path that does not keep up"""
 
     @classmethod
     def from_env(cls) -> Faults:

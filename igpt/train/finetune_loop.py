@@ -18,6 +18,7 @@ import hashlib
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,9 +227,11 @@ class Finetuning:
         """One epoch of optimizer steps; (the step reached, the epoch's summed clf loss, gen loss and steps)."""
         epoch_sums = torch.zeros(3, dtype=torch.float64)
         for _ in range(self.spec.steps_per_epoch):
+            t0 = time.perf_counter()
             sums = torch.stack(self.t.step(batches, self._loss)).sum(0)  # clf, gen, correct, images
             step += 1
             dist.all_reduce(sums)
+            wait = self.t.data_wait(time.perf_counter() - t0, 1, step)
             clf_mean, gen_mean = (sums[:2] / (self.t.accum * self.t.world)).tolist()
             if not (math.isfinite(clf_mean) and math.isfinite(gen_mean)):
                 raise FloatingPointError(f"loss is not finite at step {step} (clf {clf_mean}, gen {gen_mean}): "
@@ -236,7 +239,7 @@ class Finetuning:
             epoch_sums += torch.tensor([clf_mean, gen_mean, 1.0], dtype=torch.float64)
             self.t.log({"train/loss": self.spec.clf_weight * clf_mean + gen_mean, "train/loss_clf": clf_mean,
                         "train/loss_gen": gen_mean, "train/accuracy": float(sums[2] / sums[3]),
-                        "train/lr": self.t.lr()}, step)
+                        "train/lr": self.t.lr(), **wait}, step)
         return step, epoch_sums
 
     def run(self) -> None:
@@ -265,6 +268,8 @@ class Finetuning:
         if not early_stopping:  # a refit keeps its last epoch
             best_epoch = epoch
             self.keep_weights(epoch=epoch)
+        if self.t.client and self.t.data_wait_share() is not None:  # the first window (start-up) left out
+            self.t.log({"summary/data_wait_share": self.t.data_wait_share()}, step)
         result = {"epochs": epoch, "steps": step, "best_epoch": best_epoch, "stopped_early": stopped_early}
         if early_stopping:
             result.update(best_val_accuracy=best_acc, val_images=val_images)

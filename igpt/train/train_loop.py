@@ -129,6 +129,8 @@ class Pretraining:
     def _next_batch(self) -> torch.Tensor:
         try:
             b = next(self.stream)
+            if self.faults.data_delay_s:
+                time.sleep(self.faults.data_delay_s)  # test fault: a data path slower than the step
         except StopIteration:  # the planned passes hold a spare epoch; only many undecodable records get here
             s = self.spec
             raise RuntimeError(
@@ -177,7 +179,8 @@ class Pretraining:
                 if first and self.t.client:  # a resume's cost: engine, checkpoint, stream to its position, a step
                     self.t.log({"train/seconds_to_first_step": time.perf_counter() - self.started}, self.step)
                 self._check_finite(mean)
-                self._log_step(mean, lr, (time.perf_counter() - t0) / len(window))
+                seconds = time.perf_counter() - t0
+                self._log_step(mean, lr, seconds / len(window), self.t.data_wait(seconds, len(window), self.step))
                 first, window, t0 = False, [], time.perf_counter()
             if evaluate:
                 val = self._evaluate()
@@ -191,6 +194,8 @@ class Pretraining:
                 self._save()
             if evaluate or save:
                 t0 = time.perf_counter()  # the step time measures steps, not evaluations or checkpoints
+        if self.t.client and self.t.data_wait_share() is not None:  # this attempt's, its first window left out
+            self.t.log({"summary/data_wait_share": self.t.data_wait_share()}, self.step)
 
     def _maybe_die(self) -> None:
         f = self.faults
@@ -207,12 +212,12 @@ class Pretraining:
             (self.run_dir / NONFINITE).write_text(f"loss {mean} at step {self.step}\n")
         raise FloatingPointError(f"loss is {mean} at step {self.step}: stopping (lower optim.lr, or check the data)")
 
-    def _log_step(self, mean: float, lr: float, seconds: float) -> None:
+    def _log_step(self, mean: float, lr: float, seconds: float, data_wait: dict) -> None:
         if not self.t.client or self.step <= self.logged_until:
             return
         tok_s = self.spec.global_batch * self.model.cfg.n_ctx / seconds
         vals = {"train/loss": mean, "train/bits_per_token": mean / math.log(2), "train/lr": lr,
-                "train/tokens_per_s": tok_s,
+                "train/tokens_per_s": tok_s, **data_wait,
                 "train/mfu": tok_s * self.model.cfg.train_flops_per_token() / (self.peak * self.t.world)}
         gn = self.t.engine.get_global_grad_norm()
         if gn is not None:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from igpt.storage import Loc
+from igpt.track.tags import TAG_WARNING
 from igpt.train.checkpoints import full_fp32_state_dict, newest_complete, prune, rank_file, read_marker, write_marker
 from igpt.train.optim import lr_factor
 
@@ -50,6 +51,11 @@ class RunSpec:
     """the run's palette centres ((K, 3) in [-1, 1]), saved with the weights"""
     run_dir: str = ""
     """where checkpoints go (pretraining); empty: the run keeps no checkpoints"""
+
+
+DATA_WAIT_WARN = 0.10
+"""a run whose steps spend more than this share of their time blocked on the next micro-batch (the slowest rank's,
+over every logged window after the first, which holds the stream's start-up) gets a warning and a tag"""
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -89,6 +95,9 @@ class Trainer:
         self.accum = self.engine.gradient_accumulation_steps()
         self.micro = self.engine.train_micro_batch_size_per_gpu()
         self.client = MlflowClient(spec.tracking_uri) if self.rank == 0 else None
+        self.waited = 0.0  # seconds blocked on the next micro-batch since the last data_wait()
+        self.wait_totals = [0.0, 0.0, 0]  # after the first window: waited (slowest rank), seconds; windows
+        self.wait_warned = False
         self.system = None
         if self.rank == 0:  # MLflow's system metrics (CPU, memory, disk, network; GPU with pynvml) of rank 0's node
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -117,7 +126,10 @@ class Trainer:
         accumulates. Returns what was kept, one per micro-batch."""
         kept = []
         for _ in range(self.accum):
-            loss, keep = loss_of(self.engine, next(micro_batches))
+            t = time.perf_counter()
+            batch = next(micro_batches)
+            self.waited += time.perf_counter() - t
+            loss, keep = loss_of(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
             kept.append(keep)
@@ -127,6 +139,37 @@ class Trainer:
         values = values.clone()
         dist.all_reduce(values)
         return values / self.world
+
+    def data_wait(self, seconds: float, steps: int, step: int) -> dict:
+        """Collective (every rank calls it): of the ``steps`` steps that took ``seconds`` since the last call, the
+        seconds per step this rank was blocked on its next micro-batch and their share of the step, the max over
+        ranks (the others wait for the slowest in the gradient all-reduce). Warns once (stderr and the tag
+        ``igpt.warning.data_wait``) when the share over the run so far passes :data:`DATA_WAIT_WARN`."""
+        w = torch.tensor([self.waited / max(steps, 1), self.waited / max(seconds, 1e-9)], device=self.device)
+        dist.all_reduce(w, op=dist.ReduceOp.MAX)
+        self.waited = 0.0
+        per_step, share = w.tolist()
+        totals = self.wait_totals
+        if totals[2] > 0:  # the first window (the stream's start-up) is not counted
+            totals[0], totals[1] = totals[0] + share * seconds, totals[1] + seconds
+        totals[2] += 1
+        if totals[2] >= 3 and not self.wait_warned and totals[0] / max(totals[1], 1e-9) > DATA_WAIT_WARN:
+            self.wait_warned = True  # once per run attempt
+            note = (f"the step waited on data for {totals[0] / totals[1]:.0%} of its time (slowest rank, up to step "
+                    f"{step}): the data path does not keep up. Give each worker more CPUs for its reads "
+                    "(--scaling.cpus_per_worker, fewer workers per node), or train from pre-tokenized shards "
+                    "(python -m pipelines.quantize, then --train.format tokens)")
+            if self.rank == 0:
+                import sys
+
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+                self.client.set_tag(self.spec.run_id, f"{TAG_WARNING}data_wait", note[:5000])
+        return {"train/data_wait_s": per_step, "train/data_wait_share": share}
+
+    def data_wait_share(self) -> float | None:
+        """The share of step time spent waiting on data over the windows counted so far (None: none yet)."""
+        waited, seconds, _ = self.wait_totals
+        return waited / seconds if seconds > 0 else None
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def log(self, metrics: dict, step: int) -> None:
