@@ -48,6 +48,7 @@ def store(tmp_path_factory):
     # debug: val/loss lowest (2.9) at step 10, final (3.5) at step 20, and step 20 logged before step 10
     ids["debug"] = _run(client, exp, "debug-ar", "pretrain", 0, tags={"team": "a"},
                         params=_pretrain_params("debug", "ar", 20, 16),
+                        metrics={"summary/data_wait_share": 0.042, "train/tokens_per_s": 12345.0},
                         histories={"val/loss": [(20, 3.5), (10, 2.9)],
                                    "train/loss": [(s, 6.0 - 0.1 * s) for s in range(1, 21)]})
     ids["tiny"] = _run(client, exp, "tiny-bert", "pretrain", 1000, tags={"team": "b"},
@@ -140,9 +141,10 @@ def test_table_files_plots_and_run(store, capsys):
     assert md[1].startswith("|---|---|---|---|---:|")
     cells = [c.strip() for c in md[2].strip("|").split("|")]
     assert cells[:5] == ["debug-ar", "FINISHED", "debug", "ar", "32"]
-    assert cells[10:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert cells[10:] == ["3.5000", "12.3K", "4.20%", "1", "0.50", "35.00%", "20.00%", "-"]  # its data wait
     cells = [c.strip() for c in md[3].strip("|").split("|")]
-    assert cells[0] == "tiny-bert" and cells[10:] == ["2.7000", "2", "0.50", "42.00%", "-", "55.00%"]
+    assert cells[0] == "tiny-bert" and cells[10:] == ["2.7000", "-", "-", "2", "0.50", "42.00%", "-", "55.00%"]
+    assert float(table[0]["data_wait_share"]) == 0.042 and table[1]["data_wait_share"] == ""
     assert "depth = layer / L" in (folder / "table.md").read_text()
 
     printed = capsys.readouterr().out
@@ -150,7 +152,7 @@ def test_table_files_plots_and_run(store, capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
     assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
-    assert re.split(r"\s{2,}", lines[head + 2])[10:] == ["3.5000", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert re.split(r"\s{2,}", lines[head + 2])[10:] == ["3.5000", "12.3K", "4.20%", "1", "0.50", "35.00%", "20.00%", "-"]
     # columns aligned: every row's cells end (right-aligned ones) where the header's do
     assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
     assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed

@@ -110,6 +110,8 @@ class Row:
     finetune_run_id: str | None = None
     lr: float | None = None
     lr_swept: bool = False  # the rate is the best of this size's own sweep (a refit), not one given for all sizes
+    tokens_per_s: float | None = None  # the last logged train/tokens_per_s
+    data_wait_share: float | None = None  # share of step time blocked on data (summary/data_wait_share)
 
     @property
     def lr_text(self) -> str | None:
@@ -263,6 +265,9 @@ def collect(client, exp_id: str, name_like: str = "", tag: str = "", extra_filte
                   lr=float(p["optim.lr"]) if p.get("optim.lr") not in (None, "None") else None,
                   lr_swept=run.data.tags.get(TAG_SWEEP_ROLE) == "refit")
         row.non_embedding_params = non_embedding_params(row.n_layer, row.d_model)
+        row.tokens_per_s = run.data.metrics.get("train/tokens_per_s")
+        row.data_wait_share = run.data.metrics.get("summary/data_wait_share", run.data.metrics.get(
+            "train/data_wait_share"))
         row.tokens, row.compute_flops = model_config.train_compute(row.n_layer, row.d_model, row.resolution, row.steps,
                                                       row.global_batch, _int(p, "model.n_colors"))
         cmp.losses[rid] = {k: _history(client, rid, k) for k in ("val/loss", "train/loss")}
@@ -324,6 +329,8 @@ COLUMNS = [
     ("compute (FLOPs)", "compute_flops", _f(".3g"), True),
     ("lr", "lr_text", lambda x: x or "-", True),
     ("final val loss", "final_val_loss", _f(".4f"), True),
+    ("tokens/s", "tokens_per_s", _si, True),
+    ("data wait", "data_wait_share", _pct, True),
     ("probe layer", "best_layer", _f("d"), True),
     ("probe depth", "best_layer_relative", _f(".2f"), True),
     ("probe acc", "probe_test_accuracy", _pct, True),
@@ -334,7 +341,8 @@ NOTES = ("lr: swept = the best of the size's own sweep (its refit), not swept = 
          "at one rate are confounded); compute = the model's FLOPs per token (attention included, as MFU counts "
          "them) × tokens, tokens = steps "
          "× global batch × IR²; N (non-emb.): parameters less the embeddings and output head; final val loss: "
-         "`val/loss` at the largest step; probe layer: 0 .. L for L blocks (0: the embeddings, L: the final "
+         "`val/loss` at the largest step; tokens/s: the last logged; data wait: the share of step time the slowest rank "
+         "waited on its next batch (the run's, past its first logged window); probe layer: 0 .. L for L blocks (0: the embeddings, L: the final "
          "norm's output), depth = layer / L; accuracies on the test split (probe: the newest trained-weights "
          "probe; random-init: its random-init twin); status: the pretraining run's in MLflow (plots show "
          "FINISHED runs only unless --include_unfinished)")
