@@ -152,7 +152,8 @@ def test_table_files_plots_and_run(store, capsys):
     head = next(i for i, line in enumerate(lines) if line.startswith("name "))
     assert lines[head + 2].startswith("debug-ar ") and lines[head + 3].startswith("tiny-bert")
     assert len({len(line) for line in lines[head:head + 2]}) == 1  # header and rule aligned
-    assert re.split(r"\s{2,}", lines[head + 2])[10:] == ["3.5000", "12.3K", "4.20%", "1", "0.50", "35.00%", "20.00%", "-"]
+    assert re.split(r"\s{2,}", lines[head + 2])[10:] == ["3.5000", "12.3K", "4.20%", "1", "0.50", "35.00%",
+                                                          "20.00%", "-"]
     # columns aligned: every row's cells end (right-aligned ones) where the header's do
     assert lines[head].index("final val loss") + len("final val loss") == lines[head + 3].index("2.7000") + 6
     assert str(folder / "table.csv") in printed and str(folder / "plots" / "loss_curves.png") in printed

@@ -175,7 +175,7 @@ def test_same_seed_gives_byte_identical_shards_locally_and_on_object_storage(tmp
         cfg.tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
         summary = quantize.run(cfg)
         out = Loc(root) / "tok"
-        files = (out / "train").children()
+        files = (out / "train" / "pass-000").children()
         assert len(files) == -(-200 // 17) == summary["shards"]
         assert json.loads((out / "train.summary.json").read_text())["tokenized"] == 200
         assert not (out / "train.partial").exists()

@@ -146,8 +146,10 @@ class _Tokenize:
         self.lut_box, self.t, self.log, self.carry = lut_box, t, log, carry
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        lut = _lut(self.lut_box)
         ir = self.t.resolution
+        if "tokens" in batch.column_names:  # a token split (sources' format "tokens"): counted, nothing decoded
+            return self._pretokenized(batch, ir)
+        lut = _lut(self.lut_box)
         rows, keys, labels, toks = [], [], [], []
         for row, key, label, px, _ in _good_records(batch, self.t, self.log):
             rows.append(row)
@@ -164,6 +166,14 @@ class _Tokenize:
         for c in self.carry:
             out = out.append_column(c, batch[c].take(pa.array(rows, pa.int64())))
         return out
+
+    def _pretokenized(self, batch: pa.Table, ir: int) -> pa.Table:
+        size = batch.schema.field("tokens").type.list_size
+        if size != ir * ir:
+            raise ValueError(f"the token split holds {size} tokens per image; this run's resolution {ir} needs "
+                             f"{ir * ir}")
+        ray.get(self.log.add.remote(batch.num_rows, []))
+        return batch.select(["key", "label", "tokens", *self.carry])
 
 
 def tokenize(ds, lut_ref, t: TransformSpec, log, batch_size: int | None = None, carry: tuple[str, ...] = ()):

@@ -15,16 +15,22 @@ Every reader yields rows with the same columns:
 :func:`check` validates a spec (path exists, split files present, format known) before any work starts, cuts the
 split into small read units (a Parquet row group, a chunk of image files, a tar shard, a CIFAR batch, a chunk of
 STL-10 images) and counts exactly the records it yields.
+
+One more format is no image layout: ``tokens``, the token shards ``pipelines.quantize`` writes (``key``, ``label``,
+``tokens``: one augmented pass per folder ``pass-NNN``), read through the same plan, slots and positions; its rows
+carry ``tokens`` instead of ``image`` and the tokenizer passes them through, so a run decodes nothing.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import json
 import pickle
 import posixpath
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -37,8 +43,8 @@ from igpt.fields import PathStr
 from igpt.fields import field_help as _help
 from igpt.storage import is_remote, local_path
 
-Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10"]
-FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10")
+Format = Literal["parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10", "tokens"]
+FORMATS = ("parquet", "imagefolder", "webdataset", "cifar10", "cifar100", "stl10", "tokens")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 COLUMNS = ("key", "label", "image", "raw_size", "error", "epoch", "slot", "index")
 
@@ -49,7 +55,8 @@ class DatasetSpec:
     format: Format = _help(
         "parquet (key/image/label columns) | imagefolder (ImageNet: <split>/<class>/<file>, or a flat <split>/ "
         "with labels_file) | webdataset (*.tar with <key>.jpg|png + <key>.cls) | cifar10 | cifar100 (python "
-        "pickles: extracted folder or the .tar.gz) | stl10 (stl10_binary folder)",
+        "pickles: extracted folder or the .tar.gz) | stl10 (stl10_binary folder) | tokens (pipelines.quantize's "
+        "output folder <storage_path>/<name>: pre-tokenized, nothing decoded)",
         default="parquet",
     )
     split: str = _help("train | val | test (| unlabeled for stl10)", default="train")
@@ -153,6 +160,7 @@ class Plan:
     classes: list[str] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)  # imagefolder flat split: file name -> label
     units: list[Unit] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # tokens: the split's summary (palette, resolution, passes, seed)
 
 
 Keys = Callable[[Unit], list]  # a unit's record keys, in file order: what the holdout split hashes
@@ -174,6 +182,7 @@ def check(spec: DatasetSpec) -> Plan:
         "cifar10": _plan_cifar,
         "cifar100": _plan_cifar,
         "stl10": _plan_stl10,
+        "tokens": _plan_tokens,
     }[spec.format](spec, fs, root, info)
     if not plan.files:
         raise SpecError(f"no {spec.format} files for split {spec.split!r} under {spec.path}")
@@ -215,28 +224,49 @@ def _split_files(fs, root, info, exts: tuple[str, ...], split: str) -> list[str]
     return [i.path for i in names if posixpath.basename(i.path).startswith((f"{split}-", f"{split}_", f"{split}."))]
 
 
-def _plan_parquet(spec, fs, root, info) -> tuple[Plan, Keys]:
+PLAN_THREADS = 32
+"""Parquet files whose footers (and with a key_prefix, key columns) are read at once when a split is planned: on
+an object store each file is a round trip or more (benchmarks/plan_check.py: 1,000 files, one by one vs at once)"""
+
+
+def _footer(f: str, fs, spec: DatasetSpec, schema_check) -> list[tuple[int, list | None]]:
+    """One Parquet file's row groups as (records, keys or None), its schema checked; a clear error naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f, filesystem=fs)
+    except (OSError, pa.ArrowException) as e:
+        raise SpecError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove or replace "
+                        "it") from None
+    schema_check(f, pf.schema_arrow, spec)
+    groups = []
+    for g in range(pf.metadata.num_row_groups):
+        if spec.key_prefix:  # a unit's records are its matching keys: reads the key column only
+            try:
+                keys = _parquet_keys(pf, g, spec)
+            except (OSError, pa.ArrowException) as e:
+                raise SpecError(f"{f}, row group {g}: its key column cannot be read ({type(e).__name__}: "
+                                f"{e}); remove or replace the file") from None
+            groups.append((len(keys), keys))
+        else:  # every row is a record: the footer says how many
+            groups.append((pf.metadata.row_group(g).num_rows, None))
+    return groups
+
+
+def _plan_parquet(spec, fs, root, info, schema_check=None) -> tuple[Plan, Keys]:
     import pyarrow.parquet as pq
 
     files = _split_files(fs, root, info, (".parquet",), spec.split)
     units, known = [], {}
-    for f in files:  # every file's footer and schema, before any work starts: a bad one is named here
-        try:
-            pf = pq.ParquetFile(f, filesystem=fs)
-        except (OSError, pa.ArrowException) as e:
-            raise SpecError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove or replace "
-                            "it") from None
-        _check_parquet_schema(f, pf.schema_arrow, spec)
-        for g in range(pf.metadata.num_row_groups):
-            if spec.key_prefix:  # a unit's records are its matching keys: reads the key column only
-                try:
-                    known[(f, g)] = _parquet_keys(pf, g, spec)
-                except (OSError, pa.ArrowException) as e:
-                    raise SpecError(f"{f}, row group {g}: its key column cannot be read ({type(e).__name__}: "
-                                    f"{e}); remove or replace the file") from None
-                units.append(Unit(f, g, len(known[(f, g)])))
-            else:  # every row is a record: the footer says how many
-                units.append(Unit(f, g, pf.metadata.row_group(g).num_rows))
+    # every file's footer and schema before any work starts, PLAN_THREADS at once; in file order, so the first
+    # bad file is the one named
+    with ThreadPoolExecutor(max(1, min(PLAN_THREADS, len(files)))) as pool:
+        footers = list(pool.map(lambda f: _footer(f, fs, spec, schema_check or _check_parquet_schema), files))
+    for f, groups in zip(files, footers, strict=True):
+        for g, (take, keys) in enumerate(groups):
+            if keys is not None:
+                known[(f, g)] = keys
+            units.append(Unit(f, g, take))
 
     def keys(u: Unit) -> list:  # only the row groups a holdout count needs, key column only
         if (u.path, u.pos) not in known:
@@ -244,6 +274,44 @@ def _plan_parquet(spec, fs, root, info) -> tuple[Plan, Keys]:
         return known[(u.path, u.pos)]
 
     return Plan(spec, fs, files, units=units), keys
+
+
+TOKEN_PASS = "pass-{:03d}"  # <split>/pass-NNN/: one augmented pass of a token split
+
+
+def _plan_tokens(spec, fs, root, info) -> tuple[Plan, Keys]:
+    """quantize's output: ``<split>.summary.json`` (written last: the split is complete) and the shards of every
+    pass in ``<split>/pass-NNN/``; the units are pass 0's row groups (every pass holds the same records in the same
+    shards: quantize checks it), read in epoch e from pass e mod passes."""
+    done = posixpath.join(root, f"{spec.split}.summary.json")
+    if _info(fs, done).type != pafs.FileType.File:
+        raise SpecError(f"{spec.path} holds no complete token split {spec.split!r}: {spec.split}.summary.json is "
+                        "missing (pipelines.quantize writes it last; run it again to finish the split)")
+    with fs.open_input_stream(done) as fh:
+        meta = json.loads(fh.read())
+    split_dir = posixpath.join(root, spec.split)
+    plan, keys = _plan_parquet(replace(spec, split=TOKEN_PASS.format(0)), fs, split_dir, _info(fs, split_dir),
+                               _check_token_schema)
+    plan.spec, plan.meta = spec, meta
+    return plan, keys
+
+
+def _check_token_schema(path: str, schema: pa.Schema, spec: DatasetSpec) -> None:
+    tokens = schema.field("tokens").type if "tokens" in schema.names else None
+    if "key" not in schema.names or not (pa.types.is_fixed_size_list(tokens) and tokens.value_type == pa.uint16()):
+        raise SpecError(f"{path} is no token shard (key, label, tokens: fixed_size_list<uint16>); has {schema}")
+
+
+def check_token_split(plan: Plan, palette_digest: str, resolution: int, what: str) -> None:
+    """A token split must be of the run's palette and resolution: tokens are palette indices at one size."""
+    m = plan.meta
+    if m.get("palette_digest") != palette_digest:
+        raise UserError(f"{what} ({plan.spec.path}) was tokenized with another palette ({m.get('palette_path')}, "
+                        f"digest {m.get('palette_digest')}) than the run's (digest {palette_digest}): quantize it "
+                        "again with the run's --palette_path")
+    if m.get("resolution") != resolution:
+        raise UserError(f"{what} ({plan.spec.path}) holds {m.get('resolution')}x{m.get('resolution')} images; the "
+                        f"model's resolution is {resolution}: quantize it again at --transform.resolution {resolution}")
 
 
 def _check_parquet_schema(path: str, schema: pa.Schema, spec: DatasetSpec) -> None:
@@ -543,7 +611,8 @@ class _ReadUnits:
 
     def _slot(self, plan: Plan, slot: int) -> pa.Table:
         epoch, unit, part = piece_of(slot, len(plan.units), self.parts, self.seed)
-        t = _READERS[plan.spec.format](plan, plan.units[unit])
+        t = _read_tokens(plan, plan.units[unit], epoch) if plan.spec.format == "tokens" else \
+            _READERS[plan.spec.format](plan, plan.units[unit])
         if self.parts > 1:
             lo, hi = t.num_rows * part // self.parts, t.num_rows * (part + 1) // self.parts
             t = t.slice(lo, hi - lo)
@@ -602,6 +671,20 @@ def _read_parquet(plan: Plan, u: Unit) -> pa.Table:
     label = pc.fill_null(t[s.label_column].cast(pa.int64()), -1)
     return pa.table({"key": t[s.key_column].cast(pa.string()), "label": label, "image": image,
                      "raw_size": pa.array(np.zeros(t.num_rows, np.int32)), "error": errors})
+
+
+def _read_tokens(plan: Plan, u: Unit, epoch: int) -> pa.Table:
+    """A token split's row group in ``epoch``'s pass (pass ``epoch mod passes``): key, label, tokens."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    passes = int(plan.meta.get("passes", 1))
+    path = posixpath.join(posixpath.dirname(posixpath.dirname(u.path)), TOKEN_PASS.format(epoch % passes),
+                          posixpath.basename(u.path))
+    t = pq.ParquetFile(path, filesystem=plan.fs).read_row_group(u.pos, columns=["key", "label", "tokens"])
+    if plan.spec.key_prefix:
+        t = t.filter(pc.starts_with(t["key"], plan.spec.key_prefix))
+    return t.slice(0, u.take)
 
 
 def _unreadable_row_group(plan: Plan, u: Unit, why: str) -> pa.Table:

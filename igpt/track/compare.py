@@ -339,12 +339,12 @@ COLUMNS = [
 ]
 NOTES = ("lr: swept = the best of the size's own sweep (its refit), not swept = one rate given (sizes compared "
          "at one rate are confounded); compute = the model's FLOPs per token (attention included, as MFU counts "
-         "them) × tokens, tokens = steps "
-         "× global batch × IR²; N (non-emb.): parameters less the embeddings and output head; final val loss: "
-         "`val/loss` at the largest step; tokens/s: the last logged; data wait: the share of step time the slowest rank "
-         "waited on its next batch (the run's, past its first logged window); probe layer: 0 .. L for L blocks (0: the embeddings, L: the final "
-         "norm's output), depth = layer / L; accuracies on the test split (probe: the newest trained-weights "
-         "probe; random-init: its random-init twin); status: the pretraining run's in MLflow (plots show "
+         "them) × tokens, tokens = steps × global batch × IR²; N (non-emb.): parameters less the embeddings and "
+         "output head; final val loss: `val/loss` at the largest step; tokens/s: the last logged; data wait: the "
+         "share of step time the slowest rank waited on its next batch (the run's, past its first logged window); "
+         "probe layer: 0 .. L for L blocks (0: the embeddings, L: the final norm's output), depth = layer / L; "
+         "accuracies on the test split (probe: the newest trained-weights probe; random-init: its random-init "
+         "twin); status: the pretraining run's in MLflow (plots show "
          "FINISHED runs only unless --include_unfinished)")
 
 

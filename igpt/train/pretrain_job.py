@@ -171,6 +171,12 @@ def run(cfg: PretrainJobConfig) -> dict:
     palette = Palette.load(cfg.palette_path)
     if len(palette.centres) != cfg.model.n_colors:
         raise UserError(f"palette has {len(palette.centres)} colours, model.n_colors is {cfg.model.n_colors}")
+    if cfg.train.format == "tokens":  # pre-tokenized: of this palette and size; its passes are the augmentations
+        sources.check_token_split(plan, palette.digest, cfg.model.resolution, "--train.path")
+        passes = int(plan.meta.get("passes", 1))
+        if passes < sched.epochs:
+            print(f"note: the token split holds {passes} augmented pass(es) and the run plans {sched.epochs} "
+                  f"epochs: epoch e reads pass e mod {passes}, so its crops and flips repeat", flush=True)
     run_dir = Loc(cfg.storage_path) / cfg.name  # a local folder, or s3://… / gs://…
     with Lease(run_dir):  # one job per run name: a second one fails now, before Ray starts, naming the owner
         check_resumable(run_dir, cfg.scaling.workers)
@@ -247,6 +253,8 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_conf, indent=2))
         init_ray()
         val_plan = sources.check(cfg.val)
+        if cfg.val.format == "tokens":
+            sources.check_token_split(val_plan, palette.digest, cfg.model.resolution, "--val.path")
         if not job.resumed:
             log_splits(job.client, job.run_id, {"train": (cfg.train, plan.count), "val": (cfg.val, val_plan.count)})
         train, val, log = datasets(cfg, palette, plan, val_plan, sched.epochs, report=run_dir / "errors.tsv")
