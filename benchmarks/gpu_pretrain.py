@@ -12,7 +12,7 @@ What it prints, one line per run, in this order (a run whose estimated time woul
    S eager, S compiled (torch.compile: igpt.train.compile), L, M. A run's
    label: size, resolution, ZeRO stage, micro batch, accumulation steps, eager or compiled. Its figures:
    tokens/s; MFU against the card's dense bf16 peak (989 TFLOP/s on H100/H200:
-   igpt.train.train_loop.GPU_PEAK_BF16) from the model FLOPs of ModelConfig.train_flops_per_token (3x the
+   igpt.hw.GPU_PEAK_BF16) from the model FLOPs of ModelConfig.train_flops_per_token (3x the
    forward, no recomputation counted), beside the goal (S >= 35%, L >= 45%); peak GPU memory while training,
    beside the plan's estimate; step time; seconds spent building the engine, warming up (compilation happens
    there) and in the timed window.
@@ -240,8 +240,8 @@ def report(run: Run, r: dict | str) -> str:
 # ---- main ---------------------------------------------------------------------------------------------------
 def dry(gpu_mem_gib: float, budget: float) -> None:
     """The runs, their plans and time estimates, without touching CUDA."""
+    from igpt.hw import GPU_PEAK_BF16
     from igpt.train.plan import plan
-    from igpt.train.train_loop import GPU_PEAK_BF16
 
     runs, extra = planned_runs(gpu_mem_gib)
     peak, total = GPU_PEAK_BF16["H100"], 0.0

@@ -54,6 +54,18 @@ class PlanConfig:
     micro_batch: int | None = _help("per GPU; default: the recipe's (at most global batch / GPUs)", default=None)
     activation_checkpointing: bool = _help("only with activation checkpointing; default: compare off and on",
                                            default=False)
+    gpu: str = _help("the GPU the data path must feed (its dense bf16 peak): H100, H200, A100, L4, A10", default="H100")
+    mfu: float = _help("model FLOPs utilization the data path must keep up with (assumed); in (0, 1]", default=0.4)
+    decode_rate: float = _help("images per second one CPU core decodes, augments and quantizes; 0: measure it here "
+                               "on --decode_data with the recipe's training transform", default=0.0)
+    decode_data: PathStr = _help("Parquet file of images the rate is measured on (default: the shipped CIFAR-10 "
+                                 "sample; give photographs for an ImageNet plan)", default="")
+    recipe: Literal["cifar", "imagenet", "none"] = _help("the training transform of the measured rate",
+                                                         default="cifar")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mfu <= 1 or self.decode_rate < 0:
+            raise ValueError("mfu must be in (0, 1] and decode_rate >= 0")
 
 
 def plan(cfg: PlanConfig) -> str:
@@ -76,7 +88,27 @@ def plan(cfg: PlanConfig) -> str:
                 label += " offl-opt" if cfg.offload_optimizer else ""
                 label += " offl-par" if cfg.offload_params else ""
                 rows.append((label, p))
-    return f"{cfg.gpus} GPUs x {cfg.gpu_mem:g} GiB, {cfg.precision}\n" + table(rows)
+    return f"{cfg.gpus} GPUs x {cfg.gpu_mem:g} GiB, {cfg.precision}\n" + table(rows) + "\n\n" + data_path(cfg)
+
+
+def data_path(cfg: PlanConfig) -> str:
+    """The CPU cores per GPU that keep each size fed (igpt/data/feed.py), from a measured or given rate."""
+    from igpt import hw
+    from igpt.data import feed
+
+    names = ["S", "M", "L", "XL"] if cfg.size == "all" else [cfg.size]
+    res = {n: ModelConfig.from_name(n, resolution=cfg.resolution).resolution for n in names}
+    rates = {r: cfg.decode_rate or feed.decode_rate(cfg.recipe, r, path=cfg.decode_data or None)
+             for r in set(res.values())}
+    where = "given" if cfg.decode_rate else f"measured through the training stream here, {cfg.recipe} recipe, " \
+        f"{hw.describe()}"
+    lines = [f"data path (read + decode + augment + quantize per core: {where}; from pre-tokenized shards only the "
+             "read):"]
+    for n in names:
+        m = ModelConfig.from_name(n, resolution=cfg.resolution)
+        f = feed.Feed(feed.gpu_images_per_s(m, cfg.gpu, cfg.mfu), rates[m.resolution])
+        lines.append("  " + feed.line(n, m, cfg.gpu, cfg.mfu, f))
+    return "\n".join(lines)
 
 
 # ---- sample -----------------------------------------------------------------------------------------------------

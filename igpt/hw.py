@@ -15,6 +15,10 @@ from pathlib import Path
 
 from igpt.errors import UserError
 
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+"""dense bf16 FLOP/s of each GPU (datasheets, no sparsity): what MFU is taken against; a name matches a device name
+that contains it (``NVIDIA A10G`` is an A10)"""
+
 NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16")
 """CPU feature flags (``/proc/cpuinfo``: x86 ``flags``, Arm ``Features``) that mean bf16 arithmetic in hardware"""
 

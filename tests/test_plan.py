@@ -102,3 +102,39 @@ def test_the_gpu_benchmark_plans_s_m_l_at_the_best_micro_batch_within_its_budget
                         ["XL", "64x64", "z3", "mb1", "x1", "eager"]]
     total = float(out.splitlines()[-1].split("~")[1].split()[0])
     assert total < 600  # one device call of at most 10 minutes
+
+
+def test_the_data_path_plan_is_cores_per_gpu_at_the_training_streams_measured_rate(ray_local):
+    """``igpt plan``'s data-path line: the images/s a GPU trains on at the assumed MFU (datasheet peak x MFU over
+    the model's FLOPs per image) divided by the rate per core the plan measures through a worker's training stream.
+    That rate is checked against the same work measured apart, in this process on one core with no Ray (decode,
+    crop and flip, lookup table): per CPU the stream does that work and more, so it cannot be much faster, and its
+    overhead is bounded."""
+    import re
+    import time
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from igpt.commands import PlanConfig, data_path
+    from igpt.data import feed, ingest
+    from igpt.data.palette import Palette
+
+    from .conftest import SAMPLE
+
+    m = ModelConfig.from_name("S")
+    per_gpu = feed.gpu_images_per_s(m, "H100", 0.4)
+    assert per_gpu == pytest.approx(989e12 * 0.4 / (m.train_flops_per_token() * 32 * 32))
+    rate = feed.decode_rate("cifar", 32)
+    rows = pq.read_table(SAMPLE, columns=["key", "image"]).to_pylist()
+    lut = Palette(np.random.default_rng(1).uniform(-1, 1, (512, 3)).astype(np.float32)).lut
+    t, t0 = ingest.TransformSpec("cifar", 32, True, 0, 0), time.perf_counter()
+    for r in rows:
+        lut[ingest.colour_keys(ingest.record_pixels(r["image"], 0, r["key"], t))]
+    bare = len(rows) / (time.perf_counter() - t0)
+    assert bare / 20 < rate < 1.5 * bare, (rate, bare)
+    out = data_path(PlanConfig(size="S", decode_rate=rate))
+    cores = float(re.search(r"-> ([\d.]+) CPU cores per GPU", out).group(1))
+    assert cores == pytest.approx(per_gpu / rate, abs=0.006) and "S IR32" in out
+    with pytest.raises(ValueError, match="unknown GPU 'V100'"):
+        feed.gpu_images_per_s(m, "V100", 0.4)

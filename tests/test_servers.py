@@ -169,6 +169,8 @@ def _study_argv(servers, root: Loc) -> list[str]:
             "--scaling.cpus_per_worker", "0.2", "--cpus_per_rung", "0.05", "--cpus_per_trial", "0.05",
             "--val_images", "16", "--palette.max_iter", "5", "--palette.sample_pixels", "50000",
             "--probe_space", str(space), "--no-pixels", "--n_boot", "200",
+            # the training split decoded once, in 2 augmented passes, for every rung's trials and refit
+            "--pretokenize", "2",
             "--tracking.tracking_uri", servers["tracking"], "--tracking.experiment", "served"]
 
 
@@ -282,6 +284,9 @@ def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_a
             child = client.get_run(t["run_id"])
             assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
             assert float(child.data.params["optim.lr"]) == t["lr"] and child.data.params["train.part"] == "rest"
+            # trained on the study's token split, validated on the held-out records' own images
+            assert (child.data.params["train.format"], child.data.params["val.format"]) == ("tokens", "parquet")
+            assert child.data.params["val.part"] == "holdout" and child.data.metrics["data/records_read"] > 0
             assert child.info.status == ("FAILED" if t["diverged"] else "FINISHED")
             assert child.data.metrics.get("train/nonfinite_loss", 0.0) == (1.0 if t["diverged"] else 0.0)
         refit = client.get_run(parent.data.tags["sweep.refit_run_id"])
@@ -291,6 +296,11 @@ def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_a
         assert parent.data.metrics["refit/val_loss"] == pytest.approx(summary["val_loss"])
     assert {"loss_vs_N.png", "probe_vs_loss.png"} <= {
         Path(a.path).name for a in client.list_artifacts(study_id, "report/plots")}
+    # one tokenization for the whole study, through the stop and the resubmission: one quantize run, 2 passes
+    tokens = json.loads((study_job["root"] / "tokens" / "train.summary.json").read_text())
+    assert tokens["passes"] == 2 and tokens["augment"] and tokens["tokenized"] > 0
+    assert len(client.search_runs([exp], f"tags.`igpt.study_run_id` = '{study_id}' AND "
+                                        "tags.`igpt.job` = 'quantize'")) == 1
 
 
 def test_submitted_pipeline_succeeds_and_mlflow_has_it_over_http(servers, study_job, tmp_path):

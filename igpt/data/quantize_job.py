@@ -121,7 +121,7 @@ def run(cfg: QuantizeJobConfig) -> dict:
                    # what a run training from the split must agree with (sources.check_token_split)
                    "palette_digest": palette.digest, "palette_path": cfg.palette_path, "resolution": t.ir,
                    "recipe": t.recipe, "augment": t.augment, "seed": t.seed,
-                   "pass_epochs": [t.epoch + p for p in range(cfg.passes)]}
+                   "pass_epochs": [t.epoch + p for p in range(cfg.passes)], "source": cli.to_dict(cfg.data)}
         done.write_text(json.dumps(summary, indent=2))  # last: the split is complete
         job.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))
                          and not isinstance(v, bool)})

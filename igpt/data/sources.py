@@ -296,6 +296,20 @@ def _plan_tokens(spec, fs, root, info) -> tuple[Plan, Keys]:
     return plan, keys
 
 
+def image_source(spec: DatasetSpec) -> DatasetSpec:
+    """The images a split was made from: itself, or for a token split the source quantize read (its summary says),
+    with the same holdout and part: the same records, un-augmented (a validation split is never augmented)."""
+    if spec.format != "tokens":
+        return spec
+    fs, root = _fs(spec.path)
+    try:
+        with fs.open_input_stream(posixpath.join(root, f"{spec.split}.summary.json")) as fh:
+            source = json.loads(fh.read())["source"]
+    except (FileNotFoundError, OSError, KeyError) as e:
+        raise SpecError(f"{spec.path}: no complete token split {spec.split!r} naming its source ({e})") from None
+    return replace(DatasetSpec(**source), holdout=spec.holdout, part=spec.part)
+
+
 def _check_token_schema(path: str, schema: pa.Schema, spec: DatasetSpec) -> None:
     tokens = schema.field("tokens").type if "tokens" in schema.names else None
     if "key" not in schema.names or not (pa.types.is_fixed_size_list(tokens) and tokens.value_type == pa.uint16()):

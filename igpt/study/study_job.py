@@ -176,6 +176,10 @@ class StudyJobConfig(StageData):
     random_init: bool = _help("also extract and probe each rung's random-init twin", default=False)
     val_images: int = _help("validation images per evaluation of pretraining (0: the whole test split)",
                             default=200)
+    pretokenize: int = _help("0: every run decodes its training images; N >= 1: the training split is tokenized "
+                             "once into N augmented passes (pass p: epoch p's crops and flips) that every rung's "
+                             "runs read (epoch e: pass e mod N): N decodes of the split for the whole study",
+                             default=0)
     n_boot: int = _help("bootstrap resamples of the scaling-law fits; >= 100", default=1000)
     tracking: StoreConfig = field(default_factory=StoreConfig)
 
@@ -189,8 +193,8 @@ class StudyJobConfig(StageData):
         labels = [r.label for r in rungs]
         if len(set(labels)) != len(labels):
             raise ValueError(f"ladder: a rung is given twice: {labels}")
-        if self.steps < 1 or self.flops < 0 or self.n_boot < 100:
-            raise ValueError("steps must be >= 1, flops >= 0 and n_boot >= 100")
+        if self.steps < 1 or self.flops < 0 or self.n_boot < 100 or self.pretokenize < 0:
+            raise ValueError("steps must be >= 1, flops >= 0, n_boot >= 100 and pretokenize >= 0")
         if not 0.0 < self.trial_fraction <= 1.0 or not 0.0 < self.sweep_holdout < 1.0:
             raise ValueError("trial_fraction must be in (0, 1] and sweep_holdout in (0, 1)")
         if self.max_concurrent_rungs < 0:
@@ -244,10 +248,14 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
     store = dict(tracking_uri=cfg.tracking.tracking_uri or _default_uri(root), experiment=cfg.tracking.experiment)
     train, test = cfg.data.split("train"), cfg.data.split("test")
     eval_transform = TransformConfig(recipe=cfg.recipe, resolution=cfg.resolution, seed=cfg.seed)
+    study_tags = f"{TAG_STUDY}={cfg.name}" + (f",{TAG_STUDY_RUN_ID}={study_run_id}" if study_run_id else "")
     out = {"palette": FitPaletteJobConfig(
         name="palette", storage_path=str(root), data=train, transform=eval_transform, palette=cfg.palette,
-        tracking=TrackingConfig(**store, tags=f"{TAG_STUDY}={cfg.name}" + (
-            f",{TAG_STUDY_RUN_ID}={study_run_id}" if study_run_id else "")))}
+        tracking=TrackingConfig(**store, tags=study_tags))}
+    trained_on = train
+    if cfg.pretokenize:  # the rungs train on its token split; features and validation stay on the images
+        out["tokens"], trained_on = _tokens_stage(cfg, root, train, palette_path, TrackingConfig(**store,
+                                                                                                 tags=study_tags))
     for r in cfg.rungs():
         tags = _tags(cfg, r.label, study_run_id or "-", source)
         steps = cfg.rung_steps(r)
@@ -256,7 +264,8 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
                                               (cfg.optim.global_batch or 0) // cfg.scaling.workers or None)
         ds = DeepSpeedConfig(micro_batch=micro) if cfg.preset_per_size else replace(cfg.deepspeed, micro_batch=micro)
         pre = PretrainJobConfig(
-            name=r.label, storage_path=str(root / "train"), palette_path=palette_path or "-", train=train, val=test,
+            name=r.label, storage_path=str(root / "train"), palette_path=palette_path or "-", train=trained_on,
+            val=test,
             val_images=cfg.val_images, transform=replace(PretrainJobConfig().transform, recipe=cfg.recipe,
                                                          resolution=cfg.resolution, seed=cfg.seed),
             model=cfg.model(r), optim=cfg.optim, deepspeed=ds,
@@ -283,6 +292,16 @@ def stage_configs(cfg: StudyJobConfig, palette_path: str = "", study_run_id: str
     out["compare"] = CompareJobConfig(name="compare", storage_path=str(root), tag=f"{TAG_STUDY}={cfg.name}",
                                       tracking=TrackingConfig(**store))
     return out
+
+
+def _tokens_stage(cfg: StudyJobConfig, root: Loc, train: DatasetSpec, palette_path: str, tracking):
+    """The quantize job that tokenizes the training split once for every rung, and the token split it writes."""
+    from igpt.data.quantize_job import QuantizeJobConfig
+
+    job = QuantizeJobConfig(name="tokens", storage_path=str(root), palette_path=palette_path or "-", data=train,
+                            transform=TransformConfig(recipe=cfg.recipe, resolution=cfg.resolution, augment=True,
+                                                      seed=cfg.seed), passes=cfg.pretokenize, tracking=tracking)
+    return job, DatasetSpec(str(root / "tokens"), "tokens", train.split)
 
 
 def study_root(cfg) -> Loc:
@@ -419,6 +438,8 @@ def run(cfg: StudyJobConfig) -> dict:
         if finished:
             print(f"resuming study {cfg.name}: rungs {', '.join(finished)} finished, read back from their records")
         palette_path = cfg.palette.path or _palette(cfg, root, job, timings)
+        if cfg.pretokenize:
+            _tokens(cfg, root, job, palette_path, timings)
         finished.update(_run_rungs(cfg, [r.label for r in rungs if r.label not in finished], palette_path, job))
         for label in (r.label for r in rungs):
             timings.update(finished.get(label, {}).get("timings", {}))
@@ -449,6 +470,20 @@ def _palette(cfg: StudyJobConfig, root: Loc, job, timings: dict) -> str:
         stage_configs(cfg, "", job.run_id)["palette"])["palette"]
     timings["palette"] = time.perf_counter() - t
     return path
+
+
+def _tokens(cfg: StudyJobConfig, root: Loc, job, palette_path: str, timings: dict) -> None:
+    """The training split tokenized once (``--pretokenize`` passes), or read back when a resumed study has it."""
+    from igpt.data import quantize_job as quantize
+    from igpt.data.palette import Palette
+
+    kept = root / "tokens" / f"{cfg.data.split('train').split}.summary.json"
+    if kept.exists() and json.loads(kept.read_text()).get("palette_digest") == Palette.load(palette_path).digest \
+            and json.loads(kept.read_text()).get("passes") == cfg.pretokenize:
+        return
+    t = time.perf_counter()
+    quantize.run(stage_configs(cfg, palette_path, job.run_id)["tokens"])
+    timings["tokens"] = time.perf_counter() - t
 
 
 def _run_rungs(cfg: StudyJobConfig, todo: list[str], palette_path: str, job) -> dict:

@@ -255,6 +255,9 @@ def _train(cfg: PretrainJobConfig, sched: Schedule, plan: sources.Plan, ds_conf:
         val_plan = sources.check(cfg.val)
         if cfg.val.format == "tokens":
             sources.check_token_split(val_plan, palette.digest, cfg.model.resolution, "--val.path")
+            if val_plan.meta.get("augment"):
+                raise UserError(f"--val.path {cfg.val.path} holds augmented tokens (random crops and flips): "
+                                "validate on its source's images, or on a split quantized without --transform.augment")
         if not job.resumed:
             log_splits(job.client, job.run_id, {"train": (cfg.train, plan.count), "val": (cfg.val, val_plan.count)})
         train, val, log = datasets(cfg, palette, plan, val_plan, sched.epochs, report=run_dir / "errors.tsv")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from ray.tune.search import Searcher
 
 from igpt import cli, tune_space
+from igpt.data import sources
 from igpt.errors import UserError
 from igpt.fields import PathStr
 from igpt.fields import field_help as _help
@@ -208,8 +209,8 @@ def pretrain_config(cfg: SweepLRJobConfig, lr: float, parent_run_id: str | None,
     d["schedule_fraction"] = 1.0 if refit else cfg.trial_fraction
     rest, holdout, every = cfg.pretrain.train.held_out_split(cfg.holdout)
     d["train"] = cli.to_dict(every if refit else rest)
-    if not refit:
-        d["val"] = cli.to_dict(holdout)
+    if not refit:  # a token split's held-out records are validated on their source's images, un-augmented
+        d["val"] = cli.to_dict(sources.image_source(holdout))
     return cli.from_dict(PretrainJobConfig, d)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from igpt import hw
 from igpt.data.palette import Palette
 from igpt.data.stream import TrainStream
 from igpt.model import IGPT, ModelConfig
@@ -49,13 +50,10 @@ def cpu_peak_flops(seconds: float = 0.3) -> float:
     return n * 2 * 1024**3 / (time.perf_counter() - t)
 
 
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
-
 def device_peak_flops(use_gpu: bool) -> tuple[float, str]:
     if use_gpu and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for k, v in GPU_PEAK_BF16.items():
+        for k, v in hw.GPU_PEAK_BF16.items():
             if k in name:
                 return v, f"{name}: {v / 1e12:.0f} TFLOP/s dense bf16 (datasheet)"
     peak = cpu_peak_flops()
