@@ -286,7 +286,8 @@ def test_a_study_runs_its_rungs_at_once_stops_killed_resumes_without_rerunning_a
             assert float(child.data.params["optim.lr"]) == t["lr"] and child.data.params["train.part"] == "rest"
             # trained on the study's token split, validated on the held-out records' own images
             assert (child.data.params["train.format"], child.data.params["val.format"]) == ("tokens", "parquet")
-            assert child.data.params["val.part"] == "holdout" and child.data.metrics["data/records_read"] > 0
+            assert child.data.params["val.part"] == "holdout"
+            assert t["diverged"] or child.data.metrics["data/records_read"] > 0  # tokens read, none decoded
             assert child.info.status == ("FAILED" if t["diverged"] else "FINISHED")
             assert child.data.metrics.get("train/nonfinite_loss", 0.0) == (1.0 if t["diverged"] else 0.0)
         refit = client.get_run(parent.data.tags["sweep.refit_run_id"])
