@@ -79,12 +79,12 @@ def metrics(store: Path, name: str) -> dict:
             "train_s": (loss[-1].timestamp - loss[0].timestamp) / 1000, "steps": loss[-1].step - loss[0].step}
 
 
-def data_wait(out: Path, steps: dict[str, int]) -> list[tuple]:
+def data_wait(out: Path, steps: dict[str, int], sizes: list[str]) -> list[tuple]:
     store, pal = out / "runs", palette(ROOT, out)
     live = ["--train.path", str(SAMPLE), "--train.key_prefix", "train/"]
     val = ["--val.path", str(SAMPLE), "--val.key_prefix", "test/"]
     rows = []
-    for size, res in (("small", 32), ("debug", 16)):
+    for size, res in [(s, r) for s, r in (("small", 32), ("debug", 16)) if s in sizes]:
         t0 = time.time()
         _job(ROOT, "pipelines.quantize", [
             "--name", f"tok{res}", "--storage_path", str(out), "--palette_path", str(pal), "--data.path",
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--small_steps", type=int, default=60)
     ap.add_argument("--debug_steps", type=int, default=200)
     ap.add_argument("--skip_baseline", action="store_true")
+    ap.add_argument("--sizes", nargs="+", default=["small", "debug"], choices=["small", "debug"])
+    ap.add_argument("--skip_long", action="store_true", help="part 1 only")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from igpt import hw
@@ -124,10 +126,11 @@ def main() -> None:
     print(hw.describe(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        rows = data_wait(tmp / "wait", {"small": args.small_steps, "debug": args.debug_steps})
-        longs = {"this tree": long_run(ROOT, tmp / "t", args.long_steps)}
-        print(f"  this tree: {args.long_steps} steps in {longs['this tree']['train_s']:.0f} s", flush=True)
-        if not args.skip_baseline:
+        rows = data_wait(tmp / "wait", {"small": args.small_steps, "debug": args.debug_steps}, args.sizes)
+        longs = {} if args.skip_long else {"this tree": long_run(ROOT, tmp / "t", args.long_steps)}
+        if longs:
+            print(f"  this tree: {args.long_steps} steps in {longs['this tree']['train_s']:.0f} s", flush=True)
+        if not args.skip_baseline and not args.skip_long:
             base = tmp / f"baseline-{args.baseline}"
             subprocess.run(["git", "worktree", "add", "--detach", str(base), args.baseline], cwd=ROOT, check=True,
                            capture_output=True)
