@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from resume import palette  # benchmarks/resume.py: the same random palette file, written by the tree's own code
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "igpt" / "data" / "cifar10_sample.parquet"
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10"
@@ -44,16 +46,6 @@ def _job(tree: Path, module: str, argv: list[str]) -> None:
                           text=True)
     if done.returncode:
         raise SystemExit(f"{tree}: {module} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-
-
-def palette(tree: Path, out: Path) -> Path:
-    path = out / "palette.npy"
-    if not path.exists():
-        code = ("import numpy as np; from igpt.data.palette import Palette; "
-                "Palette(np.random.default_rng(0).uniform(-1, 1, (512, 3)).astype(np.float32))"
-                f".save({str(path)!r})")
-        subprocess.run([sys.executable, "-c", code], cwd=tree, env=_env(tree), check=True)
-    return path
 
 
 def pretrain(tree: Path, store: Path, name: str, pal: Path, size: str, res: int, steps: int, train: list[str],
