@@ -12,6 +12,7 @@ that every rank's RNG state was saved). The driver decides everything up front i
 from __future__ import annotations
 
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -160,8 +161,6 @@ class Trainer:
                     "(--scaling.cpus_per_worker, fewer workers per node), or train from pre-tokenized shards "
                     "(python -m pipelines.quantize, then --train.format tokens)")
             if self.rank == 0:
-                import sys
-
                 print(f"warning: {note}", file=sys.stderr, flush=True)
                 self.client.set_tag(self.spec.run_id, f"{TAG_WARNING}data_wait", note[:5000])
         return {"train/data_wait_s": per_step, "train/data_wait_share": share}
