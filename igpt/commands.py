@@ -96,16 +96,15 @@ def data_path(cfg: PlanConfig) -> str:
     from igpt import hw
     from igpt.data import feed
 
-    names = ["S", "M", "L", "XL"] if cfg.size == "all" else [cfg.size]
-    res = {n: ModelConfig.from_name(n, resolution=cfg.resolution).resolution for n in names}
+    models = {n: ModelConfig.from_name(n, resolution=cfg.resolution)
+              for n in (["S", "M", "L", "XL"] if cfg.size == "all" else [cfg.size])}
     rates = {r: cfg.decode_rate or feed.decode_rate(cfg.recipe, r, path=cfg.decode_data or None)
-             for r in set(res.values())}
+             for r in {m.resolution for m in models.values()}}
     where = "given" if cfg.decode_rate else f"measured through the training stream here, {cfg.recipe} recipe, " \
         f"{hw.describe()}"
     lines = [f"data path (read + decode + augment + quantize per core: {where}; from pre-tokenized shards only the "
              "read):"]
-    for n in names:
-        m = ModelConfig.from_name(n, resolution=cfg.resolution)
+    for n, m in models.items():
         f = feed.Feed(feed.gpu_images_per_s(m, cfg.gpu, cfg.mfu), rates[m.resolution])
         lines.append("  " + feed.line(n, m, cfg.gpu, cfg.mfu, f))
     return "\n".join(lines)

@@ -66,6 +66,10 @@ def test_each_pass_is_the_live_streams_epoch_and_a_split_is_read_only_when_compl
         assert all(np.array_equal(got[(k, epoch)], live[k]) for k in keys), epoch
     assert any(not np.array_equal(got[(k, 0)], got[(k, 1)]) for k in keys)  # two augmentations
     assert all(np.array_equal(got[(k, 2)], got[(k, 0)]) for k in keys)  # epoch 2 reads pass 0 again
+    # its held-out records' own images: the source quantize read, with the same holdout and part
+    src = sources.image_source(DatasetSpec(tokens["path"], "tokens", "train", holdout=0.1, part="holdout"))
+    assert (src.path, src.format, src.key_prefix, src.holdout, src.part) == (str(SAMPLE), "parquet", "train/", 0.1,
+                                                                             "holdout")
     # a run must agree with the split's palette and resolution
     with pytest.raises(UserError, match="another palette"):
         sources.check_token_split(plan, "0" * 16, RES, "--train.path")

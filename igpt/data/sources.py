@@ -283,12 +283,7 @@ def _plan_tokens(spec, fs, root, info) -> tuple[Plan, Keys]:
     """quantize's output: ``<split>.summary.json`` (written last: the split is complete) and the shards of every
     pass in ``<split>/pass-NNN/``; the units are pass 0's row groups (every pass holds the same records in the same
     shards: quantize checks it), read in epoch e from pass e mod passes."""
-    done = posixpath.join(root, f"{spec.split}.summary.json")
-    if _info(fs, done).type != pafs.FileType.File:
-        raise SpecError(f"{spec.path} holds no complete token split {spec.split!r}: {spec.split}.summary.json is "
-                        "missing (pipelines.quantize writes it last; run it again to finish the split)")
-    with fs.open_input_stream(done) as fh:
-        meta = json.loads(fh.read())
+    meta = _token_summary(spec, fs, root)
     split_dir = posixpath.join(root, spec.split)
     plan, keys = _plan_parquet(replace(spec, split=TOKEN_PASS.format(0)), fs, split_dir, _info(fs, split_dir),
                                _check_token_schema)
@@ -296,18 +291,26 @@ def _plan_tokens(spec, fs, root, info) -> tuple[Plan, Keys]:
     return plan, keys
 
 
+def _token_summary(spec: DatasetSpec, fs, root: str) -> dict:
+    """A token split's ``<split>.summary.json``, which quantize writes last; a clear error when it is missing."""
+    done = posixpath.join(root, f"{spec.split}.summary.json")
+    if _info(fs, done).type != pafs.FileType.File:
+        raise SpecError(f"{spec.path} holds no complete token split {spec.split!r}: {spec.split}.summary.json is "
+                        "missing (pipelines.quantize writes it last; run it again to finish the split)")
+    with fs.open_input_stream(done) as fh:
+        return json.loads(fh.read())
+
+
 def image_source(spec: DatasetSpec) -> DatasetSpec:
     """The images a split was made from: itself, or for a token split the source quantize read (its summary says),
     with the same holdout and part: the same records, un-augmented (a validation split is never augmented)."""
     if spec.format != "tokens":
         return spec
-    fs, root = _fs(spec.path)
-    try:
-        with fs.open_input_stream(posixpath.join(root, f"{spec.split}.summary.json")) as fh:
-            source = json.loads(fh.read())["source"]
-    except (FileNotFoundError, OSError, KeyError) as e:
-        raise SpecError(f"{spec.path}: no complete token split {spec.split!r} naming its source ({e})") from None
-    return replace(DatasetSpec(**source), holdout=spec.holdout, part=spec.part)
+    meta = _token_summary(spec, *_fs(spec.path))
+    if "source" not in meta:
+        raise SpecError(f"{spec.path}: token split {spec.split!r} does not name its source images (quantized "
+                        "before quantize recorded it): quantize it again")
+    return replace(DatasetSpec(**meta["source"]), holdout=spec.holdout, part=spec.part)
 
 
 def _check_token_schema(path: str, schema: pa.Schema, spec: DatasetSpec) -> None:

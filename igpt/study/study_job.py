@@ -478,8 +478,8 @@ def _tokens(cfg: StudyJobConfig, root: Loc, job, palette_path: str, timings: dic
     from igpt.data.palette import Palette
 
     kept = root / "tokens" / f"{cfg.data.split('train').split}.summary.json"
-    if kept.exists() and json.loads(kept.read_text()).get("palette_digest") == Palette.load(palette_path).digest \
-            and json.loads(kept.read_text()).get("passes") == cfg.pretokenize:
+    meta = json.loads(kept.read_text()) if kept.exists() else {}
+    if meta.get("palette_digest") == Palette.load(palette_path).digest and meta.get("passes") == cfg.pretokenize:
         return
     t = time.perf_counter()
     quantize.run(stage_configs(cfg, palette_path, job.run_id)["tokens"])

@@ -268,8 +268,7 @@ class Finetuning:
         if not early_stopping:  # a refit keeps its last epoch
             best_epoch = epoch
             self.keep_weights(epoch=epoch)
-        if self.t.client and self.t.data_wait_share() is not None:  # the first window (start-up) left out
-            self.t.log({"summary/data_wait_share": self.t.data_wait_share()}, step)
+        self.t.log_data_wait_share(step)
         result = {"epochs": epoch, "steps": step, "best_epoch": best_epoch, "stopped_early": stopped_early}
         if early_stopping:
             result.update(best_val_accuracy=best_acc, val_images=val_images)

@@ -192,8 +192,7 @@ class Pretraining:
                 self._save()
             if evaluate or save:
                 t0 = time.perf_counter()  # the step time measures steps, not evaluations or checkpoints
-        if self.t.client and self.t.data_wait_share() is not None:  # this attempt's, its first window left out
-            self.t.log({"summary/data_wait_share": self.t.data_wait_share()}, self.step)
+        self.t.log_data_wait_share(self.step)
 
     def _maybe_die(self) -> None:
         f = self.faults

@@ -165,10 +165,12 @@ class Trainer:
                 self.client.set_tag(self.spec.run_id, f"{TAG_WARNING}data_wait", note[:5000])
         return {"train/data_wait_s": per_step, "train/data_wait_share": share}
 
-    def data_wait_share(self) -> float | None:
-        """The share of step time spent waiting on data over the windows counted so far (None: none yet)."""
+    def log_data_wait_share(self, step: int) -> None:
+        """``summary/data_wait_share`` at the run's end (rank 0): the share of step time spent waiting on data over
+        the windows counted in this attempt (the first, the stream's start-up, left out)."""
         waited, seconds, _ = self.wait_totals
-        return waited / seconds if seconds > 0 else None
+        if seconds > 0:
+            self.log({"summary/data_wait_share": waited / seconds}, step)
 
     # ---- metrics ------------------------------------------------------------------------------------------
     def log(self, metrics: dict, step: int) -> None:
